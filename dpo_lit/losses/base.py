@@ -1,0 +1,164 @@
+"""Containers for log-probs and loss outputs, and the base class every loss derives from.
+
+A loss never sees a model: the LightningModule runs one concatenated forward pass, calls
+``logps = loss.gather(...)`` to split the per-row log-probs into a container, then
+``out = loss(logps)``. The module never branches on the loss type.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
+
+
+@dataclass
+class PairLogps:
+    """Summed completion log-probs of a paired batch, all of shape (B,).
+
+    ``ref_*`` are None for reference-free training; token counts may be float or long.
+    """
+
+    policy_chosen: Tensor
+    policy_rejected: Tensor
+    ref_chosen: Tensor | None
+    ref_rejected: Tensor | None
+    chosen_tokens: Tensor
+    rejected_tokens: Tensor
+
+    def logp_metrics(self) -> dict[str, Tensor]:
+        """Per-example policy log-probs to log as ``logps/chosen`` and ``logps/rejected``."""
+        return {"logps/chosen": self.policy_chosen.detach(), "logps/rejected": self.policy_rejected.detach()}
+
+
+@dataclass
+class UnpairedLogps:
+    """Summed completion log-probs of an unpaired (KTO) batch, all of shape (B,).
+
+    ``policy_kl``/``ref_kl`` are the log-probs of *mismatched* prompt/completion pairs
+    (completion of example i-1 after the prompt of example i), used to estimate KL.
+    ``label`` is True for desirable examples.
+    """
+
+    policy: Tensor
+    ref: Tensor | None
+    tokens: Tensor
+    label: Tensor
+    policy_kl: Tensor
+    ref_kl: Tensor | None
+
+    def logp_metrics(self) -> dict[str, Tensor]:
+        """Policy log-probs of desirable (``chosen``) and undesirable (``rejected``) examples."""
+        policy = self.policy.detach()
+        return {"logps/chosen": policy[self.label], "logps/rejected": policy[~self.label]}
+
+
+@dataclass
+class LossOutput:
+    """What a loss returns.
+
+    ``loss`` is the scalar to optimise, ``losses`` the per-example terms (B,). Rewards,
+    margins and accuracies are detached. For KTO, ``chosen_rewards``/``rejected_rewards``
+    hold the rewards of desirable/undesirable examples (lengths may differ, may be 0) and
+    ``margins``/``accuracies`` are None. ``metrics`` holds extra scalars to log.
+    """
+
+    loss: Tensor
+    losses: Tensor
+    chosen_rewards: Tensor
+    rejected_rewards: Tensor
+    margins: Tensor | None = None
+    accuracies: Tensor | None = None
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+
+
+def pairwise_output(
+    losses: Tensor, chosen_rewards: Tensor, rejected_rewards: Tensor, **metrics: Tensor
+) -> LossOutput:
+    """Build a LossOutput for a pairwise loss: mean loss, detached rewards, margins, accuracies."""
+    chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
+    return LossOutput(
+        loss=losses.mean(),
+        losses=losses,
+        chosen_rewards=chosen_rewards,
+        rejected_rewards=rejected_rewards,
+        margins=chosen_rewards - rejected_rewards,
+        accuracies=(chosen_rewards > rejected_rewards).float(),
+        metrics={k: v.detach() for k, v in metrics.items()},
+    )
+
+
+def log_ratios(logps: PairLogps, name: str) -> tuple[Tensor, Tensor]:
+    """Return ``(policy_chosen - ref_chosen, policy_rejected - ref_rejected)``, each (B,).
+
+    Raises a ValueError naming the loss ``name`` when the reference log-probs are missing.
+    """
+    if logps.ref_chosen is None or logps.ref_rejected is None:
+        raise ValueError(reference_error(name))
+    return logps.policy_chosen - logps.ref_chosen, logps.policy_rejected - logps.ref_rejected
+
+
+def reference_error(name: str) -> str:
+    """The one-line message raised when a loss that needs a reference gets none."""
+    return f"{name} needs reference log-probs; set model.reference to copy, adapter or precomputed"
+
+
+class PreferenceLoss(nn.Module, ABC):
+    """Base class: holds hyper-parameters only; ``forward(logps) -> LossOutput``.
+
+    Class attributes:
+        needs_reference: whether ``forward`` needs ``ref_*`` log-probs.
+        data_mode: ``"paired"`` (chosen/rejected) or ``"unpaired"`` (KTO).
+    """
+
+    needs_reference: bool = True
+    data_mode: str = "paired"
+
+    def gather(
+        self, policy_logps: Tensor, ref_logps: Tensor | None, tokens: Tensor, batch: dict[str, Any]
+    ) -> PairLogps | UnpairedLogps:
+        """Split per-row tensors (2B,) of a concatenated forward pass into a PairLogps.
+
+        Rows 0..B-1 are prompt+chosen, rows B..2B-1 prompt+rejected. ``batch`` is unused here.
+        """
+        pc, pr = split_halves(policy_logps)
+        rc, rr = split_halves(ref_logps) if ref_logps is not None else (None, None)
+        ct, rt = split_halves(tokens)
+        return PairLogps(pc, pr, rc, rr, ct, rt)
+
+    @abstractmethod
+    def forward(self, logps: PairLogps | UnpairedLogps) -> LossOutput:
+        """Compute the loss from a container made by :meth:`gather`."""
+
+    def extra_repr(self) -> str:
+        return ", ".join(
+            f"{k}={v}" for k, v in vars(self).items() if not k.startswith("_") and k != "training"
+        )
+
+
+def split_halves(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Split (2B, ...) rows into the first and second halves, (B, ...) each."""
+    if x.shape[0] % 2:
+        raise ValueError(f"expected an even number of rows (2B), got {x.shape[0]}")
+    b = x.shape[0] // 2
+    return x[:b], x[b:]
+
+
+def average(logps: Tensor, tokens: Tensor) -> Tensor:
+    """Average per-token log-prob: summed log-probs (B,) / token counts (B,), counts clamped to >= 1."""
+    return logps / tokens.to(logps.dtype).clamp(min=1)
+
+
+__all__ = [
+    "LossOutput",
+    "PairLogps",
+    "PreferenceLoss",
+    "UnpairedLogps",
+    "average",
+    "log_ratios",
+    "pairwise_output",
+    "reference_error",
+    "split_halves",
+]

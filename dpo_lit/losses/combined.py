@@ -1,0 +1,74 @@
+"""A weighted sum of several losses over the same log-probs (e.g. DPO + SFT as in RPO)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from .base import LossOutput, PairLogps, PreferenceLoss, UnpairedLogps
+
+
+class CombinedLoss(PreferenceLoss):
+    """Weighted sum ``Σ_i w_i·L_i`` of several losses sharing one forward pass.
+
+    For example RPO (Pang et al. 2024, https://arxiv.org/abs/2404.19733) is DPO plus a
+    weighted NLL term on the chosen completion: ``losses=[DPOLoss(), SFTLoss()]``,
+    ``weights=[1.0, 0.5]``. Needs a reference if any part does; all parts must share a
+    ``data_mode``. ``losses`` (per example) and ``loss`` are the weighted sums of the parts'.
+    Rewards, margins and accuracies come from the FIRST part. ``metrics`` holds each part's
+    unweighted loss as ``"<name>/loss"`` (name = class name without ``Loss``, lower case,
+    e.g. ``dpo/loss``, ``sft/loss``; an index is appended on repeats) and each part's own
+    metrics as ``"<name>/<metric>"``.
+
+    Args:
+        losses: The losses to add up, each a ``PreferenceLoss`` (``class_path`` in YAML).
+        weights: One weight per loss; all 1.0 when omitted.
+    """
+
+    def __init__(self, losses: list[PreferenceLoss], weights: list[float] | None = None) -> None:
+        super().__init__()
+        if not losses:
+            raise ValueError("CombinedLoss: losses must not be empty")
+        weights = [1.0] * len(losses) if weights is None else list(weights)
+        if len(weights) != len(losses):
+            raise ValueError(f"CombinedLoss: got {len(losses)} losses but {len(weights)} weights")
+        modes = {loss.data_mode for loss in losses}
+        if len(modes) > 1:
+            names = ", ".join(f"{type(loss).__name__}={loss.data_mode}" for loss in losses)
+            raise ValueError(f"CombinedLoss: all losses must share a data_mode, got {names}")
+        self.parts = nn.ModuleList(losses)
+        self.weights = weights
+        self.needs_reference = any(loss.needs_reference for loss in losses)
+        self.data_mode = modes.pop()
+        self._names = _names(losses)
+
+    def gather(
+        self, policy_logps: Tensor, ref_logps: Tensor | None, tokens: Tensor, batch: dict[str, Any]
+    ) -> PairLogps | UnpairedLogps:
+        return self.parts[0].gather(policy_logps, ref_logps, tokens, batch)
+
+    def forward(self, logps: PairLogps | UnpairedLogps) -> LossOutput:
+        outs = [part(logps) for part in self.parts]
+        first = outs[0]
+        metrics: dict[str, Tensor] = {}
+        for name, out in zip(self._names, outs):
+            metrics[f"{name}/loss"] = out.loss.detach()
+            metrics.update({f"{name}/{k}": v for k, v in out.metrics.items()})
+        return LossOutput(
+            loss=sum(w * out.loss for w, out in zip(self.weights, outs)),
+            losses=sum(w * out.losses for w, out in zip(self.weights, outs)),
+            chosen_rewards=first.chosen_rewards,
+            rejected_rewards=first.rejected_rewards,
+            margins=first.margins,
+            accuracies=first.accuracies,
+            metrics=metrics,
+        )
+
+
+def _names(losses: list[PreferenceLoss]) -> list[str]:
+    names: list[str] = []
+    for i, loss in enumerate(losses):
+        name = type(loss).__name__.removesuffix("Loss").lower() or f"loss{i}"
+        names.append(f"{name}{i}" if name in names else name)
+    return names
