@@ -1,0 +1,3 @@
+from dpo_lit.cli import main
+
+main()

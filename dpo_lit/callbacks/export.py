@@ -1,0 +1,51 @@
+"""Save the trained policy with ``save_pretrained`` next to the checkpoints when fit ends."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+
+from dpo_lit.models import load_tokenizer
+
+
+class ExportPretrained(Callback):
+    """Write ``<run>/policy`` (the full model, or the LoRA adapter) and optionally ``<run>/merged``.
+
+    ``<run>`` is the folder that holds ``checkpoints/`` (the logger's version folder). Each export
+    carries the tokenizer, so ``AutoModelForCausalLM.from_pretrained(path)`` (or peft's
+    ``AutoPeftModelForCausalLM`` for an adapter) loads it directly.
+
+    Args:
+        enabled: export at the end of ``fit``.
+        merge: with LoRA, also write the base model with the adapter merged into its weights.
+    """
+
+    def __init__(self, enabled: bool = True, merge: bool = False) -> None:
+        self.enabled = enabled
+        self.merge = merge
+
+    @staticmethod
+    def run_dir(trainer: Trainer) -> Path:
+        ckpt = trainer.checkpoint_callback
+        if ckpt is not None and getattr(ckpt, "dirpath", None):
+            return Path(ckpt.dirpath).parent
+        return Path(trainer.log_dir or trainer.default_root_dir)
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.enabled or trainer.fast_dev_run:
+            return
+        root = self.run_dir(trainer)
+        tokenizer = load_tokenizer(pl_module.hparams.model_name)
+        policy = pl_module.policy
+        policy.save_pretrained(root / "policy")
+        tokenizer.save_pretrained(root / "policy")
+        rank_zero_info(f"Policy saved to {root / 'policy'}")
+        if self.merge and hasattr(policy, "merge_and_unload"):
+            merged = copy.deepcopy(policy).merge_and_unload()
+            merged.save_pretrained(root / "merged")
+            tokenizer.save_pretrained(root / "merged")
+            rank_zero_info(f"Merged model saved to {root / 'merged'}")

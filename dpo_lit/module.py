@@ -1,0 +1,180 @@
+"""PreferenceModule: a trainable policy, a frozen reference and a pluggable loss object.
+
+The module computes; it never asks which loss it holds. Each step runs one forward pass of the
+policy over the chosen and rejected rows of the batch (:func:`dpo_lit.logps.completion_logps`),
+asks the reference strategy for the same rows' reference log-probs, lets the loss turn the rows
+into its container (``loss.gather``) and evaluates it (``loss(logps)``). Everything the loss
+returns is logged as ``split/name``; callbacks do the rest of the monitoring.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from lightning import LightningModule
+from lightning.pytorch.cli import OptimizerCallable
+from jsonargparse import lazy_instance
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+from torchmetrics import MeanMetric
+
+from dpo_lit.logps import completion_logps
+from dpo_lit.losses import DPOLoss, LossOutput, PreferenceLoss
+from dpo_lit.models import load_model
+from dpo_lit.reference import REFERENCES
+
+
+@dataclass
+class LoRASettings:
+    """A LoRA adapter on the policy (peft).
+
+    Args:
+        r: rank of the update matrices.
+        alpha: scaling numerator (the update is scaled by alpha / r).
+        dropout: dropout on the adapter's input.
+        target_modules: module names to adapt, or "all-linear" for every linear layer but the head.
+    """
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: str | list[str] = "all-linear"
+    extra: dict = field(default_factory=dict)
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
+    """Multiplier of the base learning rate: linear warm-up, then constant, linear or cosine decay."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    decay = {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1.0 + math.cos(math.pi * progress))}
+    return decay[schedule]
+
+
+class PreferenceModule(LightningModule):
+    """Preference optimisation of a causal LM.
+
+    Args:
+        model_name: the policy: Hub name, local safetensors folder, ``.gguf`` file or alias
+            (``smollm2-135m-instruct``, ``tiny-random-llama``); the tokenizer is linked to it.
+        loss: the objective, chosen by ``class_path`` (DPOLoss, IPOLoss, KTOLoss, SimPOLoss, ...).
+        reference: where reference log-probs come from: ``copy`` (frozen copy), ``adapter`` (the
+            policy with LoRA disabled), ``precomputed`` (once before training, cached on disk) or
+            ``none``. Reference-free losses always use ``none``.
+        lora: train a LoRA adapter instead of all weights (None: full fine-tuning).
+        optimizer: optimizer class and its arguments (``lr`` among them).
+        schedule: learning-rate decay after warm-up.
+        warmup_ratio: fraction of the optimisation steps spent warming up linearly.
+        dtype: dtype of the loaded weights (use ``trainer.precision`` for mixed precision).
+        trust_remote_code: allow the Hub model's own Python code to run (off unless asked).
+        gradient_checkpointing: recompute activations in the backward pass to save memory.
+        logps_chunk: rows of completion logits normalised at once (memory vs speed).
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        loss: PreferenceLoss = lazy_instance(DPOLoss, beta=0.1),
+        reference: Literal["copy", "adapter", "precomputed", "none"] = "copy",
+        lora: LoRASettings | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        schedule: Literal["linear", "cosine", "constant"] = "linear",
+        warmup_ratio: float = 0.1,
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        trust_remote_code: bool = False,
+        gradient_checkpointing: bool = False,
+        logps_chunk: int = 1024,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["loss", "optimizer"])
+        self.loss = loss
+        self.optimizer_factory = optimizer
+        if self.loss.needs_reference and reference == "none":
+            raise ValueError(
+                f"{type(self.loss).__name__} needs a reference model: set model.reference to copy, adapter or precomputed"
+            )
+        if not self.loss.needs_reference and reference != "none":
+            rank_zero_info(f"{type(self.loss).__name__} is reference-free: no reference model is used")
+            reference = "none"
+        self.policy = load_model(model_name, dtype=dtype, trust_remote_code=trust_remote_code)
+        self.policy.train()  # from_pretrained returns eval mode; Lightning keeps modules' modes
+        self.reference = REFERENCES[reference]()
+        self.reference.setup(self)  # before the adapter: a copy is of the weights as loaded
+        if lora is not None:
+            self.policy = self._add_lora(lora)
+        if gradient_checkpointing:
+            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.val_metrics = torch.nn.ModuleDict()
+
+    def _add_lora(self, lora: LoRASettings):
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+            target_modules=lora.target_modules, task_type="CAUSAL_LM", **lora.extra,
+        )
+        return get_peft_model(self.policy, config)
+
+    # ---- the computation -------------------------------------------------------------------
+
+    def forward_batch(self, batch: dict, split: str) -> tuple[LossOutput, dict[str, Tensor]]:
+        """Loss and per-example metric values for one collated batch."""
+        policy_rows, tokens = completion_logps(
+            self.policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
+            self.hparams.logps_chunk,
+        )  # (2B,), (2B,)
+        ref_rows = self.reference.logps(self, batch, split)
+        logps = self.loss.gather(policy_rows, ref_rows, tokens, batch)
+        out = self.loss(logps)
+        values = {
+            "loss": out.losses.detach(),
+            "rewards/chosen": out.chosen_rewards,
+            "rewards/rejected": out.rejected_rewards,
+            "rewards/margins": out.margins,
+            "rewards/accuracies": out.accuracies,
+            **logps.logp_metrics(),
+            **out.metrics,
+        }
+        return out, {k: v.detach().float().reshape(-1) for k, v in values.items() if v is not None}
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        out, values = self.forward_batch(batch, "train")
+        batch_size = len(batch["index"])
+        for name, value in values.items():
+            if value.numel():
+                self.log(f"train/{name}", value.mean(), batch_size=batch_size, prog_bar=name == "loss")
+        return out.loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        _, values = self.forward_batch(batch, "val")
+        for name, value in values.items():
+            key = name.replace("/", "__")
+            if key not in self.val_metrics:
+                self.val_metrics[key] = MeanMetric().to(self.device)
+            if value.numel():
+                self.val_metrics[key].update(value)
+                self.log(
+                    f"val/{name}", self.val_metrics[key], metric_attribute=f"val_metrics.{key}",
+                    prog_bar=name in ("loss", "rewards/accuracies"),
+                )
+
+    # ---- hooks -----------------------------------------------------------------------------
+
+    def on_fit_start(self) -> None:
+        self.reference.prepare(self, ["train", "val"])
+
+    def on_validation_start(self) -> None:
+        self.reference.prepare(self, ["val"])
+
+    def configure_optimizers(self):
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(self.hparams.warmup_ratio * total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, warmup, total, self.hparams.schedule)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
