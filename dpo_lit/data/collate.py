@@ -1,0 +1,91 @@
+"""Collate tokenized examples into right-padded batches with completion masks.
+
+The batch contract (B examples, T the longest row, rounded up to ``pad_to_multiple_of``):
+
+==================  =============  ==========================================================
+key                 shape, dtype   content
+==================  =============  ==========================================================
+``input_ids``       (2B, T) long   paired: rows 0..B-1 prompt+chosen, rows B..2B-1
+                                   prompt+rejected; unpaired: rows 0..B-1 prompt_i +
+                                   completion_i, rows B..2B-1 prompt_i + completion_(i-1 mod B)
+                                   (mismatched pairs, KTO's KL reference point; with B = 1 the
+                                   row is matched); right-padded with ``pad_token_id``
+``attention_mask``  (2B, T) long   1 on real tokens, 0 on padding
+``completion_mask`` (2B, T) bool   True exactly on completion tokens (incl. the closing EOS)
+``index``           (B,) long      the examples' positions in their dataset
+``label``           (B,) bool      unpaired only: whether completion_i is desirable
+==================  =============  ==========================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from dpo_lit.data.tokenize import TokenizedExample
+
+
+class PreferenceCollator:
+    """Turn a list of tokenized examples (paired or unpaired) into one batch. Picklable.
+
+    Args:
+        pad_token_id: The id right-padding fills with (masked out; any id works).
+        max_length: Bound on the mismatched rows of unpaired batches (their completion's end is
+            cut, as in tokenisation); ``None`` leaves them whole.
+        pad_to_multiple_of: Round the batch's length up to a multiple of this.
+    """
+
+    def __init__(
+        self, pad_token_id: int, max_length: int | None = None, pad_to_multiple_of: int | None = None
+    ) -> None:
+        self.pad_token_id = pad_token_id
+        self.max_length = max_length
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, examples: Sequence[TokenizedExample]) -> dict[str, torch.Tensor]:
+        if not examples:
+            raise ValueError("cannot collate an empty batch")
+        prompts = [e["prompt_ids"] for e in examples]
+        if "chosen_ids" in examples[0]:
+            completions = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
+            batch = self._pad(prompts + prompts, completions)
+        else:
+            batch = self._pad(prompts + prompts, self._unpaired_completions(examples))
+            batch["label"] = torch.tensor([bool(e["label"]) for e in examples], dtype=torch.bool)
+        batch["index"] = torch.tensor(
+            [int(e.get("index", i)) for i, e in enumerate(examples)], dtype=torch.long
+        )
+        return batch
+
+    def _unpaired_completions(self, examples: Sequence[TokenizedExample]) -> list[list[int]]:
+        """Matched completions, then each prompt's predecessor's completion (cut to ``max_length``)."""
+        matched = [e["completion_ids"] for e in examples]
+        mismatched = []
+        for i, e in enumerate(examples):
+            completion = matched[i - 1]  # i = 0 takes the last one: (i - 1) mod B
+            if self.max_length is not None:
+                completion = completion[: max(self.max_length - len(e["prompt_ids"]), 0)]
+            mismatched.append(completion)
+        return matched + mismatched
+
+    def _pad(self, prompts: list[list[int]], completions: list[list[int]]) -> dict[str, torch.Tensor]:
+        lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
+        width = max(lengths)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)  # (2B, T)
+        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)  # (2B, T)
+        completion_mask = torch.zeros((len(prompts), width), dtype=torch.bool)  # (2B, T)
+        for row, (prompt, completion) in enumerate(zip(prompts, completions)):
+            n = len(prompt) + len(completion)
+            input_ids[row, :n] = torch.tensor(prompt + completion, dtype=torch.long)
+            attention_mask[row, :n] = 1
+            completion_mask[row, len(prompt) : n] = True
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(pad_token_id={self.pad_token_id}, max_length={self.max_length}, "
+            f"pad_to_multiple_of={self.pad_to_multiple_of})"
+        )

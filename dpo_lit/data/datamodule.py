@@ -1,0 +1,187 @@
+"""``PreferenceDataModule``: preference data files or Hub datasets → collated batches.
+
+Its typed, documented ``__init__`` is the ``data:`` section of the CLI; ``tokenizer_name`` is
+linked from the model's name. See :mod:`dpo_lit.data.collate` for the batch contract.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Literal
+
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from dpo_lit.data.collate import PreferenceCollator
+from dpo_lit.data.errors import DataError, DataReport, OnBadRecord
+from dpo_lit.data.formats import Example, Format
+from dpo_lit.data.io import HUB_PREFIX
+from dpo_lit.data.load import Mode, prepare, read_examples, shuffled, split_examples
+from dpo_lit.data.tokenize import TokenizedDataset, TruncationMode, tokenize_examples
+
+
+class PreferenceDataModule(LightningDataModule):
+    """Preference pairs (or KTO's unpaired examples), tokenized in ``setup()``.
+
+    Args:
+        tokenizer_name: Tokenizer to load with :func:`dpo_lit.models.load_tokenizer` (linked from
+            the model's name by the CLI).
+        train_files: Training data files (``.jsonl``, ``.json``, ``.csv``, optionally ``.gz``, or
+            ``.parquet``), relative to the current directory; ``hub:NAME`` entries are Hub datasets.
+        val_files: Validation files; without them (and without ``hub_val_split``) ``val_fraction``
+            of the training data is held out.
+        hub_dataset: A Hugging Face Hub dataset to train on, e.g. ``trl-lib/ultrafeedback_binarized``.
+        hub_config: The Hub dataset's configuration name.
+        hub_data_dir: The Hub dataset's ``data_dir`` (``harmless-base`` for ``Anthropic/hh-rlhf``).
+        hub_train_split: Split to train on.
+        hub_val_split: Split to validate on (``None``: hold out ``val_fraction``).
+        val_fraction: Fraction held out for validation when no validation data is given (0: none).
+        seed: Seed of the deterministic shuffle, validation split and ``max_examples`` sample.
+        format: Data format; ``auto`` detects it per file from the first record's keys.
+        mode: ``paired`` for DPO-style losses; ``unpaired`` for KTO (pairs become two examples,
+            chosen labelled True and rejected False).
+        max_length: Bound on prompt + completion tokens; completions are cut at the end.
+        max_prompt_length: Bound on prompt tokens, applied first (``None``: only ``max_length``).
+        truncation_mode: ``keep_end`` keeps the end of a long prompt (nearest the answer),
+            ``keep_start`` its start.
+        batch_size: Training examples (pairs) per batch; a batch holds twice as many rows.
+        eval_batch_size: Examples per validation batch (``None``: ``batch_size``).
+        num_workers: DataLoader worker processes.
+        pad_to_multiple_of: Round each batch's length up to a multiple of this.
+        on_bad_record: ``error`` stops at the first bad record, naming file, line and field;
+            ``skip`` counts bad records and reports them once setup ends.
+        max_examples: Keep at most this many examples per split (after the shuffle), for short runs.
+        assistant_marker: Where implicit-prompt transcripts' prompts end (HH-RLHF's marker).
+    """
+
+    def __init__(
+        self,
+        tokenizer_name: str,
+        train_files: list[str] | None = None,
+        val_files: list[str] | None = None,
+        hub_dataset: str | None = None,
+        hub_config: str | None = None,
+        hub_data_dir: str | None = None,
+        hub_train_split: str = "train",
+        hub_val_split: str | None = None,
+        val_fraction: float = 0.05,
+        seed: int = 0,
+        format: Format = "auto",
+        mode: Literal["paired", "unpaired"] = "paired",
+        max_length: int = 1024,
+        max_prompt_length: int | None = 512,
+        truncation_mode: Literal["keep_end", "keep_start"] = "keep_end",
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        pad_to_multiple_of: int | None = None,
+        on_bad_record: Literal["error", "skip"] = "error",
+        max_examples: int | None = None,
+        assistant_marker: str = "\n\nAssistant:",
+    ) -> None:
+        super().__init__()
+        if not train_files and not hub_dataset:
+            raise ValueError("PreferenceDataModule needs train_files or hub_dataset")
+        if max_prompt_length is not None and max_prompt_length >= max_length:
+            raise ValueError(
+                f"max_prompt_length ({max_prompt_length}) must be below max_length ({max_length})"
+            )
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        self.save_hyperparameters()
+        self.tokenizer_name = tokenizer_name
+        self.train_files, self.val_files = list(train_files or []), list(val_files or [])
+        self.hub_dataset = hub_dataset.removeprefix(HUB_PREFIX) if hub_dataset else None
+        self.hub_config, self.hub_data_dir = hub_config, hub_data_dir
+        self.hub_train_split, self.hub_val_split = hub_train_split, hub_val_split
+        self.val_fraction, self.seed = val_fraction, seed
+        self.format: Format = format
+        self.mode: Mode = mode
+        self.max_length, self.max_prompt_length = max_length, max_prompt_length
+        self.truncation_mode: TruncationMode = truncation_mode
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.num_workers, self.pad_to_multiple_of = num_workers, pad_to_multiple_of
+        self.on_bad_record: OnBadRecord = on_bad_record
+        self.max_examples, self.assistant_marker = max_examples, assistant_marker
+        self.train_dataset: TokenizedDataset | None = None
+        self.val_dataset: TokenizedDataset | None = None
+
+    @cached_property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The tokenizer named by ``tokenizer_name`` (loaded on first use)."""
+        from dpo_lit.models import load_tokenizer
+
+        return load_tokenizer(self.tokenizer_name)
+
+    @cached_property
+    def collator(self) -> PreferenceCollator:
+        """Pads batches with the tokenizer's pad id; bounds KTO's mismatched rows by ``max_length``."""
+        return PreferenceCollator(self.tokenizer.pad_token_id, self.max_length, self.pad_to_multiple_of)
+
+    def _read(self, files: list[str], hub_split: str | None, report: DataReport) -> list[Example]:
+        sources = files + ([f"{HUB_PREFIX}{self.hub_dataset}"] if self.hub_dataset and hub_split else [])
+        return read_examples(
+            sources,
+            self.format,
+            self.mode,
+            report,
+            self.assistant_marker,
+            self.hub_config,
+            hub_split or self.hub_train_split,
+            self.hub_data_dir,
+        )
+
+    def _tokenize(self, examples: list[Example], report: DataReport) -> TokenizedDataset:
+        examples = prepare(examples, self.mode, self.max_examples)
+        tokenized = tokenize_examples(
+            examples, self.tokenizer, self.max_length, self.max_prompt_length, self.truncation_mode, report
+        )
+        return TokenizedDataset(tokenized)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read, split, cap and tokenize both splits once; then warn what was skipped or dropped."""
+        if self.train_dataset is not None:
+            return
+        report = DataReport(self.on_bad_record)
+        train = self._read(self.train_files, self.hub_train_split, report)
+        if self.val_files or (self.hub_dataset and self.hub_val_split):
+            val = shuffled(self._read(self.val_files, self.hub_val_split, report), self.seed)
+            train = shuffled(train, self.seed)
+        else:
+            train, val = split_examples(train, self.val_fraction, self.seed)
+        train_dataset, val_dataset = self._tokenize(train, report), self._tokenize(val, report)
+        report.warn(self.max_length, self.max_prompt_length)
+        if not train_dataset:
+            sources = self.train_files + ([f"{HUB_PREFIX}{self.hub_dataset}"] if self.hub_dataset else [])
+            raise DataError(", ".join(sources), "no training examples left after skipping and dropping")
+        self.train_dataset, self.val_dataset = train_dataset, val_dataset
+
+    def _loader(self, dataset: TokenizedDataset | None, batch_size: int, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("call setup() before asking for a dataloader")
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            collate_fn=self.collator,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches of ``batch_size`` examples."""
+        return self._loader(self.train_dataset, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Validation batches of ``eval_batch_size`` examples in order (empty list: none)."""
+        if self.val_dataset is not None and not len(self.val_dataset):
+            return []
+        return self._loader(self.val_dataset, self.eval_batch_size, shuffle=False)
+
+    def ordered_dataloader(self, split: Literal["train", "val"]) -> DataLoader:
+        """Batches of ``split`` in dataset order with ``eval_batch_size`` (reference log-probs)."""
+        datasets = {"train": self.train_dataset, "val": self.val_dataset}
+        if split not in datasets:
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        return self._loader(datasets[split], self.eval_batch_size, shuffle=False)

@@ -1,0 +1,156 @@
+"""Read raw records from local files or Hugging Face Hub datasets, each with its location.
+
+Every reader yields ``(record, location)``; the location is what error messages and the
+examples' ``source`` carry:
+
+=====================  ===========================  ==========================================
+source                 location                     meaning
+=====================  ===========================  ==========================================
+``x.jsonl[.gz]``       ``x.jsonl:12``               1-based line (empty lines are skipped)
+``x.csv[.gz]``         ``x.csv:3``                  1-based line where the record starts
+``x.json[.gz]``        ``x.json[4]``                0-based index in the top-level list
+``x.parquet``          ``x.parquet[4]``             0-based row
+``hub:NAME``           ``hub:NAME:train[4]``        0-based row of the split
+=====================  ===========================  ==========================================
+
+Relative paths are relative to the current working directory and are reported as given.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from dpo_lit.data.errors import DataError, DataReport
+
+HUB_PREFIX = "hub:"
+SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+Record = dict[str, Any]
+
+
+def _open_text(path: Path) -> IO[str]:
+    if path.suffix == ".gz":
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
+    return path.open(encoding="utf-8", newline="")
+
+
+def _kind(path: Path) -> str:
+    suffixes = path.suffixes[-2:] if path.suffix == ".gz" else path.suffixes[-1:]
+    kind = suffixes[0] if suffixes else ""
+    if kind not in SUFFIXES or (path.suffix == ".gz" and kind == ".parquet"):
+        raise DataError(
+            str(path), "unknown file type; expected .jsonl, .json, .csv (optionally .gz) or .parquet"
+        )
+    return kind
+
+
+def _check_record(record: object, location: str) -> Record:
+    if not isinstance(record, dict):
+        raise DataError(location, f"expected a JSON object (a record), got {type(record).__name__}")
+    return record
+
+
+def read_jsonl(path: Path, name: str, report: DataReport) -> Iterator[tuple[Record, str]]:
+    """Records of a JSON-lines file; a malformed line goes to ``report`` (which raises or counts)."""
+    with _open_text(path) as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            location = f"{name}:{number}"
+            try:
+                yield _check_record(json.loads(line), location), location
+            except json.JSONDecodeError as e:
+                report.bad_record(DataError(location, f"malformed JSON: {e.msg} (column {e.colno})"))
+            except DataError as e:
+                report.bad_record(e)
+
+
+def read_json(path: Path, name: str, report: DataReport) -> Iterator[tuple[Record, str]]:
+    """Records of a JSON file holding a list of objects (or ``{"data": [...]}``)."""
+    with _open_text(path) as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{name}:{e.lineno}", f"malformed JSON: {e.msg} (column {e.colno})") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise DataError(name, f"expected a JSON list of records, got {type(data).__name__}")
+    for index, record in enumerate(data):
+        location = f"{name}[{index}]"
+        try:
+            yield _check_record(record, location), location
+        except DataError as e:
+            report.bad_record(e)
+
+
+def read_csv(path: Path, name: str, report: DataReport) -> Iterator[tuple[Record, str]]:
+    """Records of a CSV file with a header row; every value is a string."""
+    with _open_text(path) as f:
+        reader = csv.DictReader(f)
+        start = 2  # line 1 is the header
+        try:
+            for row in reader:
+                location = f"{name}:{start}"
+                start = reader.line_num + 1
+                if None in row:
+                    report.bad_record(DataError(location, "more values than header columns"))
+                    continue
+                yield dict(row), location
+        except csv.Error as e:
+            raise DataError(f"{name}:{reader.line_num}", f"malformed CSV: {e}") from None
+
+
+def read_parquet(path: Path, name: str, report: DataReport) -> Iterator[tuple[Record, str]]:
+    """Records of a Parquet file, read in batches (nested lists of messages stay lists)."""
+    import pyarrow.parquet as pq
+
+    index = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        for record in batch.to_pylist():
+            yield record, f"{name}[{index}]"
+            index += 1
+
+
+def read_hub(
+    name: str, config: str | None = None, split: str = "train", data_dir: str | None = None
+) -> Iterator[tuple[Record, str]]:
+    """Rows of a Hub dataset (or a local dataset folder) via ``datasets.load_dataset``."""
+    import datasets
+
+    kwargs = {"data_dir": data_dir} if data_dir else {}
+    dataset = datasets.load_dataset(name, config, split=split, **kwargs)
+    for index, record in enumerate(dataset):
+        yield dict(record), f"{HUB_PREFIX}{name}:{split}[{index}]"
+
+
+def read_records(
+    source: str,
+    hub_config: str | None = None,
+    hub_split: str = "train",
+    hub_data_dir: str | None = None,
+    report: DataReport | None = None,
+) -> Iterator[tuple[Record, str]]:
+    """Records of a local file (by suffix) or of ``hub:NAME`` (split ``hub_split``), with locations.
+
+    A malformed record goes to ``report``, which raises it (the default) or counts it and reading
+    goes on.
+
+    Raises:
+        DataError: the file is missing, of an unknown type or unreadable, or a record is malformed.
+    """
+    report = report if report is not None else DataReport()
+    if source.startswith(HUB_PREFIX):
+        yield from read_hub(source[len(HUB_PREFIX) :], hub_config, hub_split, hub_data_dir)
+        return
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise DataError(source, f"file not found (relative paths start at {Path.cwd()})")
+    reader = {".jsonl": read_jsonl, ".json": read_json, ".csv": read_csv, ".parquet": read_parquet}
+    yield from reader[_kind(path)](path, source, report)

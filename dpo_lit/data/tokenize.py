@@ -1,0 +1,198 @@
+"""Canonical examples → token ids, such that ``prompt_ids + completion_ids`` is what the model sees.
+
+Rules (each one a trap TRL-style pipelines have fallen into):
+
+- A plain-text prompt is tokenized *with* special tokens (a BOS if the tokenizer adds one). A
+  chat-rendered prompt already holds the specials as text, so it is tokenized *without* them;
+  a doubled BOS at the start is collapsed all the same.
+- A completion is tokenized without special tokens and closed by exactly one EOS: plain text gets
+  one appended unless it already ends with it; a chat rendering (``Hi!<|im_end|>\\n``) is cut
+  after its last EOS (dropping the ``\\n``), or gets one appended if it holds none.
+- ``max_prompt_length`` truncates the prompt first (``keep_end`` keeps the end, nearest the
+  answer, and a leading BOS the tokenizer adds; ``keep_start`` keeps the start); then
+  ``max_length`` bounds prompt + completion by cutting the completion's end. A cut completion
+  loses its EOS and none is re-appended: the model never wrote an end there. A completion cut to
+  zero tokens is dropped and counted in the :class:`~dpo_lit.data.errors.DataReport`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from torch.utils.data import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from dpo_lit.data.errors import DataError, DataReport
+from dpo_lit.data.formats import Example, PairedExample, Text
+
+TruncationMode = Literal["keep_end", "keep_start"]
+TokenizedExample = dict[str, Any]
+
+
+@dataclass
+class Rendered:
+    """An example as text: the prompt, its completions (chosen, rejected or the one), how made."""
+
+    prompt: str
+    completions: list[str]
+    chat: bool
+    label: bool | None
+    source: str
+
+
+def render_messages(
+    prompt: list[dict[str, str]],
+    completion: list[dict[str, str]],
+    tokenizer: PreTrainedTokenizerBase,
+    field: str,
+    source: str,
+) -> tuple[str, str]:
+    """Prompt text (with the generation prompt) and the completion text that follows it."""
+    prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    full_text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+    if not full_text.startswith(prompt_text):
+        raise DataError(
+            source,
+            f"field '{field}': the chat template's rendering of prompt + {field} does not start with "
+            "its rendering of the prompt with add_generation_prompt=True",
+        )
+    return prompt_text, full_text[len(prompt_text) :]
+
+
+def render(example: Example, tokenizer: PreTrainedTokenizerBase) -> Rendered:
+    """Render message lists with the chat template; strings pass through."""
+    paired = isinstance(example, PairedExample)
+    names = ("chosen", "rejected") if paired else ("completion",)
+    completions: list[Text] = [getattr(example, name) for name in names]
+    label = None if paired else example.label
+    if isinstance(example.prompt, str):
+        return Rendered(example.prompt, list(completions), False, label, example.source)
+    texts = [
+        render_messages(example.prompt, c, tokenizer, n, example.source) for n, c in zip(names, completions)
+    ]
+    return Rendered(texts[0][0], [t[1] for t in texts], True, label, example.source)
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], special: bool) -> list[list[int]]:
+    if not texts:
+        return []
+    return tokenizer(texts, add_special_tokens=special, verbose=False)["input_ids"]
+
+
+def close_completion(ids: list[int], chat: bool, eos: int) -> list[int]:
+    """End a completion with exactly one EOS (see the module docstring)."""
+    if chat and eos in ids:
+        return ids[: len(ids) - ids[::-1].index(eos)]
+    return ids if ids and ids[-1] == eos else [*ids, eos]
+
+
+def truncate_prompt(
+    ids: list[int], max_prompt_length: int | None, mode: TruncationMode, bos: int | None
+) -> list[int]:
+    """Cut the prompt to ``max_prompt_length``; ``keep_end`` keeps a leading ``bos`` when given."""
+    if max_prompt_length is None or len(ids) <= max_prompt_length:
+        return ids
+    if mode == "keep_start":
+        return ids[:max_prompt_length]
+    if bos is not None and ids[0] == bos and max_prompt_length > 1:
+        return [bos, *ids[len(ids) - max_prompt_length + 1 :]]
+    return ids[len(ids) - max_prompt_length :]
+
+
+def _added_bos(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The BOS id if the tokenizer prepends it itself, else ``None``."""
+    bos = tokenizer.bos_token_id
+    return bos if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else None
+
+
+def _render_all(
+    examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, report: DataReport
+) -> list[Rendered]:
+    rendered = []
+    for example in examples:
+        if not isinstance(example.prompt, str) and tokenizer.chat_template is None:
+            raise DataError(
+                example.source, f"message lists need a chat template; {tokenizer.name_or_path} has none"
+            )
+        try:
+            rendered.append(render(example, tokenizer))
+        except DataError as error:
+            report.bad_record(error)
+    return rendered
+
+
+def _encode_prompts(tokenizer: PreTrainedTokenizerBase, rendered: list[Rendered]) -> list[list[int]]:
+    """Batch-encode prompts: plain ones with special tokens, chat-rendered ones without."""
+    prompts: list[list[int]] = [[] for _ in rendered]
+    for chat in (False, True):
+        positions = [i for i, r in enumerate(rendered) if r.chat == chat]
+        for i, ids in zip(positions, _encode(tokenizer, [rendered[i].prompt for i in positions], not chat)):
+            prompts[i] = ids
+    bos = tokenizer.bos_token_id
+    return [ids[1:] if bos is not None and ids[:2] == [bos, bos] else ids for ids in prompts]
+
+
+def tokenize_examples(
+    examples: Sequence[Example],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int = 1024,
+    max_prompt_length: int | None = 512,
+    truncation_mode: TruncationMode = "keep_end",
+    report: DataReport | None = None,
+) -> list[TokenizedExample]:
+    """Tokenize and truncate examples in batches.
+
+    Returns:
+        Dicts with ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` (paired) or ``prompt_ids``,
+        ``completion_ids``, ``label`` (unpaired), plus ``source``. Every completion has at least
+        one token; examples whose completion would have none are dropped and counted in ``report``.
+    """
+    report = report if report is not None else DataReport()
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError(f"tokenizer {tokenizer.name_or_path} has no EOS token")
+    rendered = _render_all(examples, tokenizer, report)
+    prompts = _encode_prompts(tokenizer, rendered)
+    flat = _encode(tokenizer, [c for r in rendered for c in r.completions], False)
+    bos, out, k = _added_bos(tokenizer), [], 0
+    for r, prompt in zip(rendered, prompts):
+        prompt = truncate_prompt(prompt, max_prompt_length, truncation_mode, bos)
+        budget = max_length - len(prompt)
+        completions = [
+            close_completion(ids, r.chat, eos)[: max(budget, 0)] for ids in flat[k : k + len(r.completions)]
+        ]
+        k += len(r.completions)
+        if not all(completions):
+            report.drop_truncated(r.source)
+            continue
+        example: TokenizedExample = {"prompt_ids": prompt}
+        if r.label is None:
+            example["chosen_ids"], example["rejected_ids"] = completions
+        else:
+            example["completion_ids"], example["label"] = completions[0], r.label
+        example["source"] = r.source
+        out.append(example)
+    return out
+
+
+class TokenizedDataset(Dataset):
+    """A list of tokenized examples whose items also carry their ``index`` in the list.
+
+    The index is how precomputed reference log-probs are looked up for a batch.
+    """
+
+    def __init__(self, examples: list[TokenizedExample]) -> None:
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> TokenizedExample:
+        return {**self.examples[index], "index": index}
+
+    @property
+    def paired(self) -> bool:
+        """Whether the examples are preference pairs (``chosen_ids``/``rejected_ids``)."""
+        return not self.examples or "chosen_ids" in self.examples[0]

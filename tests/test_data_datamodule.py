@@ -1,0 +1,131 @@
+"""PreferenceDataModule: deterministic splits, collated batches, the CLI signature, clear errors."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dpo_lit.data import DataError, PreferenceDataModule
+
+ASSETS = Path(__file__).resolve().parents[1] / "dpo_lit" / "assets"
+TRAIN, VAL = str(ASSETS / "tiny_pairs.jsonl"), str(ASSETS / "tiny_pairs_val.jsonl")
+TINY = "tiny-random-llama"
+
+
+def make(**kwargs: object) -> PreferenceDataModule:
+    dm = PreferenceDataModule(
+        TINY, **{"train_files": [TRAIN], "max_length": 256, "max_prompt_length": 128, **kwargs}
+    )
+    dm.setup("fit")
+    return dm
+
+
+def test_the_tiny_assets_are_learnable_pairs() -> None:
+    dm = make(val_files=[VAL])
+    assert (len(dm.train_dataset), len(dm.val_dataset)) == (48, 16)
+    rows = [json.loads(line) for line in Path(TRAIN).read_text().splitlines()]
+    assert all(r["rejected"].startswith("No.") and not r["chosen"].startswith("No") for r in rows)
+
+
+def test_batches_follow_the_contract() -> None:
+    dm = make(val_files=[VAL], batch_size=4, eval_batch_size=5)
+    batch = next(iter(dm.train_dataloader()))
+    n, t = batch["input_ids"].shape
+    assert n == 8 and batch["attention_mask"].shape == batch["completion_mask"].shape == (8, t)
+    assert batch["index"].shape == (4,)
+    # Every row's completion is non-empty and ends in EOS (the tiny pairs all fit in max_length).
+    eos = dm.tokenizer.eos_token_id
+    last = batch["attention_mask"].sum(1) - 1
+    assert (batch["input_ids"][torch.arange(n), last] == eos).all()
+    assert (batch["completion_mask"].sum(1) >= 1).all()
+    # Rows i and B + i share the prompt of example index[i].
+    for i, index in enumerate(batch["index"].tolist()):
+        prompt = dm.train_dataset[index]["prompt_ids"]
+        for row in (i, i + 4):
+            assert batch["input_ids"][row, : len(prompt)].tolist() == prompt
+    val_sizes = [len(b["index"]) for b in dm.val_dataloader()]
+    assert val_sizes == [5, 5, 5, 1]
+
+
+def test_ordered_dataloader_walks_the_split_in_order() -> None:
+    dm = make(val_files=[VAL], eval_batch_size=7)
+    for split, dataset in (("train", dm.train_dataset), ("val", dm.val_dataset)):
+        indices = torch.cat([b["index"] for b in dm.ordered_dataloader(split)])
+        assert indices.tolist() == list(range(len(dataset)))
+    with pytest.raises(ValueError, match="split must be"):
+        dm.ordered_dataloader("test")
+
+
+def test_val_fraction_split_is_deterministic_and_disjoint() -> None:
+    a, b, c = make(val_fraction=0.25), make(val_fraction=0.25), make(val_fraction=0.25, seed=1)
+    sources = [[e["source"] for e in dm.val_dataset.examples] for dm in (a, b, c)]
+    assert sources[0] == sources[1] and sources[0] != sources[2] and len(sources[0]) == 12
+    train = {e["source"] for e in a.train_dataset.examples}
+    assert len(train) == 36 and not train & set(sources[0])
+
+
+def test_setup_tokenizes_once_and_caps_examples() -> None:
+    dm = make(val_files=[VAL], max_examples=10)
+    dataset = dm.train_dataset
+    dm.setup("validate")
+    assert dm.train_dataset is dataset
+    assert (len(dm.train_dataset), len(dm.val_dataset)) == (10, 10)
+
+
+def test_unpaired_mode_unpairs_pairs_as_trl_does() -> None:
+    dm = make(val_files=[VAL], mode="unpaired", batch_size=3)
+    assert len(dm.train_dataset) == 96
+    labels = [e["label"] for e in dm.train_dataset.examples]
+    assert sum(labels) == 48
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape[0] == 6 and batch["label"].dtype == torch.bool
+
+
+def test_unpaired_data_in_paired_mode_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "kto.jsonl"
+    path.write_text(json.dumps({"prompt": "Hi", "completion": "Hello!", "label": True}) + "\n")
+    with pytest.raises(DataError, match="kto.jsonl: unpaired data .* use `mode: unpaired`.*KTOLoss"):
+        make(train_files=[str(path)])
+
+
+def test_hub_dataset_with_its_own_validation_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    rows = [json.loads(line) for line in Path(TRAIN).read_text().splitlines()]
+    splits = {"train": rows[:40], "test": rows[40:]}
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config, split: splits[split])
+    dm = make(train_files=None, hub_dataset="hub:someone/pairs", hub_val_split="test")
+    assert (len(dm.train_dataset), len(dm.val_dataset)) == (40, 8)
+    assert dm.val_dataset[0]["source"].startswith("hub:someone/pairs:test[")
+
+
+def test_arguments_are_checked() -> None:
+    with pytest.raises(ValueError, match="train_files or hub_dataset"):
+        PreferenceDataModule(TINY)
+    with pytest.raises(ValueError, match="max_prompt_length"):
+        PreferenceDataModule(TINY, train_files=[TRAIN], max_length=64, max_prompt_length=64)
+
+
+def test_every_argument_is_typed_and_documented() -> None:
+    doc = inspect.getdoc(PreferenceDataModule) or ""
+    for name, parameter in inspect.signature(PreferenceDataModule.__init__).parameters.items():
+        if name != "self":
+            assert parameter.annotation is not inspect.Parameter.empty, name
+            assert f"\n    {name}: " in doc, f"{name} is not documented under Args:"
+
+
+def test_the_cli_parser_accepts_the_signature() -> None:
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(PreferenceDataModule, "data")
+    config = parser.parse_args(
+        ["--data.tokenizer_name=tiny", "--data.train_files=[a.jsonl]", "--data.mode=unpaired"]
+    )
+    assert config.data.train_files == ["a.jsonl"] and config.data.max_prompt_length == 512
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--data.tokenizer_name=tiny", "--data.format=yaml"])
