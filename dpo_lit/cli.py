@@ -9,12 +9,13 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 from lightning.pytorch.cli import LightningCLI
 
 from dpo_lit.callbacks import ExportPretrained
-from dpo_lit.data import PreferenceDataModule
+from dpo_lit.data import DataError, PreferenceDataModule
 from dpo_lit.module import PreferenceModule
 
 
@@ -40,8 +41,18 @@ def run(args: list[str] | None = None) -> DPOLitCLI:
 
 
 def main() -> None:
-    """Console entry point ``dpo-lit``."""
-    run()
+    """Console entry point ``dpo-lit``: a user's mistake ends in one line, not a traceback.
+
+    Bad data (file, line and field), a bad setting or a missing file are reported as
+    ``dpo-lit: error: ...`` with exit status 2; ``DPO_LIT_DEBUG=1`` shows the traceback instead.
+    """
+    try:
+        run()
+    except (DataError, ValueError, FileNotFoundError) as error:
+        if os.environ.get("DPO_LIT_DEBUG"):
+            raise
+        print(f"dpo-lit: error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+from jsonargparse import lazy_instance
 from lightning import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
-from jsonargparse import lazy_instance
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torchmetrics import MeanMetric
@@ -40,7 +40,7 @@ class LoRASettings:
 
     r: int = 16
     alpha: int = 32
-    dropout: float = 0.05
+    dropout: float = 0.0
     target_modules: str | list[str] = "all-linear"
     extra: dict = field(default_factory=dict)
 

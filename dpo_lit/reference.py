@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-from pathlib import Path
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info

@@ -1,0 +1,152 @@
+"""PreferenceModule with real tiny models and data: reference modes, checkpoints, export."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from lightning import Trainer
+
+import dpo_lit
+from dpo_lit.callbacks import ExportPretrained
+from dpo_lit.data import PreferenceDataModule
+from dpo_lit.losses import DPOLoss, KTOLoss, SimPOLoss
+from dpo_lit.models import TINY_ALIAS
+from dpo_lit.module import LoRASettings, PreferenceModule, lr_factor
+from dpo_lit.reference import CopyReference, NoReference, PrecomputedReference
+
+ASSETS = Path(dpo_lit.__file__).parent / "assets"
+
+
+def make_data(**kwargs) -> PreferenceDataModule:
+    kwargs = {"batch_size": 4, "max_length": 256, "max_prompt_length": 128, **kwargs}
+    return PreferenceDataModule(
+        tokenizer_name=TINY_ALIAS,
+        train_files=[str(ASSETS / "tiny_pairs.jsonl")],
+        val_files=[str(ASSETS / "tiny_pairs_val.jsonl")],
+        **kwargs,
+    )
+
+
+def fit(module, data, tmp_path, steps=1, **kwargs) -> Trainer:
+    trainer = Trainer(
+        max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        limit_val_batches=kwargs.pop("limit_val_batches", 0), val_check_interval=steps, **kwargs,
+    )
+    trainer.fit(module, datamodule=data)
+    return trainer
+
+
+def adam(lr=1e-3):
+    return lambda params: torch.optim.AdamW(params, lr=lr)
+
+
+@pytest.mark.parametrize(
+    "reference,lora",
+    [("copy", None), ("adapter", LoRASettings(r=4, alpha=8)), ("precomputed", None)],
+)
+def test_policy_equal_to_reference_gives_ln2_and_zero_rewards(tmp_path, monkeypatch, reference, lora):
+    monkeypatch.setenv("DPO_LIT_CACHE", str(tmp_path / "cache"))
+    module = PreferenceModule(TINY_ALIAS, loss=DPOLoss(beta=0.1), reference=reference, lora=lora, optimizer=adam())
+    trainer = fit(module, make_data(), tmp_path)  # metrics of step 1 are computed before the update
+    metrics = trainer.callback_metrics
+    torch.testing.assert_close(metrics["train/loss"], torch.tensor(math.log(2)))
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+        torch.testing.assert_close(metrics[f"train/{name}"], torch.tensor(0.0), atol=1e-6, rtol=0)
+
+
+def test_reference_is_frozen_and_unchanged_after_training(tmp_path):
+    module = PreferenceModule(TINY_ALIAS, reference="copy", optimizer=adam())
+    reference = module.reference.model
+    before = {k: v.clone() for k, v in reference.state_dict().items()}
+    policy_before = {k: v.clone() for k, v in module.policy.state_dict().items()}
+    fit(module, make_data(), tmp_path, steps=4)
+    assert not reference.training and not any(p.requires_grad for p in reference.parameters())
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+    changed = [k for k, v in module.policy.state_dict().items() if not torch.equal(v, policy_before[k])]
+    assert len(changed) == len(policy_before)  # every policy tensor moved
+
+
+def test_adapter_reference_keeps_base_weights(tmp_path):
+    module = PreferenceModule(TINY_ALIAS, reference="adapter", lora=LoRASettings(r=4, alpha=8), optimizer=adam())
+    state = {k: v.clone() for k, v in module.policy.state_dict().items()}
+    fit(module, make_data(), tmp_path, steps=3)
+    for key, value in module.policy.state_dict().items():
+        assert torch.equal(value, state[key]) == ("lora_" not in key), key
+
+
+def test_reference_is_not_saved_in_checkpoints(tmp_path):
+    module = PreferenceModule(TINY_ALIAS, reference="copy", optimizer=adam())
+    trainer = fit(module, make_data(), tmp_path)
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    keys = torch.load(tmp_path / "run.ckpt", weights_only=False)["state_dict"].keys()
+    assert keys and all(k.startswith("policy.") for k in keys)
+    assert isinstance(module.reference, CopyReference)
+
+
+def test_precomputed_reference_matches_copy_and_is_reused(tmp_path, monkeypatch):
+    monkeypatch.setenv("DPO_LIT_CACHE", str(tmp_path / "cache"))
+    data = make_data()
+    module = PreferenceModule(TINY_ALIAS, reference="precomputed", optimizer=adam())
+    fit(module, data, tmp_path, steps=1, limit_val_batches=1)
+    assert isinstance(module.reference, PrecomputedReference)
+    files = list((tmp_path / "cache" / "ref_logps").glob("*.pt"))
+    assert len(files) == 2  # train and val
+    copy = PreferenceModule(TINY_ALIAS, reference="copy")
+    batch = next(iter(data.ordered_dataloader("train")))
+    expected = copy.reference.logps(copy, batch, "train")
+    torch.testing.assert_close(module.reference.logps(module, batch, "train"), expected)
+
+    def no_recompute(*args, **kwargs):
+        raise AssertionError("reference log-probs were recomputed instead of read from the cache")
+
+    again = PreferenceModule(TINY_ALIAS, reference="precomputed", optimizer=adam())
+    monkeypatch.setattr(again.reference, "_compute", no_recompute)
+    fit(again, make_data(), tmp_path, steps=1, limit_val_batches=1)
+
+
+def test_kto_trains_on_unpaired_rows(tmp_path):
+    module = PreferenceModule(TINY_ALIAS, loss=KTOLoss(beta=0.1), reference="copy", optimizer=adam())
+    trainer = fit(module, make_data(mode="unpaired"), tmp_path, steps=3, limit_val_batches=1)
+    metrics = trainer.callback_metrics
+    assert torch.isfinite(metrics["train/loss"]) and "val/kto_z0" in metrics and "val/rewards/chosen" in metrics
+
+
+def test_reference_free_loss_uses_no_reference(tmp_path):
+    module = PreferenceModule(TINY_ALIAS, loss=SimPOLoss(), reference="copy", optimizer=adam())
+    assert isinstance(module.reference, NoReference) and type(module.reference) is NoReference
+    assert torch.isfinite(fit(module, make_data(), tmp_path, steps=2).callback_metrics["train/loss"])
+
+
+def test_configuration_mistakes_are_clear_errors():
+    with pytest.raises(ValueError, match="needs a reference model"):
+        PreferenceModule(TINY_ALIAS, loss=DPOLoss(), reference="none")
+    with pytest.raises(ValueError, match="needs a LoRA adapter"):
+        PreferenceModule(TINY_ALIAS, reference="adapter")
+    with pytest.raises(ValueError, match="paired losses only"):
+        PreferenceModule(TINY_ALIAS, loss=KTOLoss(), reference="precomputed")
+
+
+def test_lora_export_and_merge(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    module = PreferenceModule(TINY_ALIAS, reference="adapter", lora=LoRASettings(r=4, alpha=8), optimizer=adam(1e-2))
+    trainer = fit(module, make_data(), tmp_path, steps=3, callbacks=[ExportPretrained(merge=True)])
+    run = ExportPretrained.run_dir(trainer)
+    assert (run / "policy" / "adapter_config.json").is_file() and (run / "policy" / "tokenizer.json").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(run / "merged")
+    ids = torch.tensor([[256, 72, 105, 33]])
+    module.policy.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, module.policy(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_lr_schedule():
+    assert lr_factor(0, 4, 20, "linear") == pytest.approx(1 / 5)
+    assert lr_factor(4, 4, 20, "linear") == pytest.approx(1.0)
+    assert lr_factor(12, 4, 20, "linear") == pytest.approx(0.5)
+    assert lr_factor(12, 4, 20, "cosine") == pytest.approx(0.5)
+    assert lr_factor(20, 4, 20, "cosine") == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(15, 4, 20, "constant") == 1.0
