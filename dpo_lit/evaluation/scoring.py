@@ -1,0 +1,103 @@
+"""Shared machinery of the evaluations: evaluation mode, the tokenizer's prefix, batched scoring.
+
+Every evaluation reduces to *rows*: a list of token ids of which the tokens from ``first_scored``
+on are scored, each by the model's log-probability given everything before it. Rows are sorted by
+length (longest first, as lm-evaluation-harness does) so that each right-padded batch wastes
+little, and each batch is one forward pass through :func:`dpo_lit.logps.completion_logps`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+from dpo_lit.logps import completion_logps
+
+
+@dataclass(frozen=True)
+class Row:
+    """Token ids of one sequence; tokens at positions ``>= first_scored`` are scored (``>= 1``)."""
+
+    ids: list[int]
+    first_scored: int
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """Eval mode and ``torch.no_grad`` inside; every submodule's own training flag restored after."""
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for module, training in modes.items():
+            module.train(training)
+
+
+def added_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The special tokens the tokenizer puts before a text by itself (a BOS, or nothing).
+
+    Texts are encoded without special tokens (as lm-evaluation-harness does) and this prefix is
+    put back in front, so that models trained with a BOS see one and others see none.
+    """
+    with_specials = tokenizer("a")["input_ids"]
+    without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    cut = len(with_specials) - len(without)
+    return list(with_specials[:cut]) if cut > 0 and with_specials[cut:] == without else []
+
+
+def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id padded rows are filled with (masked out, so any id would do)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def start_token(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The token that conditions a text with nothing before it: BOS, else EOS (lm-eval's prefix)."""
+    token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if token is None:
+        raise ValueError("the tokenizer has neither a BOS nor an EOS token to start an empty context with")
+    return token
+
+
+def collate(rows: Sequence[Row], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``completion_mask``, each (N, T)."""
+    width = max(len(row.ids) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    completion_mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row.ids)] = torch.tensor(row.ids, dtype=torch.long)
+        attention_mask[i, : len(row.ids)] = 1
+        completion_mask[i, row.first_scored : len(row.ids)] = True
+    return input_ids.to(device), attention_mask.to(device), completion_mask.to(device)
+
+
+def score_rows(
+    model: nn.Module, rows: Sequence[Row], pad_id: int, batch_size: int
+) -> list[tuple[float, int]]:
+    """Summed log-probability and number of scored tokens of each row, in the order given.
+
+    Call inside :func:`evaluating`. One forward pass per ``batch_size`` rows.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    for row in rows:
+        if row.first_scored < 1:
+            raise ValueError("the first token of a row has no context and cannot be scored")
+    device = next(model.parameters()).device
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i].ids))
+    results: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        logps, tokens = completion_logps(
+            model, *collate([rows[i] for i in batch], pad_id, device)
+        )  # (n,), (n,)
+        for i, logp, count in zip(batch, logps.tolist(), tokens.tolist()):
+            results[i] = (logp, int(count))
+    return results

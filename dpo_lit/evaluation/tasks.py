@@ -1,0 +1,271 @@
+"""The evaluation data sets as :class:`MCItem` lists (or a text), with lm-evaluation-harness prompts.
+
+=============  ===============================  =========================================================
+task           default file (in the data dir)   prompt → choices
+=============  ===============================  =========================================================
+wikitext       ``wiki.test.raw``                text for :func:`~dpo_lit.evaluation.perplexity.perplexity`,
+                                                with lm-eval's ``wikitext_detokenizer`` applied
+arc_easy       ``ARC-Easy-Test.jsonl``          ``Question: {stem}\\nAnswer:`` → `` {text}``
+arc_challenge  ``ARC-Challenge-Test.jsonl``     same
+piqa           ``piqa_valid.jsonl`` + labels    ``Question: {goal}\\nAnswer:`` → `` {sol1}``, `` {sol2}``
+boolq          ``boolq_dev.jsonl``              ``{passage}\\nQuestion: {question}?\\nAnswer:`` → `` no``/`` yes``
+hellaswag      ``hellaswag_val_full.txt.bz2``   ``{activity_label}: {ctx}`` → `` {ending}`` × 4
+``*.jsonl``    the path itself                  ``{"context", "choices", "answer"}`` used as they are
+=============  ===============================  =========================================================
+
+The data directory is ``$DPO_LIT_EVAL_DATA``, else ``../shared/data/eval`` relative to the
+current directory (the project's root). A malformed row raises a
+:class:`~dpo_lit.data.errors.DataError` naming the file, line and field.
+"""
+
+from __future__ import annotations
+
+import bz2
+import json
+import os
+import random
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from dpo_lit.data.errors import DataError, describe
+from dpo_lit.evaluation.multiple_choice import MCItem
+from dpo_lit.evaluation.perplexity import load_text
+
+DEFAULT_DATA_DIR = Path("..") / "shared" / "data" / "eval"
+
+
+def _jsonl(path: Path) -> Iterator[tuple[dict[str, Any], str]]:
+    """Objects of a JSON-lines file, each with its ``path:line``; blank lines are skipped."""
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(where, f"malformed JSON: {e.msg} (column {e.colno})") from None
+            if not isinstance(record, dict):
+                raise DataError(where, f"expected a JSON object, got {type(record).__name__}")
+            yield record, where
+
+
+def _get(record: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    value = record.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+        name = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise DataError(where, f"field '{key}': expected {name}, got {describe(value)}")
+    return value
+
+
+def _item(context: str, choices: list[str], answer: int, where: str) -> MCItem:
+    if not 0 <= answer < len(choices):
+        raise DataError(where, f"answer {answer} is not the index of one of the {len(choices)} choices")
+    return MCItem(context, choices, answer)
+
+
+def load_arc(path: Path) -> list[MCItem]:
+    """ARC-Easy/Challenge; ``answerKey`` is one of the choices' labels (letters, or digits)."""
+    items = []
+    for record, where in _jsonl(path):
+        question = _get(record, "question", dict, where)
+        stem = _get(question, "stem", str, where)
+        choices = _get(question, "choices", list, where)
+        if not choices or not all(isinstance(c, dict) for c in choices):
+            raise DataError(where, "field 'question.choices': expected a non-empty list of {label, text}")
+        labels = [_get(c, "label", str, where) for c in choices]
+        texts = [f" {_get(c, 'text', str, where)}" for c in choices]
+        key = _get(record, "answerKey", str, where)
+        if key not in labels:
+            raise DataError(where, f"field 'answerKey': {key!r} is none of the labels {labels}")
+        items.append(MCItem(f"Question: {stem}\nAnswer:", texts, labels.index(key)))
+    return items
+
+
+def load_piqa(path: Path) -> list[MCItem]:
+    """PIQA; the labels are in ``<stem>-labels.lst`` beside the file, one 0/1 a line."""
+    labels_path = path.with_name(f"{path.stem}-labels.lst")
+    labels = labels_path.read_text(encoding="utf-8").split()
+    rows = list(_jsonl(path))
+    if len(labels) != len(rows):
+        raise DataError(str(labels_path), f"{len(labels)} labels for the {len(rows)} rows of {path}")
+    items = []
+    for (record, where), label in zip(rows, labels):
+        if label not in ("0", "1"):
+            raise DataError(where, f"label {label!r} in {labels_path} is neither 0 nor 1")
+        goal, sol1, sol2 = (_get(record, key, str, where) for key in ("goal", "sol1", "sol2"))
+        items.append(MCItem(f"Question: {goal}\nAnswer:", [f" {sol1}", f" {sol2}"], int(label)))
+    return items
+
+
+def load_boolq(path: Path) -> list[MCItem]:
+    """BoolQ; the answer ``true`` is the choice `` yes`` (index 1)."""
+    items = []
+    for record, where in _jsonl(path):
+        passage, question = _get(record, "passage", str, where), _get(record, "question", str, where)
+        answer = _get(record, "answer", bool, where)
+        items.append(MCItem(f"{passage}\nQuestion: {question}?\nAnswer:", [" no", " yes"], int(answer)))
+    return items
+
+
+def hellaswag_preprocess(text: str) -> str:
+    """lm-eval's HellaSwag cleanup: WikiHow ``[title]`` marks become sentence ends, other brackets go."""
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub("\\[.*?\\]", "", text)
+    return text.replace("  ", " ")
+
+
+def hellaswag_context(line: str) -> str:
+    """The query from the file's ``label: ctx_a ctx_b`` line.
+
+    lm-eval builds ``preprocess(label + ": " + ctx_a + " " + ctx_b.capitalize())``; the file
+    already holds the cleaned, joined text but with ``ctx_b`` as written, lower case. For
+    ActivityNet items ``ctx_b`` is the fragment after the last sentence end, so a fragment there
+    that starts in lower case is capitalised (the file cannot tell ``ctx_b`` apart exactly).
+    """
+    head, sep, tail = line.rpartition(". ")
+    if sep and tail[:1].islower():
+        line = head + sep + tail.capitalize()
+    return hellaswag_preprocess(line)
+
+
+def load_hellaswag(path: Path) -> list[MCItem]:
+    """HellaSwag in the 6-lines-a-task text layout: context, gold index, 4 endings (optionally .bz2)."""
+    opener = bz2.open if path.suffix == ".bz2" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if len(lines) % 6:
+        raise DataError(f"{path}:{len(lines)}", f"{len(lines)} lines is not a whole number of 6-line tasks")
+    items = []
+    for start in range(0, len(lines), 6):
+        context, gold, *endings = lines[start : start + 6]
+        if gold.strip() not in ("0", "1", "2", "3"):
+            raise DataError(f"{path}:{start + 2}", f"gold index {gold!r} is not 0, 1, 2 or 3")
+        choices = [f" {hellaswag_preprocess(e)}" for e in endings]
+        items.append(MCItem(hellaswag_context(context), choices, int(gold)))
+    return items
+
+
+def load_jsonl(path: Path) -> list[MCItem]:
+    """Generic ``{"context": str, "choices": [str, ...], "answer": int}`` rows, used verbatim.
+
+    Choices are continuations of the context: give them their leading space (``" Paris"``).
+    """
+    items = []
+    for record, where in _jsonl(path):
+        context = _get(record, "context", str, where)
+        choices = _get(record, "choices", list, where)
+        if not choices or not all(isinstance(c, str) for c in choices):
+            raise DataError(
+                where, f"field 'choices': expected a non-empty list of strings, got {describe(choices)}"
+            )
+        items.append(_item(context, choices, _get(record, "answer", int, where), where))
+    return items
+
+
+def wikitext_detokenize(text: str) -> str:
+    """lm-eval's ``wikitext_detokenizer``: undo WikiText's tokenisation (`` @-@ `` → ``-``, ...)."""
+    text = text.replace("s '", "s'")
+    text = re.sub(r"/' [0-9]/", r"/'[0-9]/", text)
+    for old, new in [(" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", ".")]:
+        text = text.replace(old, new)
+    for mark in ":;.!?,":
+        text = text.replace(f" {mark} ", f"{mark} ")
+    text = re.sub(r"\(\s*([^\)]*?)\s*\)", r"(\1)", text)
+    text = re.sub(r"\[\s*([^\]]*?)\s*\]", r"[\1]", text)
+    text = re.sub(r"{\s*([^}]*?)\s*}", r"{\1}", text)
+    text = re.sub(r"\"\s*([^\"]*?)\s*\"", r'"\1"', text)
+    text = re.sub(r"'\s*([^']*?)\s*'", r"'\1'", text)
+    for old, new in [
+        ("= = = =", "===="),
+        ("= = =", "==="),
+        ("= =", "=="),
+        (" \N{DEGREE SIGN} ", "\N{DEGREE SIGN}"),
+    ]:
+        text = text.replace(old, new)
+    for old, new in [(" \n", "\n"), ("\n ", "\n"), (" N ", " 1 "), (" 's", "'s")]:
+        text = text.replace(old, new)
+    return text
+
+
+@dataclass(frozen=True)
+class Task:
+    """A registered evaluation: its default file and how to read it.
+
+    Args:
+        file: file name in the data directory.
+        kind: ``mc`` (multiple choice, a list of :class:`MCItem`) or ``text`` (perplexity).
+        load: reads the file.
+    """
+
+    file: str
+    kind: Literal["mc", "text"]
+    load: Callable[[Path], Any]
+
+
+TASKS: dict[str, Task] = {
+    "wikitext": Task("wiki.test.raw", "text", lambda path: wikitext_detokenize(load_text(path))),
+    "arc_easy": Task("ARC-Easy-Test.jsonl", "mc", load_arc),
+    "arc_challenge": Task("ARC-Challenge-Test.jsonl", "mc", load_arc),
+    "piqa": Task("piqa_valid.jsonl", "mc", load_piqa),
+    "boolq": Task("boolq_dev.jsonl", "mc", load_boolq),
+    "hellaswag": Task("hellaswag_val_full.txt.bz2", "mc", load_hellaswag),
+}
+
+
+def data_dir() -> Path:
+    """``$DPO_LIT_EVAL_DATA``, else ``../shared/data/eval`` (relative to the current directory)."""
+    return Path(os.environ.get("DPO_LIT_EVAL_DATA", DEFAULT_DATA_DIR))
+
+
+def task_kind(name: str) -> Literal["mc", "text"]:
+    """``text`` for perplexity tasks, ``mc`` for the others (a ``*.jsonl`` path among them)."""
+    return TASKS[name].kind if name in TASKS else "mc"
+
+
+def task_name(name: str) -> str:
+    """The metric name of a task: its registry name, or a ``.jsonl`` file's stem."""
+    return name if name in TASKS else Path(name).stem
+
+
+def task_path(name: str, path: str | Path | None = None) -> Path:
+    """The file a task reads: ``path`` if given, else its default file in :func:`data_dir`."""
+    if name not in TASKS and not name.endswith(".jsonl"):
+        raise ValueError(
+            f"unknown evaluation task {name!r}: expected one of {sorted(TASKS)} or a .jsonl file"
+        )
+    resolved = (
+        Path(path) if path is not None else Path(name) if name not in TASKS else data_dir() / TASKS[name].file
+    )
+    if not resolved.is_file():
+        raise FileNotFoundError(
+            f"evaluation data for task {name!r} not found: {resolved} "
+            "(set DPO_LIT_EVAL_DATA to the folder holding it, or pass its path)"
+        )
+    return resolved
+
+
+def load_task(
+    name: str, path: str | Path | None = None, limit: int | None = None, seed: int = 0
+) -> list[MCItem]:
+    """The items of a multiple-choice task; ``limit`` keeps a seeded random subset, in file order."""
+    if task_kind(name) != "mc":
+        raise ValueError(f"task {name!r} is a perplexity task: use load_text_task")
+    resolved = task_path(name, path)
+    items = TASKS[name].load(resolved) if name in TASKS else load_jsonl(resolved)
+    if limit is not None and limit < len(items):
+        keep = sorted(random.Random(seed).sample(range(len(items)), limit))
+        items = [items[i] for i in keep]
+    return items
+
+
+def load_text_task(name: str, path: str | Path | None = None) -> str:
+    """The text of a perplexity task (``wikitext``), prepared as lm-eval prepares it."""
+    if task_kind(name) != "text":
+        raise ValueError(f"task {name!r} is a multiple-choice task: use load_task")
+    return TASKS[name].load(task_path(name, path))
