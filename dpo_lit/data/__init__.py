@@ -3,7 +3,7 @@
 - :mod:`~dpo_lit.data.io` reads ``.jsonl``/``.json``/``.csv`` (optionally ``.gz``), ``.parquet``
   and Hub datasets, each record with its ``file:line`` location;
 - :mod:`~dpo_lit.data.formats` has one adapter per format (standard, conversational, implicit
-  prompt, OpenAI, unpaired);
+  prompt, OpenAI, unpaired, and sampled token ids: tokenized);
 - :mod:`~dpo_lit.data.tokenize` builds ``prompt_ids`` and closed, truncated completions;
 - :mod:`~dpo_lit.data.collate` pads them into the batch contract;
 - :mod:`~dpo_lit.data.datamodule` ties it together for Lightning; :func:`load_examples` does

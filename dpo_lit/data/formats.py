@@ -9,6 +9,9 @@ format                    record
                           Anthropic HH-RLHF, or message lists) that share the prompt as prefix
 ``openai``                ``input.messages``, ``preferred_output``, ``non_preferred_output``
 ``unpaired``              ``prompt``, ``completion`` (strings or messages), ``label`` (bool)
+``tokenized``             ``prompt_ids``, ``chosen_ids``, ``rejected_ids``: lists of token ids,
+                          trained on as given (on-policy pairs from :mod:`dpo_lit.pairs`); the
+                          optional ``prompt``/``chosen``/``rejected`` texts are kept for reading
 ========================  =====================================================================
 
 ``auto`` detects the format per file from the first record's keys. Every check names the
@@ -23,10 +26,12 @@ from typing import Any, Literal
 
 from dpo_lit.data.errors import DataError, describe
 
-Format = Literal["auto", "standard", "conversational", "implicit", "openai", "unpaired"]
+Format = Literal["auto", "standard", "conversational", "implicit", "openai", "unpaired", "tokenized"]
 Messages = list[dict[str, str]]
 Text = str | Messages
 Record = dict[str, Any]
+TokenIds = dict[str, list[int]]
+TOKEN_ID_FIELDS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 
 @dataclass
@@ -37,6 +42,8 @@ class PairedExample:
     chosen: Text
     rejected: Text
     source: str
+    token_ids: TokenIds | None = None
+    """``prompt_ids``/``chosen_ids``/``rejected_ids`` to train on as given (``tokenized`` format)."""
 
 
 @dataclass
@@ -47,6 +54,8 @@ class UnpairedExample:
     completion: Text
     label: bool
     source: str
+    token_ids: TokenIds | None = None
+    """``prompt_ids``/``completion_ids`` to train on as given (an unpaired ``tokenized`` pair)."""
 
 
 Example = PairedExample | UnpairedExample
@@ -55,6 +64,8 @@ Example = PairedExample | UnpairedExample
 def detect_format(record: Record, source: str) -> Format:
     """The format of a record, from its keys (and whether ``chosen`` holds a string)."""
     keys = set(record)
+    if set(TOKEN_ID_FIELDS) <= keys:
+        return "tokenized"
     if {"input", "preferred_output", "non_preferred_output"} <= keys:
         return "openai"
     if {"prompt", "completion", "label"} <= keys:
@@ -66,7 +77,8 @@ def detect_format(record: Record, source: str) -> Format:
     raise DataError(
         source,
         f"cannot detect the data format from the keys {sorted(keys)}; expected prompt/chosen/rejected, "
-        "chosen/rejected, prompt/completion/label or input/preferred_output/non_preferred_output",
+        "chosen/rejected, prompt/completion/label, input/preferred_output/non_preferred_output or "
+        "prompt_ids/chosen_ids/rejected_ids",
     )
 
 
@@ -214,12 +226,43 @@ def parse_unpaired(record: Record, source: str, marker: str) -> UnpairedExample:
     return UnpairedExample(prompt, completion, _label(_get(record, "label", source), source), source)
 
 
+def _token_ids(value: Any, name: str, source: str) -> list[int]:
+    """A non-empty list of non-negative ints (the vocabulary bound is checked when tokenizing)."""
+    if not isinstance(value, list) or not value:
+        raise DataError(
+            source, f"field '{name}': expected a non-empty list of token ids, got {describe(value)}"
+        )
+    for i, token in enumerate(value):
+        if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+            raise DataError(
+                source, f"field '{name}[{i}]': expected a non-negative integer token id, got {token!r}"
+            )
+    return value
+
+
+def parse_tokenized(record: Record, source: str, marker: str) -> PairedExample:
+    """``prompt_ids``/``chosen_ids``/``rejected_ids`` lists of ints, with optional texts for reading."""
+    ids = {name: _token_ids(_get(record, name, source), name, source) for name in TOKEN_ID_FIELDS}
+    if ids["chosen_ids"] == ids["rejected_ids"]:
+        raise DataError(source, "fields 'chosen_ids' and 'rejected_ids': identical completions")
+    texts = []
+    for name in ("prompt", "chosen", "rejected"):
+        value = record.get(name, "")
+        if not isinstance(value, str | list):
+            raise DataError(
+                source, f"field '{name}': expected a string or a list of messages, got {describe(value)}"
+            )
+        texts.append(value)
+    return PairedExample(*texts, source, token_ids=ids)
+
+
 PARSERS: dict[str, Callable[[Record, str, str], Example]] = {
     "standard": parse_standard,
     "conversational": parse_conversational,
     "implicit": parse_implicit,
     "openai": parse_openai,
     "unpaired": parse_unpaired,
+    "tokenized": parse_tokenized,
 }
 
 
@@ -238,7 +281,17 @@ def as_unpaired(example: Example) -> list[UnpairedExample]:
     """Unpair a preference pair as TRL does (chosen labelled ``True``, rejected ``False``)."""
     if isinstance(example, UnpairedExample):
         return [example]
+    ids = example.token_ids
     return [
-        UnpairedExample(example.prompt, example.chosen, True, example.source),
-        UnpairedExample(example.prompt, example.rejected, False, example.source),
+        UnpairedExample(
+            example.prompt,
+            completion,
+            label,
+            example.source,
+            None if ids is None else {"prompt_ids": ids["prompt_ids"], "completion_ids": ids[name]},
+        )
+        for completion, label, name in (
+            (example.chosen, True, "chosen_ids"),
+            (example.rejected, False, "rejected_ids"),
+        )
     ]

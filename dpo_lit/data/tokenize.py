@@ -13,6 +13,10 @@ Rules (each one a trap TRL-style pipelines have fallen into):
   ``max_length`` bounds prompt + completion by cutting the completion's end. A cut completion
   loses its EOS and none is re-appended: the model never wrote an end there. A completion cut to
   zero tokens is dropped and counted in the :class:`~dpo_lit.data.errors.DataReport`.
+- Examples that carry token ids (the ``tokenized`` format: on-policy samples) are trained on as
+  given: nothing is re-tokenised and no EOS is appended (a sampled completion that was cut keeps
+  none; a finished one already ends with it). Their ids must lie inside the tokenizer's
+  vocabulary; the two truncations and the zero-token drop apply as above.
 """
 
 from __future__ import annotations
@@ -25,10 +29,20 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from dpo_lit.data.errors import DataError, DataReport
-from dpo_lit.data.formats import Example, PairedExample, Text
+from dpo_lit.data.formats import Example, PairedExample, Text, TokenIds
 
 TruncationMode = Literal["keep_end", "keep_start"]
 TokenizedExample = dict[str, Any]
+
+
+@dataclass
+class Encoded:
+    """An example as token ids before truncation; its completions end as they will be trained."""
+
+    prompt: list[int]
+    completions: list[list[int]]
+    label: bool | None
+    source: str
 
 
 @dataclass
@@ -108,16 +122,16 @@ def _added_bos(tokenizer: PreTrainedTokenizerBase) -> int | None:
 
 
 def _render_all(
-    examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, report: DataReport
-) -> list[Rendered]:
+    examples: Sequence[tuple[int, Example]], tokenizer: PreTrainedTokenizerBase, report: DataReport
+) -> list[tuple[int, Rendered]]:
     rendered = []
-    for example in examples:
+    for position, example in examples:
         if not isinstance(example.prompt, str) and tokenizer.chat_template is None:
             raise DataError(
                 example.source, f"message lists need a chat template; {tokenizer.name_or_path} has none"
             )
         try:
-            rendered.append(render(example, tokenizer))
+            rendered.append((position, render(example, tokenizer)))
         except DataError as error:
             report.bad_record(error)
     return rendered
@@ -132,6 +146,39 @@ def _encode_prompts(tokenizer: PreTrainedTokenizerBase, rendered: list[Rendered]
             prompts[i] = ids
     bos = tokenizer.bos_token_id
     return [ids[1:] if bos is not None and ids[:2] == [bos, bos] else ids for ids in prompts]
+
+
+def _encode_texts(
+    examples: Sequence[tuple[int, Example]], tokenizer: PreTrainedTokenizerBase, eos: int, report: DataReport
+) -> dict[int, Encoded]:
+    """Render, batch-encode and close the completions of text examples, keyed by position."""
+    rendered = _render_all(examples, tokenizer, report)
+    prompts = _encode_prompts(tokenizer, [r for _, r in rendered])
+    flat = _encode(tokenizer, [c for _, r in rendered for c in r.completions], False)
+    encoded, k = {}, 0
+    for (position, r), prompt in zip(rendered, prompts):
+        n = len(r.completions)
+        encoded[position] = Encoded(
+            prompt, [close_completion(ids, r.chat, eos) for ids in flat[k : k + n]], r.label, r.source
+        )
+        k += n
+    return encoded
+
+
+def _given_ids(example: Example, ids: TokenIds, vocab_size: int, report: DataReport) -> Encoded | None:
+    """The token ids an example carries, as they are, once checked against the vocabulary."""
+    paired = isinstance(example, PairedExample)
+    names = ("chosen_ids", "rejected_ids") if paired else ("completion_ids",)
+    for name in ("prompt_ids", *names):
+        outside = [t for t in ids[name] if t >= vocab_size]
+        if outside:
+            reason = (
+                f"field '{name}': token id {outside[0]} is outside the tokenizer's vocabulary of {vocab_size}"
+            )
+            report.bad_record(DataError(example.source, reason))
+            return None
+    label = None if paired else example.label
+    return Encoded(list(ids["prompt_ids"]), [list(ids[n]) for n in names], label, example.source)
 
 
 def tokenize_examples(
@@ -153,26 +200,26 @@ def tokenize_examples(
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError(f"tokenizer {tokenizer.name_or_path} has no EOS token")
-    rendered = _render_all(examples, tokenizer, report)
-    prompts = _encode_prompts(tokenizer, rendered)
-    flat = _encode(tokenizer, [c for r in rendered for c in r.completions], False)
-    bos, out, k = _added_bos(tokenizer), [], 0
-    for r, prompt in zip(rendered, prompts):
-        prompt = truncate_prompt(prompt, max_prompt_length, truncation_mode, bos)
+    texts = [(i, e) for i, e in enumerate(examples) if e.token_ids is None]
+    encoded = _encode_texts(texts, tokenizer, eos, report)
+    for i, e in enumerate(examples):
+        if e.token_ids is not None and (given := _given_ids(e, e.token_ids, len(tokenizer), report)):
+            encoded[i] = given
+    bos, out = _added_bos(tokenizer), []
+    for i in sorted(encoded):
+        e = encoded[i]
+        prompt = truncate_prompt(e.prompt, max_prompt_length, truncation_mode, bos)
         budget = max_length - len(prompt)
-        completions = [
-            close_completion(ids, r.chat, eos)[: max(budget, 0)] for ids in flat[k : k + len(r.completions)]
-        ]
-        k += len(r.completions)
+        completions = [ids[: max(budget, 0)] for ids in e.completions]
         if not all(completions):
-            report.drop_truncated(r.source)
+            report.drop_truncated(e.source)
             continue
         example: TokenizedExample = {"prompt_ids": prompt}
-        if r.label is None:
+        if e.label is None:
             example["chosen_ids"], example["rejected_ids"] = completions
         else:
-            example["completion_ids"], example["label"] = completions[0], r.label
-        example["source"] = r.source
+            example["completion_ids"], example["label"] = completions[0], e.label
+        example["source"] = e.source
         out.append(example)
     return out
 

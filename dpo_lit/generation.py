@@ -1,0 +1,308 @@
+"""Sample completions from a causal LM, keeping the token ids exactly as sampled.
+
+On-policy pairs and KL estimates need three things that decoded text loses (see the field notes):
+
+- the sampled ids themselves: decoding and re-tokenising does not give them back;
+- whether the model ended the completion (its EOS is kept, inclusive) or ``max_new_tokens`` cut
+  it (no EOS is added: the model never wrote one there);
+- ``log π(y | x)`` under the model's *unmodified* distribution (temperature 1, no top-k/top-p),
+  summed over the completion tokens including the EOS. It is read off ``generate``'s raw
+  ``logits`` (not its ``scores``, which temperature and top-p have processed), so a KL estimate
+  needs only the reference's forward. With temperature ≠ 1 or top-p/top-k the *samples* follow
+  the processed distribution while ``logp`` still scores them under the model.
+
+Prompts are token ids, left-padded into batches; attention masks come from the prompts' lengths,
+never from pad ids (SmolLM2's pad is its EOS). Every distribution-changing option of the model's
+own ``generation_config`` (repetition penalty, default ``top_k=50``, minimum length, ...) is
+switched off, so ``temperature=1, top_p=1, top_k=0`` samples from the model itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+from dpo_lit.data.errors import DataError, describe
+from dpo_lit.data.io import read_records
+from dpo_lit.logps import selective_log_softmax
+
+Messages = list[dict[str, str]]
+Prompt = str | Messages
+
+# Values that disable every logits processor generate() may pick up from a model's generation_config.
+_NEUTRAL: dict[str, Any] = {
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "min_length": 0,
+    "min_new_tokens": None,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "min_p": None,
+    "top_h": None,
+    "bad_words_ids": None,
+    "sequence_bias": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "exponential_decay_length_penalty": None,
+    "guidance_scale": None,
+    "watermarking_config": None,
+    "stop_strings": None,
+    "num_beams": 1,
+}
+
+
+@dataclass
+class Sample:
+    """One sampled completion of one prompt.
+
+    Attributes:
+        prompt_index: Position of the prompt in the list given to :func:`sample`.
+        prompt_ids: The prompt's token ids (unpadded).
+        completion_ids: The ids exactly as sampled, up to and including the EOS when the model
+            produced one, nothing after it.
+        finished: Whether the model produced the EOS (else ``max_new_tokens`` cut it).
+        logp: ``sum_t log π(y_t | x, y_<t)`` over ``completion_ids`` under the model at
+            temperature 1 without top-k/top-p.
+        text: The completion decoded without special tokens ("" without a tokenizer).
+    """
+
+    prompt_index: int
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    finished: bool
+    logp: float
+    text: str
+
+
+@contextlib.contextmanager
+def eval_no_grad(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no autograd inside; the model's previous mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
+    """Seed torch's RNG inside; the CPU's and ``device``'s RNG states are restored after."""
+    if seed is None:
+        yield
+        return
+    cuda = device.type == "cuda"
+    devices = [torch.cuda.current_device() if device.index is None else device.index] if cuda else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def special_ids(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase | None,
+    eos_token_id: int | None,
+    pad_token_id: int | None,
+) -> tuple[int, int]:
+    """EOS and pad ids: explicit arguments first, then the tokenizer's, then the model's config."""
+    config = getattr(model, "generation_config", None)
+    eos = eos_token_id
+    if eos is None and tokenizer is not None:
+        eos = tokenizer.eos_token_id
+    if eos is None and config is not None:
+        eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
+    if eos is None:
+        raise ValueError("no EOS token id: pass eos_token_id or a tokenizer that has one")
+    pad = pad_token_id
+    if pad is None and tokenizer is not None:
+        pad = tokenizer.pad_token_id
+    return eos, eos if pad is None else pad
+
+
+def generate_kwargs(
+    max_new_tokens: int, temperature: float, top_p: float, top_k: int, eos: int, pad: int
+) -> dict[str, Any]:
+    """Keyword arguments for ``generate``: sampling with exactly the given processors, raw logits out."""
+    return {
+        **_NEUTRAL,
+        "do_sample": True,
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "top_p": top_p,
+        "top_k": top_k,
+        "eos_token_id": eos,
+        "pad_token_id": pad,
+        "num_return_sequences": 1,
+        "output_logits": True,
+        "return_dict_in_generate": True,
+    }
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(N, P) left-padded ids and their attention mask, built from the rows' lengths."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - len(row) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _completions(new: Tensor, logits: Sequence[Tensor], eos: int) -> list[tuple[list[int], bool, float]]:
+    """Cut each generated row after its first EOS; sum the raw log-probs of the kept tokens."""
+    # (N, T): log π of each generated token at temperature 1. The same float32 logsumexp as the
+    # training forward: torch.log_softmax over 49k float32 logits reads ~6e-6 nats/token high on CPU.
+    token_logps = torch.stack(
+        [selective_log_softmax(step, new[:, t]) for t, step in enumerate(logits)], dim=1
+    )
+    is_eos = new == eos  # (N, T)
+    finished = is_eos.any(-1)  # (N,)
+    length = torch.where(finished, is_eos.int().argmax(-1) + 1, new.shape[1])  # (N,) incl. the EOS
+    keep = torch.arange(new.shape[1], device=new.device)[None] < length[:, None]  # (N, T)
+    logps = (token_logps * keep).sum(-1)  # (N,)
+    return [(new[i, : length[i]].tolist(), bool(finished[i]), float(logps[i])) for i in range(len(new))]
+
+
+def sample(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase | None,
+    prompts: Sequence[Sequence[int]],
+    num_samples: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    batch_size: int = 16,
+    seed: int | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+) -> list[Sample]:
+    """``num_samples`` completions of every prompt, in prompt order.
+
+    Args:
+        model: A Hugging Face causal LM (optionally peft-wrapped); run in eval mode under no_grad,
+            its mode restored afterwards.
+        tokenizer: Decodes ``text`` and supplies EOS/pad ids; ``None`` works with explicit ids.
+        prompts: Token ids of each prompt (see :func:`encode_prompts`).
+        num_samples: Completions per prompt.
+        max_new_tokens: Bound on completion tokens; a completion cut there keeps no EOS.
+        temperature: Sampling temperature (``logp`` is always at temperature 1).
+        top_p: Nucleus sampling threshold (1: off).
+        top_k: Top-k sampling (0: off; the model's ``generation_config`` default is overridden).
+        batch_size: Rows (prompt × sample) per ``generate`` call.
+        seed: Seeds torch's RNG for the call (the global RNG state is left untouched); the same
+            seed, prompts and batch size give the same samples.
+        eos_token_id: Ends a completion (default: the tokenizer's, else the model's).
+        pad_token_id: Fills the left padding (default: the tokenizer's pad, else the EOS).
+    """
+    if not prompts or num_samples < 1:
+        return []
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    eos, pad = special_ids(model, tokenizer, eos_token_id, pad_token_id)
+    device = next(model.parameters()).device
+    rows = [i for i in range(len(prompts)) for _ in range(num_samples)]
+    kwargs = generate_kwargs(max_new_tokens, temperature, top_p, top_k, eos, pad)
+    samples: list[Sample] = []
+    with eval_no_grad(model), _seeded(seed, device):
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+            ids, mask = left_pad([prompts[i] for i in batch], pad, device)  # (N, P)
+            out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+            new = out.sequences[:, ids.shape[1] :]  # (N, T)
+            for i, (completion, finished, logp) in zip(batch, _completions(new, out.logits, eos)):
+                text = tokenizer.decode(completion, skip_special_tokens=True) if tokenizer is not None else ""
+                samples.append(Sample(i, list(prompts[i]), completion, finished, logp, text))
+    return samples
+
+
+def encode_prompts(
+    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt], chat: bool | None = None
+) -> list[list[int]]:
+    """Token ids of prompts, rendered as the data pipeline renders them.
+
+    With a chat template (and ``chat`` not ``False``) each prompt (a string becomes one user
+    message) is rendered with ``add_generation_prompt=True`` and tokenized without special tokens;
+    otherwise plain strings are tokenized with special tokens. A doubled leading BOS is collapsed.
+
+    Args:
+        tokenizer: The policy's tokenizer.
+        prompts: Strings or lists of ``{"role", "content"}`` messages.
+        chat: ``None``: use the chat template when the tokenizer has one; ``True``: require it;
+            ``False``: plain text (message lists are refused).
+    """
+    has_template = getattr(tokenizer, "chat_template", None) is not None
+    if chat and not has_template:
+        raise ValueError(f"chat=True needs a chat template; {tokenizer.name_or_path} has none")
+    use_chat = has_template and chat is not False
+    if use_chat:
+        texts = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}] if isinstance(p, str) else list(p),
+                add_generation_prompt=True,
+                tokenize=False,
+            )
+            for p in prompts
+        ]
+    else:
+        if any(not isinstance(p, str) for p in prompts):
+            raise ValueError("message-list prompts need a chat template (and chat not False)")
+        texts = list(prompts)
+    if not texts:
+        return []
+    encoded = tokenizer(texts, add_special_tokens=not use_chat, verbose=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    return [ids[1:] if bos is not None and ids[:2] == [bos, bos] else ids for ids in encoded]
+
+
+def _prompt(value: Any, location: str) -> Prompt:
+    if isinstance(value, str) and value.strip():
+        return value
+    if (
+        isinstance(value, list)
+        and value
+        and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in value
+        )
+    ):
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    raise DataError(
+        location, f"field 'prompt': expected a non-empty string or list of messages, got {describe(value)}"
+    )
+
+
+def read_prompts(path: str | Path) -> list[Prompt]:
+    """Prompts from a file: one per line of a ``.txt`` file (blank lines skipped), or the ``prompt``
+    field (a string or a message list) of every record of a ``.jsonl``/``.json``/``.csv``/``.parquet``
+    file (any file :func:`~dpo_lit.data.io.read_records` reads, preference data included).
+
+    Raises:
+        DataError: ``path:line: field 'prompt': ...`` for a missing or empty prompt.
+    """
+    path = Path(path)
+    if path.suffix == ".txt":
+        if not path.is_file():
+            raise DataError(str(path), "file not found")
+        lines = path.read_text(encoding="utf-8").splitlines()
+        return [line for line in lines if line.strip()]
+    prompts = []
+    for record, location in read_records(str(path)):
+        if "prompt" not in record:
+            raise DataError(location, "field 'prompt': missing")
+        prompts.append(_prompt(record["prompt"], location))
+    return prompts

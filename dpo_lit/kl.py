@@ -1,0 +1,164 @@
+"""Sequence-level KL(π ‖ π_ref) estimated on samples from the policy.
+
+For completions ``y_1..y_n ~ π(· | x)``, ``mean_i [log π(y_i | x) − log π_ref(y_i | x)]`` is an
+unbiased estimate of ``KL(π(·|x) ‖ π_ref(·|x))`` averaged over the prompts, and its standard error
+is ``std / √n``. What exactly it estimates:
+
+- the distributions are those of *truncated* sampling: a completion ends at its EOS or after
+  ``max_new_tokens`` tokens, and both models score the same token sequence (a cut completion has
+  no EOS term). That is the KL of what ``sample`` produces, not of unbounded generation;
+- the samples are drawn at temperature 1 without top-k/top-p. With top-p the same average would
+  be ``E_{top-p samples}[log π − log π_ref]``, which is not a KL (see the field notes);
+- ``log π`` comes from ``generate``'s raw logits (:mod:`dpo_lit.generation`), ``log π_ref`` from
+  one forward of the reference over the prompt + completion rows (:func:`~dpo_lit.logps.completion_logps`).
+
+Individual terms can be negative; only their mean is a KL. This is the KL to report as
+``KL``: the chosen-completion log-ratio of a DPO batch is not one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+from dpo_lit.generation import Sample, eval_no_grad, sample, special_ids
+from dpo_lit.logps import completion_logps
+
+
+@dataclass
+class KLEstimate:
+    """A Monte-Carlo KL estimate.
+
+    Attributes:
+        mean: Mean of the per-sample log-ratios, in nats per completion.
+        stderr: Its standard error, ``std / √n`` (``nan`` for one sample).
+        n: Number of samples.
+        per_sample: ``log π(y) − log π_ref(y)`` of every sample, in sample order.
+        finished_fraction: Share of samples that ended with an EOS (the rest were cut).
+    """
+
+    mean: float
+    stderr: float
+    n: int
+    per_sample: list[float]
+    finished_fraction: float
+
+
+def right_pad(samples: Sequence[Sample], pad: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """(N, T) prompt + completion rows, right-padded, with attention and completion masks."""
+    width = max(len(s.prompt_ids) + len(s.completion_ids) for s in samples)
+    ids = torch.full((len(samples), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(samples), width), dtype=torch.long)
+    completion = torch.zeros((len(samples), width), dtype=torch.bool)
+    for i, s in enumerate(samples):
+        p, c = len(s.prompt_ids), len(s.completion_ids)
+        ids[i, : p + c] = torch.tensor(s.prompt_ids + s.completion_ids, dtype=torch.long)
+        attention[i, : p + c] = 1
+        completion[i, p : p + c] = True
+    return ids.to(device), attention.to(device), completion.to(device)
+
+
+def sequence_logps(
+    model: nn.Module,
+    samples: Sequence[Sample],
+    batch_size: int = 16,
+    context: Callable[[], AbstractContextManager] | None = None,
+    pad_token_id: int = 0,
+) -> list[float]:
+    """``log model(completion | prompt)`` of every sample, one forward per batch of rows.
+
+    Args:
+        model: A causal LM; run in eval mode under no_grad (its mode restored after).
+        samples: Samples with ``prompt_ids`` and ``completion_ids``.
+        batch_size: Rows per forward.
+        context: Entered around the forwards, e.g. ``policy.disable_adapter`` for a LoRA policy
+            whose base weights are the reference.
+        pad_token_id: Fills the right padding (masked out; any id works).
+    """
+    device = next(model.parameters()).device
+    out: list[float] = []
+    with eval_no_grad(model), context() if context is not None else contextlib.nullcontext():
+        for start in range(0, len(samples), batch_size):
+            ids, attention, completion = right_pad(samples[start : start + batch_size], pad_token_id, device)
+            logps, _ = completion_logps(model, ids, attention, completion)  # (N,)
+            out += logps.tolist()
+    return out
+
+
+def summarize(per_sample: Sequence[float], finished: Sequence[bool]) -> KLEstimate:
+    """Mean, standard error and finished share of per-sample log-ratios."""
+    n = len(per_sample)
+    if n == 0:
+        raise ValueError("cannot estimate a KL from zero samples")
+    values = torch.tensor(per_sample, dtype=torch.float64)
+    stderr = float(values.std(unbiased=True)) / math.sqrt(n) if n > 1 else math.nan
+    return KLEstimate(float(values.mean()), stderr, n, list(per_sample), sum(finished) / n)
+
+
+def kl_from_samples(
+    samples: Sequence[Sample],
+    reference: nn.Module,
+    batch_size: int = 16,
+    reference_context: Callable[[], AbstractContextManager] | None = None,
+    pad_token_id: int = 0,
+) -> KLEstimate:
+    """KL(π ‖ π_ref) from samples of π whose ``logp`` is already known (see the module docstring).
+
+    The samples must come from the policy at temperature 1 without top-k/top-p for the estimate
+    to be a KL. ``reference_context`` is entered around the reference's forwards.
+    """
+    ref = sequence_logps(reference, samples, batch_size, reference_context, pad_token_id)
+    per_sample = [s.logp - r for s, r in zip(samples, ref)]
+    return summarize(per_sample, [s.finished for s in samples])
+
+
+def estimate_kl(
+    policy: nn.Module,
+    reference: nn.Module,
+    tokenizer: PreTrainedTokenizerBase | None,
+    prompts: Sequence[Sequence[int]],
+    num_samples: int = 4,
+    max_new_tokens: int = 48,
+    batch_size: int = 16,
+    seed: int = 0,
+    reference_context: Callable[[], AbstractContextManager] | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+) -> KLEstimate:
+    """Sample ``num_samples`` completions of each prompt from ``policy`` and estimate KL(π ‖ π_ref).
+
+    Args:
+        policy: The model sampled from (temperature 1, no top-k/top-p: an unbiased estimate of the
+            KL between the ``max_new_tokens``-truncated sampling distributions).
+        reference: The reference model; may be ``policy`` itself with ``reference_context``.
+        tokenizer: Supplies EOS/pad ids; ``None`` works with explicit ids.
+        prompts: Token ids of each prompt.
+        num_samples: Completions per prompt.
+        max_new_tokens: Bound on completion tokens.
+        batch_size: Rows per ``generate`` call and per reference forward.
+        seed: Sampling seed (the global RNG state is left untouched).
+        reference_context: Called and entered around the reference's forwards, e.g.
+            ``policy.disable_adapter`` with ``reference=policy`` for a LoRA policy.
+        eos_token_id: Ends a completion (default: the tokenizer's, else the policy's).
+        pad_token_id: Padding id (default: the tokenizer's pad, else the EOS).
+    """
+    samples = sample(
+        policy,
+        tokenizer,
+        prompts,
+        num_samples,
+        max_new_tokens,
+        batch_size=batch_size,
+        seed=seed,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+    )
+    _, pad = special_ids(policy, tokenizer, eos_token_id, pad_token_id)
+    return kl_from_samples(samples, reference, batch_size, reference_context, pad)

@@ -1,0 +1,152 @@
+"""Sampling keeps ids as sampled, stops at the EOS (inclusive) and scores them under the raw model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from dpo_lit.data.errors import DataError
+from dpo_lit.generation import encode_prompts, generate_kwargs, left_pad, read_prompts, sample
+from dpo_lit.kl import sequence_logps
+from dpo_lit.models import build_tiny_model, load_model, load_tokenizer
+
+EOS, PAD = 1, 0
+SHORT, LONG = [2, 3], [4, 5, 6, 7, 2, 3, 5]
+
+
+@pytest.fixture(scope="module")
+def small_vocab_model() -> PreTrainedModel:
+    """A tiny Llama over 8 token ids: the EOS (id 1) is likely enough to end some completions."""
+    return build_tiny_model(8, seed=1).eval()
+
+
+def test_the_same_seed_gives_the_same_samples_and_leaves_the_global_rng(
+    small_vocab_model: PreTrainedModel,
+) -> None:
+    kwargs = {"num_samples": 3, "max_new_tokens": 6, "eos_token_id": EOS, "pad_token_id": PAD}
+    state = torch.get_rng_state()
+    first = sample(small_vocab_model, None, [SHORT, LONG], seed=7, **kwargs)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert sample(small_vocab_model, None, [SHORT, LONG], seed=7, **kwargs) == first
+    assert sample(small_vocab_model, None, [SHORT, LONG], seed=8, **kwargs) != first
+    assert [s.prompt_index for s in first] == [0, 0, 0, 1, 1, 1]
+    assert [s.prompt_ids for s in first] == [SHORT] * 3 + [LONG] * 3
+
+
+def test_completions_stop_at_the_eos_inclusive_and_cut_ones_keep_none(
+    small_vocab_model: PreTrainedModel,
+) -> None:
+    samples = sample(
+        small_vocab_model, None, [SHORT, LONG], 24, 5, seed=0, eos_token_id=EOS, pad_token_id=EOS
+    )
+    finished = [s for s in samples if s.finished]
+    cut = [s for s in samples if not s.finished]
+    assert finished and cut  # both kinds occur with an 8-token vocabulary
+    for s in finished:
+        assert s.completion_ids[-1] == EOS and s.completion_ids.count(EOS) == 1
+        assert 1 <= len(s.completion_ids) <= 5
+    for s in cut:
+        assert len(s.completion_ids) == 5 and EOS not in s.completion_ids
+
+
+def test_logp_agrees_with_a_separate_forward_with_and_without_left_padding(
+    small_vocab_model: PreTrainedModel,
+) -> None:
+    kwargs = {"max_new_tokens": 6, "seed": 3, "eos_token_id": EOS, "pad_token_id": PAD}
+    alone = sample(small_vocab_model, None, [SHORT], 8, **kwargs)
+    padded = sample(small_vocab_model, None, [SHORT, LONG], 8, **kwargs)  # SHORT is left-padded by 5
+    for samples in (alone, padded):
+        forward = sequence_logps(small_vocab_model, samples)  # right-padded rows, no left padding
+        diffs = [abs(s.logp - f) for s, f in zip(samples, forward)]
+        assert max(diffs) < 1e-4
+
+
+def test_temperature_changes_the_samples_but_logp_stays_under_the_raw_model(
+    small_vocab_model: PreTrainedModel,
+) -> None:
+    samples = sample(
+        small_vocab_model, None, [SHORT], 8, 6, temperature=0.5, top_p=0.8, seed=0, eos_token_id=EOS
+    )
+    forward = sequence_logps(small_vocab_model, samples)
+    assert max(abs(s.logp - f) for s, f in zip(samples, forward)) < 1e-4
+
+
+def test_the_models_own_generation_config_does_not_leak_into_sampling(
+    small_vocab_model: PreTrainedModel,
+) -> None:
+    config = small_vocab_model.generation_config
+    config.repetition_penalty, config.no_repeat_ngram_size, config.min_new_tokens = 1.5, 2, 3
+    try:
+        ids, mask = left_pad([SHORT, LONG], PAD, torch.device("cpu"))
+        kwargs = generate_kwargs(6, 1.0, 1.0, 0, EOS, PAD)
+        with torch.no_grad():
+            out = small_vocab_model.generate(input_ids=ids, attention_mask=mask, output_scores=True, **kwargs)
+        for scores, logits in zip(out.scores, out.logits):  # processed == raw: nothing was applied
+            torch.testing.assert_close(scores, logits, rtol=0, atol=0)
+    finally:
+        config.repetition_penalty, config.no_repeat_ngram_size, config.min_new_tokens = 1.0, 0, None
+
+
+def test_eval_mode_inside_and_the_mode_restored_after(small_vocab_model: PreTrainedModel) -> None:
+    small_vocab_model.train()
+    try:
+        sample(small_vocab_model, None, [SHORT], 1, 2, seed=0, eos_token_id=EOS)
+        assert small_vocab_model.training
+    finally:
+        small_vocab_model.eval()
+
+
+def test_text_is_the_completion_decoded_without_specials(tiny_tokenizer: PreTrainedTokenizerBase) -> None:
+    model = load_model("tiny-random-llama")
+    prompts = encode_prompts(tiny_tokenizer, ["Hi", "Tell me a story"])
+    for s in sample(model, tiny_tokenizer, prompts, 2, 4, seed=0):
+        assert s.text == tiny_tokenizer.decode(s.completion_ids, skip_special_tokens=True)
+        assert len(s.completion_ids) == 4 or s.finished
+
+
+def test_encode_prompts_chat_and_plain(tiny_tokenizer: PreTrainedTokenizerBase) -> None:
+    def decode(ids: list[int]) -> str:
+        return tiny_tokenizer.decode(ids, skip_special_tokens=False)
+
+    messages = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"}]
+    chat, chat_messages = encode_prompts(tiny_tokenizer, ["Hi", messages])
+    assert decode(chat) == "<s><|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert decode(chat_messages).startswith("<s><|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user")
+    [plain] = encode_prompts(tiny_tokenizer, ["Hi"], chat=False)
+    assert decode(plain) == "<s>Hi"
+    [doubled] = encode_prompts(tiny_tokenizer, ["<s>Hi"], chat=False)
+    assert doubled == plain
+    with pytest.raises(ValueError, match="chat template"):
+        encode_prompts(tiny_tokenizer, [messages], chat=False)
+
+
+def test_read_prompts_from_text_and_jsonl(tmp_path: Path) -> None:
+    txt = tmp_path / "p.txt"
+    txt.write_text("First prompt\n\nSecond prompt\n")
+    assert read_prompts(txt) == ["First prompt", "Second prompt"]
+    messages = [{"role": "user", "content": "Hi"}]
+    good = tmp_path / "p.jsonl"
+    good.write_text(json.dumps({"prompt": "Hello"}) + "\n" + json.dumps({"prompt": messages}) + "\n")
+    assert read_prompts(good) == ["Hello", messages]
+    for bad_line, message in (({"prompt": " "}, "non-empty string"), ({"text": "x"}, "missing")):
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps(bad_line) + "\n")
+        with pytest.raises(DataError, match=rf"bad\.jsonl:2: field 'prompt': .*{message}"):
+            read_prompts(bad)
+
+
+@pytest.mark.slow
+def test_smollm2_logp_matches_a_forward_and_text_round_trips() -> None:
+    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    model = load_model("smollm2-135m-instruct")
+    prompts = encode_prompts(tokenizer, ["Say hi.", "Write one short sentence about the sea, please."])
+    samples = sample(model, tokenizer, prompts, 2, 12, seed=0)
+    forward = sequence_logps(model, samples, pad_token_id=tokenizer.pad_token_id)
+    assert max(abs(s.logp - f) for s, f in zip(samples, forward)) < 1e-4
+    for s in samples:
+        assert s.text == tokenizer.decode(s.completion_ids, skip_special_tokens=True)
+        assert s.finished == (s.completion_ids[-1] == tokenizer.eos_token_id)
