@@ -19,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
@@ -57,22 +59,33 @@ class NoReference:
     def logps(self, module, batch: dict, split: str) -> Tensor | None:
         return None
 
+    def model(self, module) -> tuple[nn.Module, Callable[[], ContextManager]] | None:
+        """The reference as a model, for sampling-based measurements such as KL(π‖π_ref).
+
+        Returns ``(model, context)``: run ``model`` inside ``context()`` to get the reference's
+        outputs; ``None`` when no reference model is in memory.
+        """
+        return None
+
 
 class CopyReference(NoReference):
     """A frozen copy of the policy as it was before training."""
 
     def setup(self, module) -> None:
-        model = copy.deepcopy(module.policy)
-        model.requires_grad_(False)
-        model.eval()
-        self.model = model
+        frozen = copy.deepcopy(module.policy)
+        frozen.requires_grad_(False)
+        frozen.eval()
+        self.frozen = frozen
 
     def prepare(self, module, splits: list[str]) -> None:
-        self.model.to(module.device)
+        self.frozen.to(module.device)
 
     @torch.no_grad()
     def logps(self, module, batch: dict, split: str) -> Tensor:
-        return _row_logps(self.model, batch, module.hparams.logps_chunk)
+        return _row_logps(self.frozen, batch, module.hparams.logps_chunk)
+
+    def model(self, module) -> tuple[nn.Module, Callable[[], ContextManager]]:
+        return self.frozen, contextlib.nullcontext
 
 
 class AdapterReference(NoReference):
@@ -86,6 +99,9 @@ class AdapterReference(NoReference):
     def logps(self, module, batch: dict, split: str) -> Tensor:
         with module.policy.disable_adapter(), _eval_mode(module.policy):
             return _row_logps(module.policy, batch, module.hparams.logps_chunk)
+
+    def model(self, module) -> tuple[nn.Module, Callable[[], ContextManager]]:
+        return module.policy, module.policy.disable_adapter
 
 
 def _initial_policy(module):
@@ -150,6 +166,12 @@ class PrecomputedReference(NoReference):
         if torch.isnan(table).any():
             raise RuntimeError("precomputing reference log-probs left examples without a value")
         return table
+
+    def model(self, module) -> tuple[nn.Module, Callable[[], ContextManager]] | None:
+        """With LoRA the base weights are still the reference; after full fine-tuning none is kept."""
+        if hasattr(module.policy, "disable_adapter"):
+            return module.policy, module.policy.disable_adapter
+        return None
 
     def logps(self, module, batch: dict, split: str) -> Tensor:
         table = self.tables[split].to(module.device)[batch["index"]]  # (B, 2)

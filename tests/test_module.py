@@ -58,7 +58,7 @@ def test_policy_equal_to_reference_gives_ln2_and_zero_rewards(tmp_path, monkeypa
 
 def test_reference_is_frozen_and_unchanged_after_training(tmp_path):
     module = PreferenceModule(TINY_ALIAS, reference="copy", optimizer=adam())
-    reference = module.reference.model
+    reference, _ = module.reference.model(module)
     before = {k: v.clone() for k, v in reference.state_dict().items()}
     policy_before = {k: v.clone() for k, v in module.policy.state_dict().items()}
     fit(module, make_data(), tmp_path, steps=4)
