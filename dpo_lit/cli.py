@@ -4,6 +4,10 @@
     dpo-lit fit --config configs/dpo/tiny.yaml --model.loss=IPOLoss --model.loss.beta=0.3
     dpo-lit validate --config configs/dpo/tiny.yaml --ckpt_path runs/.../checkpoints/last.ckpt
     dpo-lit fit --config configs/dpo/tiny.yaml --print_config
+    dpo-lit predict --config configs/generate/everyday_vader.yaml   # sample, score, write pairs
+
+``predict`` runs :class:`dpo_lit.generate.GenerationModule` over a prompt file instead of the
+preference module: generation of on-policy pairs is its own model and data.
 """
 
 from __future__ import annotations
@@ -32,11 +36,16 @@ def run(args: list[str] | None = None) -> DPOLitCLI:
     threads = os.environ.get("DPO_LIT_THREADS")
     if threads:  # explicit CPU thread count: two busy processes on few cores slow each other down
         torch.set_num_threads(int(threads))
+    argv = sys.argv[1:] if args is None else args
+    if argv and argv[0] == "predict":
+        from dpo_lit.generate import GenerateCLI, GenerationModule, PromptDataModule
+
+        return GenerateCLI(GenerationModule, PromptDataModule, save_config_callback=None, args=argv)
     return DPOLitCLI(
         PreferenceModule,
         PreferenceDataModule,
         save_config_kwargs={"overwrite": True},
-        args=args,
+        args=argv,
     )
 
 

@@ -1,0 +1,160 @@
+"""``dpo-lit predict``: sample k completions per prompt, score them, write preference pairs.
+
+    dpo-lit predict --config configs/generate/everyday_vader.yaml
+    dpo-lit predict --config configs/generate/everyday_vader.yaml --model.model_name runs/.../merged
+
+The prompts come from a file (plain lines or JSONL with a ``prompt`` field; chat-templated when
+the model has a template). The reward is an object chosen by ``class_path`` (a lexicon sentiment
+scorer, a length/format rule, or your own :class:`dpo_lit.rewards.Reward`). Pairs are written as
+JSONL in the ``tokenized`` data format: texts and scores for reading, and the token ids exactly as
+sampled for training, so a completion cut by ``max_new_tokens`` never gains an EOS it did not
+produce. ``dpo-lit fit`` trains on that file as it is.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from jsonargparse import lazy_instance
+from lightning import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
+
+from dpo_lit.generation import Prompt, encode_prompts, read_prompts, sample
+from dpo_lit.models import load_model, load_tokenizer
+from dpo_lit.pairs import PairStats, build_pairs, write_jsonl
+from dpo_lit.rewards import Reward, VaderSentiment
+
+
+def prompt_text(prompt: Prompt) -> str:
+    """What a reward sees of a prompt: the string, or the last message's content."""
+    return prompt if isinstance(prompt, str) else str(prompt[-1]["content"])
+
+
+class GenerationModule(LightningModule):
+    """Samples completions from a model and pairs them by reward.
+
+    Args:
+        model_name: the sampling model: Hub name, local folder, ``.gguf`` file or alias.
+        reward: scores each completion (``class_path``: VaderSentiment, LengthReward, ...).
+        num_samples: completions sampled per prompt.
+        max_new_tokens: bound on completion tokens (a cut completion keeps no EOS).
+        temperature: sampling temperature.
+        top_p: nucleus sampling threshold (1: off).
+        strategy: ``best_worst`` (one pair per prompt) or ``all_pairs`` (every differently scored two).
+        min_margin: skip pairs whose reward difference is below this.
+        seed: sampling seed (each batch uses ``seed + batch_idx``).
+        batch_size: rows (prompt × sample) per ``generate`` call.
+        dtype: dtype of the loaded weights.
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        reward: Reward = lazy_instance(VaderSentiment),
+        num_samples: int = 4,
+        max_new_tokens: int = 48,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        strategy: Literal["best_worst", "all_pairs"] = "best_worst",
+        min_margin: float = 0.0,
+        seed: int = 0,
+        batch_size: int = 16,
+        dtype: Literal["float32", "bfloat16"] = "float32",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["reward"])
+        self.reward = reward
+        self.policy = load_model(model_name, dtype=dtype)
+        self.tokenizer = load_tokenizer(model_name)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        h = self.hparams
+        samples = sample(
+            self.policy, self.tokenizer, batch["prompt_ids"], h.num_samples, h.max_new_tokens,
+            temperature=h.temperature, top_p=h.top_p, batch_size=h.batch_size, seed=h.seed + batch_idx,
+        )
+        prompts = [prompt_text(batch["prompts"][s.prompt_index]) for s in samples]
+        scores = self.reward(prompts, [s.text for s in samples], [s.finished for s in samples])
+        rows, stats = build_pairs(samples, scores, batch["prompts"], h.strategy, h.min_margin)
+        return {"rows": rows, "stats": stats, "scores": scores, "finished": [s.finished for s in samples]}
+
+
+class PromptDataModule(LightningDataModule):
+    """Prompts from a file, encoded as the model will see them.
+
+    Args:
+        tokenizer_name: linked from ``model.model_name``.
+        prompts_file: plain text (one prompt a line) or JSONL with a ``prompt`` field.
+        batch_size: prompts per batch.
+        limit: use only the first ``limit`` prompts.
+        chat: render with the chat template (None: when the tokenizer has one).
+    """
+
+    def __init__(
+        self, tokenizer_name: str, prompts_file: str, batch_size: int = 8, limit: int | None = None,
+        chat: bool | None = None,
+    ) -> None:
+        super().__init__()
+        self.tokenizer_name, self.prompts_file = tokenizer_name, prompts_file
+        self.batch_size, self.limit, self.chat = batch_size, limit, chat
+        self.items: list[dict[str, Any]] = []
+
+    def setup(self, stage: str | None = None) -> None:
+        prompts = read_prompts(self.prompts_file)[: self.limit]
+        ids = encode_prompts(load_tokenizer(self.tokenizer_name), prompts, self.chat)
+        self.items = [{"prompt": p, "prompt_ids": i} for p, i in zip(prompts, ids)]
+
+    @staticmethod
+    def collate(items: list[dict[str, Any]]) -> dict[str, list]:
+        return {"prompts": [i["prompt"] for i in items], "prompt_ids": [i["prompt_ids"] for i in items]}
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(self.items, batch_size=self.batch_size, shuffle=False, collate_fn=self.collate)
+
+
+class WritePairs(BasePredictionWriter):
+    """Write the pairs of a ``predict`` run as JSONL, with a summary beside them.
+
+    Args:
+        path: the pairs file; ``<path stem>.summary.json`` gets the counts and reward statistics.
+    """
+
+    def __init__(self, path: str = "pairs.jsonl") -> None:
+        super().__init__(write_interval="epoch")
+        self.path = path
+
+    def write_on_epoch_end(self, trainer: Trainer, pl_module: LightningModule, predictions, batch_indices) -> None:
+        outputs = predictions[0] if predictions and isinstance(predictions[0], list) else predictions
+        rows = [row for out in outputs for row in out["rows"]]
+        scores = torch.cat([out["scores"] for out in outputs])
+        finished = [f for out in outputs for f in out["finished"]]
+        stats = PairStats(prompts=0)
+        for out in outputs:
+            for key, value in vars(out["stats"]).items():
+                setattr(stats, key, getattr(stats, key) + value)
+        path = write_jsonl(rows, self.path)
+        summary = {
+            "pairs": len(rows), **vars(stats), "samples": len(finished),
+            "reward_mean": scores.mean().item(), "reward_std": scores.std().item() if len(scores) > 1 else 0.0,
+            "finished_fraction": sum(finished) / max(1, len(finished)),
+        }
+        Path(path).with_suffix(".summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        rank_zero_info(
+            f"Wrote {len(rows)} pairs from {stats.prompts} prompts to {path} (reward {summary['reward_mean']:.3f} "
+            f"± {summary['reward_std']:.3f} over {len(finished)} samples, {summary['finished_fraction']:.0%} "
+            f"ended with EOS; skipped: {stats.ties} ties, {stats.under_margin} under the margin)"
+        )
+
+
+class GenerateCLI(LightningCLI):
+    """LightningCLI of ``dpo-lit predict``: the tokenizer follows the model; pairs are written."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("model.model_name", "data.tokenizer_name")
+        parser.add_lightning_class_args(WritePairs, "output")
