@@ -32,8 +32,10 @@ lint: venv
 test: venv lint
 	$(PY) -m pytest -q --durations=15
 
+# SmolLM2-135M-Instruct, offline: generate on-policy pairs, train DPO with LoRA, compare with the
+# reference on held-out prompts. Writes runs/quickstart/{report.json,report.png} and TensorBoard logs.
 quickstart: venv
-	$(VENV)/bin/dpo-lit fit --config configs/dpo/tiny.yaml
+	$(PY) -m dpo_lit.onpolicy --config configs/quickstart/pipeline.yaml
 
 clean:
 	rm -rf $(VENV) runs lightning_logs

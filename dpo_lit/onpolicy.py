@@ -29,6 +29,7 @@ from dpo_lit.generate import prompt_text
 from dpo_lit.generation import Sample, encode_prompts, read_prompts, sample
 from dpo_lit.kl import kl_from_samples
 from dpo_lit.models import load_model, load_tokenizer
+from dpo_lit.plots import plot_run
 from dpo_lit.rewards import Reward
 
 
@@ -137,6 +138,7 @@ def run_pipeline(
         ])
         t1 = time.time()
         run_dir = _train(current, pairs, train_config, out / f"round{r}", seed + r)
+        plot_run(run_dir)  # training curves: <run_dir>/plots/*.png
         current = str(run_dir / "merged")
         t2 = time.time()
         result = compare_on_prompts(
@@ -172,7 +174,10 @@ def format_report(reports: list[RoundReport], run_dir: Path | None = None) -> st
     for ex in reports[-1].examples:
         lines += ["", f"prompt:    {ex['prompt']}", f"reference: {ex['reference']!r}", f"policy:    {ex['policy']!r}"]
     if run_dir is not None:
-        lines += ["", f"logs: {run_dir}  (.venv/bin/tensorboard --logdir {run_dir.parent})"]
+        lines += [
+            "", f"training curves: {run_dir / 'plots'}/*.png",
+            f"TensorBoard:     .venv/bin/tensorboard --logdir {run_dir.parent}",
+        ]
     return "\n".join(lines)
 
 

@@ -2,5 +2,8 @@
 
 from dpo_lit.callbacks.capability import CapabilityEval
 from dpo_lit.callbacks.export import ExportPretrained
+from dpo_lit.callbacks.health import TrainingHealth
+from dpo_lit.callbacks.kl import SampledKL
+from dpo_lit.callbacks.samples import SampleTable
 
-__all__ = ["CapabilityEval", "ExportPretrained"]
+__all__ = ["CapabilityEval", "ExportPretrained", "SampleTable", "SampledKL", "TrainingHealth"]
