@@ -198,6 +198,7 @@ def write_report_png(reports: list[RoundReport], path: Path) -> Path:
     ax1.legend()
     ax2.errorbar(rounds, [x.kl for x in reports], [x.kl_se for x in reports], marker="o", capsize=4, color="C2")
     ax2.set(title="KL(π‖π_ref) on policy samples (± SE)", xlabel="round", ylabel="nats", xticks=rounds)
+    ax2.set_ylim(bottom=0)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
