@@ -30,6 +30,20 @@ class DPOLitCLI(LightningCLI):
         parser.link_arguments("model.model_name", "data.tokenizer_name")
         parser.add_lightning_class_args(ExportPretrained, "export")
 
+    def after_validate(self) -> None:
+        print(validation_report(self.trainer))
+
+
+def validation_report(trainer) -> str:
+    """Preference metrics, sampled KL and the capability table of the last validation, as text."""
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    lines = ["", "validation (held-out pairs; val/kl sampled from the policy)"]
+    lines += [f"  {name:<28}{value:>12.4f}" for name, value in sorted(metrics.items())]
+    for callback in trainer.callbacks:
+        if getattr(callback, "table", None):
+            lines += ["", "capability (reference = the model before training)", callback.format_table()]
+    return "\n".join(lines)
+
 
 def run(args: list[str] | None = None) -> DPOLitCLI:
     """Parse ``args`` (default: ``sys.argv``), run the subcommand, return the CLI object."""

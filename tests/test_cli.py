@@ -150,3 +150,20 @@ def test_bad_data_ends_in_one_clear_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("dpo-lit: error: ") and f"{bad}:2" in err[-1] and "'chosen'" in err[-1]
     assert "Traceback" not in "\n".join(err)
+
+
+def test_validate_prints_preference_kl_and_capability_tables(tmp_path, monkeypatch, capsys):
+    """`validate` without a checkpoint reports the reference itself: capability deltas are 0."""
+    monkeypatch.chdir(ROOT)
+    if not (ROOT / ".." / "shared" / "data" / "eval").is_dir():
+        pytest.skip("../shared/data/eval not found")
+    main([
+        "validate", "--config", "configs/dpo/tiny_monitored.yaml", "--trainer.limit_val_batches=1",
+        f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false",
+    ])
+    out = capsys.readouterr().out
+    report = out[out.index("validation (held-out pairs"):]
+    assert "val/kl" in report and "val/rewards/accuracies" in report
+    table = report[report.index("capability"):].splitlines()[2:]
+    assert {line.split()[0] for line in table} == {"wikitext", "arc_easy"}
+    assert all(float(line.split()[-1]) == 0.0 for line in table)

@@ -221,7 +221,7 @@ class CapabilityEval(Callback):
         lines = [f"{'task':<16}{'metric':<15}{'reference':>12}{'policy':>12}{'delta':>12}"]
         for row in self.table:
             lines.append(
-                f"{row.task:<16}{row.metric:<15}{row.reference:>12.4f}{row.policy:>12.4f}{row.delta:>+12.4f}"
+                f"{row.task:<16}{row.metric:<15}{row.reference:>12.5g}{row.policy:>12.5g}{row.delta:>+12.4g}"
             )
         return "\n".join(lines)
 
