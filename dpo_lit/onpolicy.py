@@ -97,6 +97,7 @@ def run_pipeline(
     generate_config: str = "configs/quickstart/generate.yaml",
     train_config: str = "configs/quickstart/dpo.yaml",
     reward: Reward | None = None,
+    train_prompts: str | None = None,
     heldout_prompts: str = "dpo_lit/assets/everyday_prompts_heldout.txt",
     model_name: str = "smollm2-135m-instruct",
     rounds: int = 1,
@@ -112,6 +113,7 @@ def run_pipeline(
         generate_config: ``dpo-lit predict`` config (prompts, reward, sampling).
         train_config: ``dpo-lit fit`` config (loss, LoRA, optimiser); its data files are replaced.
         reward: reward for the held-out evaluation (None: VADER compound, as the generate config).
+        train_prompts: prompts to generate pairs for (None: the generate config's prompts file).
         heldout_prompts: prompts never trained on, for the evaluation.
         model_name: the starting model, and the reference every round is compared with.
         rounds: rounds of iterative DPO (each samples from the previous round's policy).
@@ -132,9 +134,10 @@ def run_pipeline(
     for r in range(1, rounds + 1):
         t0 = time.time()
         pairs = out / f"round{r}" / "pairs.jsonl"
+        overrides = [f"--data.prompts_file={train_prompts}"] if train_prompts else []
         cli_run([
             "predict", "--config", generate_config, f"--model.model_name={current}",
-            f"--output.path={pairs}", f"--model.seed={seed + r}",
+            f"--output.path={pairs}", f"--model.seed={seed + r}", *overrides,
         ])
         t1 = time.time()
         run_dir = _train(current, pairs, train_config, out / f"round{r}", seed + r)
