@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 lint: venv
-	$(PY) -m ruff check dpo_lit tests
+	$(PY) -m ruff check dpo_lit tests benchmarks
 
 test: venv lint
 	$(PY) -m pytest -q --durations=15
@@ -39,3 +39,22 @@ quickstart: venv
 
 clean:
 	rm -rf $(VENV) runs lightning_logs
+
+# make bench — dpo-lit next to TRL 1.16 (each in its own process): tokens/s, s/step and peak RSS of DPO
+# steps on SmolLM2-135M-Instruct and HH-RLHF pairs, LoRA then full fine-tuning (benchmarks/README.md).
+# TRL lives in its own venv, benchmarks/.venv-trl: it is never a dependency of dpo_lit.
+TRL_VENV  := benchmarks/.venv-trl
+TRL_STAMP := $(TRL_VENV)/.installed
+
+.PHONY: bench
+
+$(TRL_STAMP): pyproject.toml constraints.txt benchmarks/requirements-trl.txt
+	test -x $(TRL_VENV)/bin/python || $(PYTHON) -m venv $(TRL_VENV)
+	$(TRL_VENV)/bin/python -m pip install -q --upgrade pip
+	$(TRL_VENV)/bin/python -m pip install -q -c constraints.txt torch==2.13.0
+	$(TRL_VENV)/bin/python -m pip install -q -c constraints.txt -e . -r benchmarks/requirements-trl.txt
+	touch $(TRL_STAMP)
+
+bench: venv $(TRL_STAMP)
+	$(PY) benchmarks/dpo_step.py --model smollm2-135m-instruct --variant lora --impl both --steps 8 --threads $(DPO_LIT_THREADS) --out runs/bench/dpo_step_lora.json
+	$(PY) benchmarks/dpo_step.py --model smollm2-135m-instruct --variant full --impl both --steps 8 --threads $(DPO_LIT_THREADS) --out runs/bench/dpo_step_full.json
