@@ -54,12 +54,12 @@ def run(args: list[str] | None = None) -> DPOLitCLI:
     if argv and argv[0] == "predict":
         from dpo_lit.generate import GenerateCLI, GenerationModule, PromptDataModule
 
-        return GenerateCLI(GenerationModule, PromptDataModule, save_config_callback=None, args=argv)
+        return GenerateCLI(GenerationModule, PromptDataModule, save_config_callback=None, args=args)
     return DPOLitCLI(
         PreferenceModule,
         PreferenceDataModule,
         save_config_kwargs={"overwrite": True},
-        args=argv,
+        args=args,  # None: LightningCLI reads sys.argv itself
     )
 
 
