@@ -132,8 +132,9 @@ def build_tiny_model(vocab_size: int, seed: int = 0) -> PreTrainedModel:
         max_position_embeddings=1024,
         tie_word_embeddings=False,
     )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config)
+    with torch.random.fork_rng(devices=[]):  # seeded weights without touching the caller's RNG
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config)
 
 
 def _build_tiny(out_dir: Path) -> None:

@@ -158,7 +158,10 @@ class PrecomputedReference(NoReference):
     @torch.no_grad()
     def _compute(self, module, loader, n: int) -> Tensor:
         table = torch.full((n, 2), float("nan"))  # (N, [chosen, rejected])
-        with _initial_policy(module), _eval_mode(module.policy), module.trainer.precision_plugin.forward_context():
+        # fork_rng: iterating a DataLoader draws from the global RNG, which would make the training
+        # shuffle depend on whether the table was computed now or read from the cache.
+        with torch.random.fork_rng(devices=[]), _initial_policy(module), _eval_mode(module.policy), \
+                module.trainer.precision_plugin.forward_context():
             for batch in loader:
                 batch = {k: v.to(module.device) for k, v in batch.items()}
                 rows = _row_logps(module.policy, batch, module.hparams.logps_chunk).float().cpu()
