@@ -36,6 +36,7 @@ class LoRASettings:
         alpha: scaling numerator (the update is scaled by alpha / r).
         dropout: dropout on the adapter's input.
         target_modules: module names to adapt, or "all-linear" for every linear layer but the head.
+        extra: further ``peft.LoraConfig`` arguments (e.g. ``use_rslora: true``).
     """
 
     r: int = 16
