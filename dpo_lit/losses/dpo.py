@@ -70,17 +70,18 @@ class DPOLoss(PreferenceLoss):
     """
 
     needs_reference = True
+    _per_example = staticmethod(dpo_loss)  # the pure function this class wraps
 
     def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0) -> None:
         super().__init__()
-        _check_beta("DPOLoss", beta)
-        _check_smoothing("DPOLoss", label_smoothing)
+        _check_beta(type(self).__name__, beta)
+        _check_smoothing(type(self).__name__, label_smoothing)
         self.beta = beta
         self.label_smoothing = label_smoothing
 
     def forward(self, logps: PairLogps) -> LossOutput:
         chosen, rejected = log_ratios(logps, type(self).__name__)
-        losses = dpo_loss(
+        losses = self._per_example(
             logps.policy_chosen,
             logps.policy_rejected,
             logps.ref_chosen,
@@ -91,7 +92,7 @@ class DPOLoss(PreferenceLoss):
         return pairwise_output(losses, self.beta * chosen, self.beta * rejected)
 
 
-class RobustDPOLoss(PreferenceLoss):
+class RobustDPOLoss(DPOLoss):
     """Provably robust DPO (rDPO; Chowdhury et al. 2024, https://arxiv.org/abs/2403.00409).
 
     Eq. 8 of the paper: an unbiased estimate of the clean-label DPO loss when each label is
@@ -107,23 +108,7 @@ class RobustDPOLoss(PreferenceLoss):
         label_smoothing: Assumed label-flip probability ε, in [0, 0.5).
     """
 
-    needs_reference = True
+    _per_example = staticmethod(robust_dpo_loss)
 
     def __init__(self, beta: float = 0.1, label_smoothing: float = 0.1) -> None:
-        super().__init__()
-        _check_beta("RobustDPOLoss", beta)
-        _check_smoothing("RobustDPOLoss", label_smoothing)
-        self.beta = beta
-        self.label_smoothing = label_smoothing
-
-    def forward(self, logps: PairLogps) -> LossOutput:
-        chosen, rejected = log_ratios(logps, type(self).__name__)
-        losses = robust_dpo_loss(
-            logps.policy_chosen,
-            logps.policy_rejected,
-            logps.ref_chosen,
-            logps.ref_rejected,
-            self.beta,
-            self.label_smoothing,
-        )
-        return pairwise_output(losses, self.beta * chosen, self.beta * rejected)
+        super().__init__(beta, label_smoothing)
