@@ -100,6 +100,18 @@ def log_ratios(logps: PairLogps, name: str) -> tuple[Tensor, Tensor]:
     return logps.policy_chosen - logps.ref_chosen, logps.policy_rejected - logps.ref_rejected
 
 
+def check_beta(name: str, beta: float) -> None:
+    """Raise a ValueError naming the loss unless ``beta > 0``."""
+    if beta <= 0:
+        raise ValueError(f"{name}: beta must be > 0, got {beta}")
+
+
+def margin(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor) -> Tensor:
+    """The log-ratio difference ``h = (π_c − π_ref,c) − (π_r − π_ref,r)`` that the pairwise losses
+    penalise, per example (B,)."""
+    return (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+
+
 def reference_error(name: str) -> str:
     """The one-line message raised when a loss that needs a reference gets none."""
     return f"{name} needs reference log-probs; set model.reference to copy, adapter or precomputed"
@@ -157,7 +169,9 @@ __all__ = [
     "PreferenceLoss",
     "UnpairedLogps",
     "average",
+    "check_beta",
     "log_ratios",
+    "margin",
     "pairwise_output",
     "reference_error",
     "split_halves",

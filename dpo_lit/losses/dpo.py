@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import LossOutput, PairLogps, PreferenceLoss, log_ratios, pairwise_output
+from .base import LossOutput, PairLogps, PreferenceLoss, check_beta, log_ratios, margin, pairwise_output
 
 
 def _check_smoothing(name: str, label_smoothing: float) -> None:
@@ -13,11 +13,6 @@ def _check_smoothing(name: str, label_smoothing: float) -> None:
         raise ValueError(
             f"{name}: label_smoothing must satisfy 0 <= label_smoothing < 0.5, got {label_smoothing}"
         )
-
-
-def _check_beta(name: str, beta: float) -> None:
-    if beta <= 0:
-        raise ValueError(f"{name}: beta must be > 0, got {beta}")
 
 
 def dpo_loss(
@@ -32,7 +27,7 @@ def dpo_loss(
 
     ``h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)``; all inputs (B,).
     """
-    h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    h = margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     return -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
 
 
@@ -45,7 +40,7 @@ def robust_dpo_loss(
     label_smoothing: float = 0.1,
 ) -> Tensor:
     """Per-example robust DPO loss (B,): ``[-(1-ε)·logσ(βh) + ε·logσ(-βh)] / (1-2ε)``."""
-    h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    h = margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     eps = label_smoothing
     return (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
 
@@ -74,7 +69,7 @@ class DPOLoss(PreferenceLoss):
 
     def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0) -> None:
         super().__init__()
-        _check_beta(type(self).__name__, beta)
+        check_beta(type(self).__name__, beta)
         _check_smoothing(type(self).__name__, label_smoothing)
         self.beta = beta
         self.label_smoothing = label_smoothing

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .base import LossOutput, PairLogps, PreferenceLoss, log_ratios, pairwise_output
+from .base import LossOutput, PairLogps, PreferenceLoss, check_beta, log_ratios, margin, pairwise_output
 
 
 def hinge_loss(
@@ -15,7 +15,7 @@ def hinge_loss(
     beta: float = 0.1,
 ) -> Tensor:
     """Per-example hinge loss (B,): ``relu(1 - β·h)``."""
-    h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    h = margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     return (1 - beta * h).clamp(min=0)
 
 
@@ -37,8 +37,7 @@ class HingeLoss(PreferenceLoss):
 
     def __init__(self, beta: float = 0.1) -> None:
         super().__init__()
-        if beta <= 0:
-            raise ValueError(f"HingeLoss: beta must be > 0, got {beta}")
+        check_beta("HingeLoss", beta)
         self.beta = beta
 
     def forward(self, logps: PairLogps) -> LossOutput:

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .base import LossOutput, PairLogps, PreferenceLoss, average, log_ratios, pairwise_output
+from .base import (
+    LossOutput,
+    PairLogps,
+    PreferenceLoss,
+    average,
+    check_beta,
+    log_ratios,
+    margin,
+    pairwise_output,
+)
 
 
 def ipo_loss(
@@ -18,7 +27,7 @@ def ipo_loss(
 
     Pass average (per-token) log-probs to get the length-normalised variant.
     """
-    h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    h = margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     return (h - 1 / (2 * beta)) ** 2
 
 
@@ -43,8 +52,7 @@ class IPOLoss(PreferenceLoss):
 
     def __init__(self, beta: float = 0.1, length_normalize: bool = True) -> None:
         super().__init__()
-        if beta <= 0:
-            raise ValueError(f"IPOLoss: beta must be > 0, got {beta}")
+        check_beta("IPOLoss", beta)
         self.beta = beta
         self.length_normalize = length_normalize
 

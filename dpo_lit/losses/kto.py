@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import LossOutput, PreferenceLoss, UnpairedLogps, reference_error, split_halves
+from .base import LossOutput, PreferenceLoss, UnpairedLogps, check_beta, reference_error, split_halves
 
 
 def kto_reference_point(policy_kl: Tensor, ref_kl: Tensor) -> Tensor:
@@ -62,8 +62,7 @@ class KTOLoss(PreferenceLoss):
         self, beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0
     ) -> None:
         super().__init__()
-        if beta <= 0:
-            raise ValueError(f"KTOLoss: beta must be > 0, got {beta}")
+        check_beta("KTOLoss", beta)
         if desirable_weight < 0 or undesirable_weight < 0:
             raise ValueError(f"KTOLoss: weights must be >= 0, got {desirable_weight}, {undesirable_weight}")
         self.beta = beta

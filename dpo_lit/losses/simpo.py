@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import LossOutput, PairLogps, PreferenceLoss, average, pairwise_output
+from .base import LossOutput, PairLogps, PreferenceLoss, average, check_beta, pairwise_output
 
 
 def simpo_loss(
@@ -41,8 +41,7 @@ class SimPOLoss(PreferenceLoss):
 
     def __init__(self, beta: float = 2.0, gamma: float = 1.0) -> None:
         super().__init__()
-        if beta <= 0:
-            raise ValueError(f"SimPOLoss: beta must be > 0, got {beta}")
+        check_beta("SimPOLoss", beta)
         self.beta = beta
         self.gamma = gamma
 
