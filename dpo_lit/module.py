@@ -9,9 +9,8 @@ returns is logged as ``split/name``; callbacks do the rest of the monitoring.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from jsonargparse import lazy_instance
@@ -21,10 +20,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torchmetrics import MeanMetric
 
+from dpo_lit.errors import ConfigError
 from dpo_lit.logps import completion_logps
 from dpo_lit.losses import DPOLoss, LossOutput, PreferenceLoss
-from dpo_lit.models import load_model
-from dpo_lit.reference import REFERENCES
+from dpo_lit.models import load_model, load_tokenizer
+from dpo_lit.reference import SHORTCUTS, NoReference
 
 
 @dataclass
@@ -46,15 +46,6 @@ class LoRASettings:
     extra: dict = field(default_factory=dict)
 
 
-def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
-    """Multiplier of the base learning rate: linear warm-up, then constant, linear or cosine decay."""
-    if step < warmup_steps:
-        return (step + 1) / (warmup_steps + 1)
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    decay = {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1.0 + math.cos(math.pi * progress))}
-    return decay[schedule]
-
-
 class PreferenceModule(LightningModule):
     """Preference optimisation of a causal LM.
 
@@ -62,13 +53,18 @@ class PreferenceModule(LightningModule):
         model_name: the policy: Hub name, local safetensors folder, ``.gguf`` file or alias
             (``smollm2-135m-instruct``, ``tiny-random-llama``); the tokenizer is linked to it.
         loss: the objective, chosen by ``class_path`` (DPOLoss, IPOLoss, KTOLoss, SimPOLoss, ...).
-        reference: where reference log-probs come from: ``copy`` (frozen copy), ``adapter`` (the
-            policy with LoRA disabled), ``precomputed`` (once before training, cached on disk) or
-            ``none``. Reference-free losses always use ``none``.
+        reference: where reference log-probs come from, an object chosen by ``class_path``
+            (:mod:`dpo_lit.reference`: CopyReference, AdapterReference, PrecomputedReference,
+            NoReference, SyncedReference) or a shortcut: ``copy`` (frozen copy), ``adapter`` (the
+            policy with LoRA disabled), ``precomputed`` (once before training, cached on disk),
+            ``none``. Reference-free losses always use none.
         lora: train a LoRA adapter instead of all weights (None: full fine-tuning).
         optimizer: optimizer class and its arguments (``lr`` among them).
-        schedule: learning-rate decay after warm-up.
-        warmup_ratio: fraction of the optimisation steps spent warming up linearly.
+        scheduler: learning-rate schedule by its ``transformers`` name (``linear``, ``cosine``,
+            ``constant_with_warmup``, ``cosine_with_restarts``, ``polynomial``, ``inverse_sqrt``,
+            ...; ``transformers.get_scheduler``), stepped every optimizer step.
+        warmup_ratio: fraction of the optimizer steps spent warming up linearly from 0.
+        scheduler_kwargs: further arguments of that schedule (e.g. ``num_cycles``).
         dtype: dtype of the loaded weights (use ``trainer.precision`` for mixed precision).
         trust_remote_code: allow the Hub model's own Python code to run (off unless asked).
         gradient_checkpointing: recompute activations in the backward pass to save memory.
@@ -79,36 +75,51 @@ class PreferenceModule(LightningModule):
         self,
         model_name: str,
         loss: PreferenceLoss = lazy_instance(DPOLoss, beta=0.1),
-        reference: Literal["copy", "adapter", "precomputed", "none"] = "copy",
+        reference: NoReference | Literal["copy", "adapter", "precomputed", "none"] = "copy",
         lora: LoRASettings | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
-        schedule: Literal["linear", "cosine", "constant"] = "linear",
+        scheduler: str = "linear",
         warmup_ratio: float = 0.1,
+        scheduler_kwargs: dict[str, Any] | None = None,
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         trust_remote_code: bool = False,
         gradient_checkpointing: bool = False,
         logps_chunk: int = 1024,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["loss", "optimizer"])
+        self.save_hyperparameters(ignore=["loss", "optimizer", "reference"])
         self.loss = loss
         self.optimizer_factory = optimizer
-        if self.loss.needs_reference and reference == "none":
-            raise ValueError(
-                f"{type(self.loss).__name__} needs a reference model: set model.reference to copy, adapter or precomputed"
+        if isinstance(reference, str):
+            if reference not in SHORTCUTS:
+                raise ConfigError(f"model.reference: unknown shortcut {reference!r}; expected one of {sorted(SHORTCUTS)}")
+            reference = SHORTCUTS[reference]()
+        if self.loss.needs_reference and type(reference) is NoReference:
+            raise ConfigError(
+                f"model.reference: {type(self.loss).__name__} needs a reference model: set it to copy, adapter "
+                "or precomputed"
             )
-        if not self.loss.needs_reference and reference != "none":
+        if not self.loss.needs_reference and type(reference) is not NoReference:
             rank_zero_info(f"{type(self.loss).__name__} is reference-free: no reference model is used")
-            reference = "none"
+            reference = NoReference()
         self.policy = load_model(model_name, dtype=dtype, trust_remote_code=trust_remote_code)
         self.policy.train()  # from_pretrained returns eval mode; Lightning keeps modules' modes
-        self.reference = REFERENCES[reference]()
-        self.reference.setup(self)  # before the adapter: a copy is of the weights as loaded
+        self.reference = reference
+        # Before the adapter: a copy is of the weights as loaded.
+        reference.setup(self.policy, lora=lora is not None, paired=loss.data_mode == "paired", chunk=logps_chunk)
         if lora is not None:
             self.policy = self._add_lora(lora)
         if gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.val_metrics = torch.nn.ModuleDict()
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        """The policy's tokenizer, loaded once and shared by the callbacks."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.hparams.model_name)
+        return self._tokenizer
 
     def _add_lora(self, lora: LoRASettings):
         from peft import LoraConfig, get_peft_model
@@ -127,7 +138,7 @@ class PreferenceModule(LightningModule):
             self.policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
             self.hparams.logps_chunk,
         )  # (2B,), (2B,)
-        ref_rows = self.reference.logps(self, batch, split)
+        ref_rows = self.reference.logps(self.policy, batch, split)
         logps = self.loss.gather(policy_rows, ref_rows, tokens, batch)
         out = self.loss(logps)
         values = {
@@ -164,18 +175,41 @@ class PreferenceModule(LightningModule):
 
     # ---- hooks -----------------------------------------------------------------------------
 
+    def _prepare_reference(self, splits: list[str]) -> None:
+        datamodule = self.trainer.datamodule
+        data = {
+            split: (dataset, lambda split=split: datamodule.ordered_dataloader(split))
+            for split in splits
+            if (dataset := getattr(datamodule, f"{split}_dataset", None))
+        }
+        self.reference.prepare(self.policy, data, self.device, self.trainer.precision_plugin.forward_context)
+
     def on_fit_start(self) -> None:
-        self.reference.prepare(self, ["train", "val"])
+        self._prepare_reference(["train", "val"])
 
     def on_validation_start(self) -> None:
-        self.reference.prepare(self, ["val"])
+        self._prepare_reference(["val"])
+
+    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
+        self.reference.after_step(self.policy, self.trainer.global_step)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["reference"] = self.reference.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.reference.load_state_dict(checkpoint.get("reference", {}))
 
     def configure_optimizers(self):
+        from transformers import get_scheduler
+
         params = [p for p in self.policy.parameters() if p.requires_grad]
         optimizer = self.optimizer_factory(params)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(self.hparams.warmup_ratio * total)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_factor(step, warmup, total, self.hparams.schedule)
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        try:
+            scheduler = get_scheduler(
+                self.hparams.scheduler, optimizer, num_warmup_steps=int(self.hparams.warmup_ratio * total),
+                num_training_steps=total, scheduler_specific_kwargs=self.hparams.scheduler_kwargs,
+            )
+        except ValueError as error:  # an unknown name: transformers lists the valid ones
+            raise ConfigError(f"model.scheduler: {error}") from None
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"}}

@@ -1,17 +1,25 @@
-"""Where the reference log-probs of a batch come from: one small strategy object per mode.
+"""Where the reference log-probs of a batch come from: one small object per kind of reference.
 
-``PreferenceModule(reference=...)`` picks one by name; each answers ``logps(module, batch, split)``
-with the per-row reference log-probs (2B,) or ``None``:
+Chosen in YAML like the loss (``model.reference: {class_path: dpo_lit.reference.SyncedReference,
+init_args: {mixup_alpha: 0.6, sync_steps: 64}}``); the names ``copy``, ``adapter``,
+``precomputed`` and ``none`` are shortcuts for the first four classes with their defaults.
 
-- ``copy``: a frozen copy of the initial policy (eval mode, no grad). It is kept outside the
-  module's parameter tree, so it is never trained, never saved in checkpoints and never seen by the
-  optimizer; it follows the module to its device.
-- ``adapter``: the policy itself with its LoRA adapter switched off (needs ``lora``): no second
-  copy of the weights in memory.
-- ``precomputed``: the reference's log-probs for every example are computed once, before training,
-  from the initial policy, cached on disk under a key that hashes the weights and the tokenised
-  data, and looked up by example index afterwards (later runs on the same data reuse the file).
-- ``none``: no reference, for reference-free losses (SimPO, ORPO, SFT).
+- :class:`CopyReference` (``copy``): a frozen copy of the initial policy (eval mode, no grad),
+  kept outside the module's parameter tree: never trained, never in the optimizer, not saved.
+- :class:`AdapterReference` (``adapter``): the policy itself with its LoRA adapter switched off:
+  no second copy of the weights in memory.
+- :class:`PrecomputedReference` (``precomputed``): every example's reference log-probs computed
+  once, before training, from the initial policy; cached on disk under a hash of the weights and
+  the tokenised data (later runs on the same data reuse the file) and looked up by example index.
+- :class:`NoReference` (``none``): reference-free losses (SimPO, ORPO, SFT).
+- :class:`SyncedReference`: TR-DPO (Gorbatovski et al. 2024): a copy that every ``sync_steps``
+  optimizer steps moves towards the policy, ``ref ← α·policy + (1 − α)·ref``.
+
+A reference is handed what it needs — the policy, a batch, the data to precompute over — never
+the whole LightningModule. The module calls, in this order: :meth:`~NoReference.setup` once
+(the policy as loaded, before any adapter), :meth:`~NoReference.prepare` when fit or validate
+starts, :meth:`~NoReference.logps` each step, :meth:`~NoReference.after_step` after each training
+batch; :meth:`~NoReference.state_dict` goes into checkpoints.
 """
 
 from __future__ import annotations
@@ -19,114 +27,127 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager as ContextManager
+from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
 
+from dpo_lit.data.io import atomic_write
+from dpo_lit.errors import ConfigError
 from dpo_lit.logps import completion_logps
-from dpo_lit.models import cache_dir
+from dpo_lit.models import cache_dir, evaluating
+
+ModelAndContext = tuple[nn.Module, Callable[[], ContextManager]]
+# split -> (dataset in index order, a function returning a loader over it in that order)
+SplitData = Mapping[str, tuple[Dataset, Callable[[], DataLoader]]]
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module):
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
-def _row_logps(model: nn.Module, batch: dict, chunk: int) -> Tensor:
-    logps, _ = completion_logps(
-        model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], chunk
-    )
+def row_logps(model: nn.Module, batch: dict, chunk: int) -> Tensor:
+    """Summed completion log-probs of every row of a collated batch, (2B,)."""
+    logps, _ = completion_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], chunk)
     return logps
 
 
+def initial_policy(policy: nn.Module) -> ContextManager:
+    """A context in which ``policy`` computes what it did before training (its LoRA adapter off)."""
+    return policy.disable_adapter() if hasattr(policy, "disable_adapter") else contextlib.nullcontext()
+
+
 class NoReference:
-    """Reference-free training: there are no reference log-probs."""
+    """No reference log-probs (reference-free losses)."""
 
-    def setup(self, module) -> None:
-        """Called once in the module's __init__, after the policy is loaded, before any adapter."""
+    def setup(self, policy: nn.Module, *, lora: bool, paired: bool, chunk: int) -> None:
+        """Once, in the module's ``__init__``: the policy as loaded, before any adapter is added.
 
-    def prepare(self, module, splits: list[str]) -> None:
-        """Called when fitting or validating starts, on the module's device."""
+        Args:
+            policy: the freshly loaded policy.
+            lora: whether a LoRA adapter will be added to it.
+            paired: whether the loss trains on pairs (False: unpaired rows, KTO).
+            chunk: rows of logits normalised at once (``model.logps_chunk``).
+        """
+        self.chunk = chunk
 
-    def logps(self, module, batch: dict, split: str) -> Tensor | None:
+    def prepare(self, policy: nn.Module, data: SplitData, device: torch.device, context: Callable) -> None:
+        """When fit or validate starts, on the module's device; ``context()`` is the precision context."""
+
+    def logps(self, policy: nn.Module, batch: dict, split: str) -> Tensor | None:
+        """Reference log-probs of the batch's rows, (2B,), or None."""
         return None
 
-    def model(self, module) -> tuple[nn.Module, Callable[[], ContextManager]] | None:
-        """The reference as a model, for sampling-based measurements such as KL(π‖π_ref).
+    def model(self, policy: nn.Module) -> ModelAndContext | None:
+        """The reference as a model for sampling-based measurements such as KL(π‖π_ref).
 
         Returns ``(model, context)``: run ``model`` inside ``context()`` to get the reference's
         outputs; ``None`` when no reference model is in memory.
         """
         return None
 
+    def after_step(self, policy: nn.Module, step: int) -> None:
+        """After each training batch; ``step`` counts the optimizer steps taken so far."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint must hold to resume with this reference (nothing, by default)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output."""
+
 
 class CopyReference(NoReference):
     """A frozen copy of the policy as it was before training."""
 
-    def setup(self, module) -> None:
-        frozen = copy.deepcopy(module.policy)
-        frozen.requires_grad_(False)
-        frozen.eval()
-        self.frozen = frozen
+    def setup(self, policy: nn.Module, *, lora: bool, paired: bool, chunk: int) -> None:
+        super().setup(policy, lora=lora, paired=paired, chunk=chunk)
+        self.frozen = copy.deepcopy(policy).requires_grad_(False).eval()
 
-    def prepare(self, module, splits: list[str]) -> None:
-        self.frozen.to(module.device)
+    def prepare(self, policy: nn.Module, data: SplitData, device: torch.device, context: Callable) -> None:
+        self.frozen.to(device)
 
     @torch.no_grad()
-    def logps(self, module, batch: dict, split: str) -> Tensor:
-        return _row_logps(self.frozen, batch, module.hparams.logps_chunk)
+    def logps(self, policy: nn.Module, batch: dict, split: str) -> Tensor:
+        return row_logps(self.frozen, batch, self.chunk)
 
-    def model(self, module) -> tuple[nn.Module, Callable[[], ContextManager]]:
+    def model(self, policy: nn.Module) -> ModelAndContext:
         return self.frozen, contextlib.nullcontext
 
 
 class AdapterReference(NoReference):
     """The policy with its LoRA adapter disabled (peft's ``disable_adapter``)."""
 
-    def setup(self, module) -> None:
-        if module.hparams.lora is None:
-            raise ValueError("model.reference=adapter needs a LoRA adapter: set model.lora (e.g. --model.lora.r=16)")
+    def setup(self, policy: nn.Module, *, lora: bool, paired: bool, chunk: int) -> None:
+        if not lora:
+            raise ConfigError("model.reference: adapter needs a LoRA adapter: set model.lora (e.g. --model.lora.r=16)")
+        super().setup(policy, lora=lora, paired=paired, chunk=chunk)
 
-    @torch.no_grad()
-    def logps(self, module, batch: dict, split: str) -> Tensor:
-        with module.policy.disable_adapter(), _eval_mode(module.policy):
-            return _row_logps(module.policy, batch, module.hparams.logps_chunk)
+    def logps(self, policy: nn.Module, batch: dict, split: str) -> Tensor:
+        with policy.disable_adapter(), evaluating(policy):
+            return row_logps(policy, batch, self.chunk)
 
-    def model(self, module) -> tuple[nn.Module, Callable[[], ContextManager]]:
-        return module.policy, module.policy.disable_adapter
-
-
-def _initial_policy(module):
-    """A context in which ``module.policy`` computes what it did before training started."""
-    if hasattr(module.policy, "disable_adapter"):
-        return module.policy.disable_adapter()
-    return contextlib.nullcontext()
+    def model(self, policy: nn.Module) -> ModelAndContext:
+        return policy, policy.disable_adapter
 
 
 class PrecomputedReference(NoReference):
     """Reference log-probs computed once per example before training and cached on disk."""
 
-    def setup(self, module) -> None:
-        if module.loss.data_mode != "paired":
-            raise ValueError(
-                f"model.reference=precomputed supports paired losses only; {type(module.loss).__name__} "
-                "pairs each completion with another prompt in the batch. Use reference: copy or adapter."
+    def setup(self, policy: nn.Module, *, lora: bool, paired: bool, chunk: int) -> None:
+        if not paired:
+            raise ConfigError(
+                "model.reference: precomputed supports paired losses only (an unpaired loss pairs each "
+                "completion with another prompt in the batch); use copy or adapter"
             )
+        super().setup(policy, lora=lora, paired=paired, chunk=chunk)
         self.tables: dict[str, Tensor] = {}
         self._weights_hash: str | None = None
 
-    def _key(self, module, dataset) -> str:
+    def _key(self, policy: nn.Module, dataset: Dataset) -> str:
         if self._weights_hash is None:  # hash the initial weights once, before any step changes them
             h = hashlib.sha256()
-            for name, tensor in module.policy.state_dict().items():
+            for name, tensor in policy.state_dict().items():
                 h.update(name.encode())
                 h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
             self._weights_hash = h.hexdigest()
@@ -137,48 +158,102 @@ class PrecomputedReference(NoReference):
                 h.update(torch.tensor(example[key], dtype=torch.int64).numpy().tobytes())
         return h.hexdigest()[:24]
 
-    def prepare(self, module, splits: list[str]) -> None:
-        datamodule = module.trainer.datamodule
-        for split in splits:
-            dataset = getattr(datamodule, f"{split}_dataset", None)
+    def prepare(self, policy: nn.Module, data: SplitData, device: torch.device, context: Callable) -> None:
+        for split, (dataset, loader) in data.items():
             if split in self.tables or not dataset:
                 continue
-            path = cache_dir() / "ref_logps" / f"{self._key(module, dataset)}.pt"
+            path = cache_dir() / "ref_logps" / f"{self._key(policy, dataset)}.pt"
             if path.exists():
                 rank_zero_info(f"Reference log-probs for {split} ({len(dataset)} pairs) read from {path}")
                 self.tables[split] = torch.load(path)
                 continue
-            self.tables[split] = self._compute(module, datamodule.ordered_dataloader(split), len(dataset))
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            torch.save(self.tables[split], tmp)
-            tmp.replace(path)
+            with context():
+                self.tables[split] = self._compute(policy, loader(), len(dataset), device)
+            with atomic_write(path) as tmp:
+                torch.save(self.tables[split], tmp)
             rank_zero_info(f"Reference log-probs for {split} ({len(dataset)} pairs) cached in {path}")
 
     @torch.no_grad()
-    def _compute(self, module, loader, n: int) -> Tensor:
+    def _compute(self, policy: nn.Module, loader: DataLoader, n: int, device: torch.device) -> Tensor:
         table = torch.full((n, 2), float("nan"))  # (N, [chosen, rejected])
         # fork_rng: iterating a DataLoader draws from the global RNG, which would make the training
         # shuffle depend on whether the table was computed now or read from the cache.
-        with torch.random.fork_rng(devices=[]), _initial_policy(module), _eval_mode(module.policy), \
-                module.trainer.precision_plugin.forward_context():
+        with torch.random.fork_rng(devices=[]), initial_policy(policy), evaluating(policy):
             for batch in loader:
-                batch = {k: v.to(module.device) for k, v in batch.items()}
-                rows = _row_logps(module.policy, batch, module.hparams.logps_chunk).float().cpu()
+                batch = {k: v.to(device) for k, v in batch.items()}
+                rows = row_logps(policy, batch, self.chunk).float().cpu()
                 table[batch["index"].cpu()] = rows.view(2, -1).T  # rows: B chosen then B rejected
         if torch.isnan(table).any():
             raise RuntimeError("precomputing reference log-probs left examples without a value")
         return table
 
-    def model(self, module) -> tuple[nn.Module, Callable[[], ContextManager]] | None:
-        """With LoRA the base weights are still the reference; after full fine-tuning none is kept."""
-        if hasattr(module.policy, "disable_adapter"):
-            return module.policy, module.policy.disable_adapter
-        return None
-
-    def logps(self, module, batch: dict, split: str) -> Tensor:
-        table = self.tables[split].to(module.device)[batch["index"]]  # (B, 2)
+    def logps(self, policy: nn.Module, batch: dict, split: str) -> Tensor:
+        table = self.tables[split].to(batch["index"].device)[batch["index"]]  # (B, 2)
         return torch.cat([table[:, 0], table[:, 1]])
 
+    def model(self, policy: nn.Module) -> ModelAndContext | None:
+        """With LoRA the base weights are still the reference; after full fine-tuning none is kept."""
+        return (policy, policy.disable_adapter) if hasattr(policy, "disable_adapter") else None
 
-REFERENCES = {"copy": CopyReference, "adapter": AdapterReference, "precomputed": PrecomputedReference, "none": NoReference}
+    def state_dict(self) -> dict[str, Any]:
+        return {"tables": dict(self.tables)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.tables.update(state.get("tables", {}))
+
+
+class SyncedReference(CopyReference):
+    """TR-DPO's reference (Gorbatovski et al. 2024, "Learn Your Reference Model for Real Good
+    Alignment"): a frozen copy that is periodically moved towards the policy.
+
+    Every ``sync_steps`` optimizer steps, ``θ_ref ← α·θ_policy + (1 − α)·θ_ref`` (the paper's
+    soft update; ``α = 1`` is its hard update, a plain copy). Between updates it is a frozen copy.
+    Its weights change, so they are saved in checkpoints (a resumed run continues from them).
+    Full fine-tuning only: with LoRA the policy's weights are the base plus an adapter.
+
+    Args:
+        mixup_alpha: α in (0, 1], the weight of the policy in each update.
+        sync_steps: optimizer steps between updates (≥ 1).
+    """
+
+    def __init__(self, mixup_alpha: float = 0.6, sync_steps: int = 512) -> None:
+        if not 0.0 < mixup_alpha <= 1.0:
+            raise ConfigError(f"model.reference.init_args.mixup_alpha: must be in (0, 1], got {mixup_alpha}")
+        if sync_steps < 1:
+            raise ConfigError(f"model.reference.init_args.sync_steps: must be >= 1, got {sync_steps}")
+        self.mixup_alpha = mixup_alpha
+        self.sync_steps = sync_steps
+        self.last_step = 0
+
+    def setup(self, policy: nn.Module, *, lora: bool, paired: bool, chunk: int) -> None:
+        if lora:
+            raise ConfigError("model.reference: SyncedReference needs full fine-tuning (model.lora: null)")
+        super().setup(policy, lora=lora, paired=paired, chunk=chunk)
+
+    @torch.no_grad()
+    def sync(self, policy: nn.Module) -> None:
+        """``θ_ref ← α·θ_policy + (1 − α)·θ_ref``, parameter by parameter (matched by name)."""
+        params = dict(policy.named_parameters())
+        for name, ref in self.frozen.named_parameters():
+            ref.lerp_(params[name].detach().to(ref.dtype), self.mixup_alpha)
+
+    def after_step(self, policy: nn.Module, step: int) -> None:
+        if step > self.last_step and step % self.sync_steps == 0:
+            self.sync(policy)
+        self.last_step = max(self.last_step, step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"weights": self.frozen.state_dict(), "last_step": self.last_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "weights" in state:
+            self.frozen.load_state_dict(state["weights"])
+            self.last_step = state["last_step"]
+
+
+SHORTCUTS: dict[str, type[NoReference]] = {
+    "copy": CopyReference,
+    "adapter": AdapterReference,
+    "precomputed": PrecomputedReference,
+    "none": NoReference,
+}

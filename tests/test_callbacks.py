@@ -14,14 +14,14 @@ from lightning import Callback, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 
 import dpo_lit
-from dpo_lit.callbacks.health import TrainingHealth, grad_norm, slope
+from dpo_lit.callbacks.health import TrainingHealth, slope
 from dpo_lit.callbacks.kl import KLPoint, SampledKL, kl_jumped
 from dpo_lit.callbacks.samples import SampleRow, SampleTable, markdown_table
 from dpo_lit.cli import run
 from dpo_lit.data import PreferenceDataModule
 from dpo_lit.models import TINY_ALIAS
 from dpo_lit.module import LoRASettings, PreferenceModule
-from dpo_lit.plots import find_event_dir, plot_run, read_scalars
+from dpo_lit.pipelines.plots import find_event_dir, plot_run, read_scalars
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = Path(dpo_lit.__file__).parent / "assets"
@@ -106,7 +106,7 @@ def test_stuck_warning_fires_at_ln2_with_zero_margins(frozen_run):
     trainer, (_, health, _), caught = frozen_run
     stuck = messages(caught, STUCK)
     assert len(stuck) == 1 and "for 3 steps" in stuck[0] and "check beta > 0" in stuck[0]
-    assert health.warned and float(trainer.callback_metrics["train/lr"]) == 0.0
+    assert health.warned and trainer.optimizers[0].param_groups[0]["lr"] == 0.0
     assert float(trainer.callback_metrics["train/margin_trend"]) == 0.0
 
 
@@ -164,16 +164,6 @@ def test_grad_norm_is_the_manual_norm_before_clipping(moving_run):
     assert not messages(caught, STUCK) and not health.warned
 
 
-def test_grad_norm_of_parameters():
-    layer = torch.nn.Linear(3, 2)
-    frozen = torch.nn.Linear(2, 2)
-    frozen.requires_grad_(False)
-    layer(torch.randn(5, 3)).pow(2).sum().backward()
-    manual = torch.cat([layer.weight.grad.flatten(), layer.bias.grad.flatten()]).norm()
-    assert grad_norm([*layer.parameters(), *frozen.parameters()]) == pytest.approx(float(manual), rel=1e-6)
-    assert grad_norm(frozen.parameters()) == 0.0
-
-
 def test_margin_trend_is_the_least_squares_slope():
     assert slope([(s, 2.0 * s + 1.0) for s in range(10)]) == pytest.approx(2.0)
     assert slope([(1, 5.0)]) == 0.0 and slope([(3, 1.0), (3, 2.0)]) == 0.0
@@ -216,7 +206,7 @@ def test_jump_warns_on_a_synthetic_history_and_can_stop():
 
 def test_no_reference_model_warns_once_and_measures_nothing():
     callback = SampledKL()
-    module = SimpleNamespace(reference=SimpleNamespace(model=lambda module: None))
+    module = SimpleNamespace(policy=None, reference=SimpleNamespace(model=lambda policy: None))
     with pytest.warns(UserWarning, match="no KL is measured"):
         assert callback.measure(None, module) is None
     with warnings.catch_warnings():

@@ -46,7 +46,8 @@ def test_every_config_parses_and_points_at_real_files(path, monkeypatch):
 
 @pytest.mark.parametrize("path", GENERATE, ids=lambda p: str(p.relative_to(ROOT)))
 def test_generate_configs_parse(path, monkeypatch):
-    from dpo_lit.generate import GenerateCLI, GenerationModule, PromptDataModule
+    from dpo_lit.cli import GenerateCLI
+    from dpo_lit.sampling.predict import GenerationModule, PromptDataModule
 
     class ParseOnly(GenerateCLI):
         def instantiate_classes(self) -> None:
@@ -61,7 +62,7 @@ def test_generate_configs_parse(path, monkeypatch):
 def test_pipeline_configs_parse(path, monkeypatch):
     from jsonargparse import ArgumentParser
 
-    from dpo_lit.onpolicy import run_pipeline
+    from dpo_lit.pipelines.onpolicy import run_pipeline
 
     monkeypatch.chdir(ROOT)
     parser = ArgumentParser()

@@ -10,9 +10,11 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dpo_lit.data.errors import DataError
-from dpo_lit.generation import encode_prompts, generate_kwargs, left_pad, read_prompts, sample
-from dpo_lit.kl import sequence_logps
+from dpo_lit.data.collate import pad_rows
+from dpo_lit.data.prompts import encode_prompts, read_prompts
 from dpo_lit.models import build_tiny_model, load_model, load_tokenizer
+from dpo_lit.sampling.kl import sequence_logps
+from dpo_lit.sampling.sample import generate_kwargs, sample
 
 EOS, PAD = 1, 0
 SHORT, LONG = [2, 3], [4, 5, 6, 7, 2, 3, 5]
@@ -81,7 +83,7 @@ def test_the_models_own_generation_config_does_not_leak_into_sampling(
     config = small_vocab_model.generation_config
     config.repetition_penalty, config.no_repeat_ngram_size, config.min_new_tokens = 1.5, 2, 3
     try:
-        ids, mask = left_pad([SHORT, LONG], PAD, torch.device("cpu"))
+        ids, mask, _ = pad_rows([SHORT, LONG], PAD, left=True)
         kwargs = generate_kwargs(6, 1.0, 1.0, 0, EOS, PAD)
         with torch.no_grad():
             out = small_vocab_model.generate(input_ids=ids, attention_mask=mask, output_scores=True, **kwargs)

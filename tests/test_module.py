@@ -12,8 +12,9 @@ from dpo_lit.callbacks import ExportPretrained
 from dpo_lit.data import PreferenceDataModule
 from dpo_lit.losses import DPOLoss, KTOLoss, SimPOLoss
 from dpo_lit.models import TINY_ALIAS
-from dpo_lit.module import LoRASettings, PreferenceModule, lr_factor
-from dpo_lit.reference import CopyReference, NoReference, PrecomputedReference
+from dpo_lit.errors import ConfigError
+from dpo_lit.module import LoRASettings, PreferenceModule
+from dpo_lit.reference import CopyReference, NoReference, PrecomputedReference, SyncedReference
 
 ASSETS = Path(dpo_lit.__file__).parent / "assets"
 
@@ -60,7 +61,7 @@ def test_policy_equal_to_reference_gives_ln2_and_zero_rewards(tmp_path, monkeypa
 
 def test_reference_is_frozen_and_unchanged_after_training(tmp_path):
     module = PreferenceModule(TINY_ALIAS, reference="copy", optimizer=adam())
-    reference, _ = module.reference.model(module)
+    reference, _ = module.reference.model(module.policy)
     before = {k: v.clone() for k, v in reference.state_dict().items()}
     policy_before = {k: v.clone() for k, v in module.policy.state_dict().items()}
     fit(module, make_data(), tmp_path, steps=4)
@@ -98,8 +99,8 @@ def test_precomputed_reference_matches_copy_and_is_reused(tmp_path, monkeypatch)
     assert len(files) == 2  # train and val
     copy = PreferenceModule(TINY_ALIAS, reference="copy")
     batch = next(iter(data.ordered_dataloader("train")))
-    expected = copy.reference.logps(copy, batch, "train")
-    torch.testing.assert_close(module.reference.logps(module, batch, "train"), expected)
+    expected = copy.reference.logps(copy.policy, batch, "train")
+    torch.testing.assert_close(module.reference.logps(module.policy, batch, "train"), expected)
 
     def no_recompute(*args, **kwargs):
         raise AssertionError("reference log-probs were recomputed instead of read from the cache")
@@ -118,7 +119,7 @@ def test_precomputing_leaves_the_global_rng_alone(tmp_path, monkeypatch):
     monkeypatch.setenv("DPO_LIT_CACHE", str(tmp_path / "second"))  # nothing cached: compute again
     module.reference.tables.clear()
     state = torch.random.get_rng_state()
-    module.reference.prepare(module, ["train", "val"])
+    module._prepare_reference(["train", "val"])
     assert set(module.reference.tables) == {"train", "val"}
     assert torch.equal(torch.random.get_rng_state(), state)
 
@@ -159,10 +160,87 @@ def test_lora_export_and_merge(tmp_path):
         torch.testing.assert_close(merged(ids).logits, module.policy(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
 
 
-def test_lr_schedule():
-    assert lr_factor(0, 4, 20, "linear") == pytest.approx(1 / 5)
-    assert lr_factor(4, 4, 20, "linear") == pytest.approx(1.0)
-    assert lr_factor(12, 4, 20, "linear") == pytest.approx(0.5)
-    assert lr_factor(12, 4, 20, "cosine") == pytest.approx(0.5)
-    assert lr_factor(20, 4, 20, "cosine") == pytest.approx(0.0, abs=1e-12)
-    assert lr_factor(15, 4, 20, "constant") == 1.0
+def test_lr_schedule_is_chosen_by_name(tmp_path):
+    """transformers' schedules: linear warm-up from 0 over 10% of the steps, then linear decay to 0."""
+    module = PreferenceModule(TINY_ALIAS, reference="copy", optimizer=adam(1e-3), scheduler="linear", warmup_ratio=0.2)
+    trainer = fit(module, make_data(), tmp_path, steps=10)
+    scheduler = trainer.lr_scheduler_configs[0].scheduler
+    assert scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)  # after the last of 10 steps
+    assert [scheduler.lr_lambdas[0](step) for step in (0, 1, 2, 6)] == pytest.approx([0.0, 0.5, 1.0, 0.5])
+    cosine = PreferenceModule(TINY_ALIAS, reference="copy", optimizer=adam(), scheduler="cosine", warmup_ratio=0.0)
+    trainer = fit(cosine, make_data(), tmp_path, steps=4)
+    assert trainer.lr_scheduler_configs[0].scheduler.lr_lambdas[0](2) == pytest.approx(0.5)
+
+
+def test_unknown_lr_schedule_names_the_key(tmp_path):
+    module = PreferenceModule(TINY_ALIAS, reference="copy", optimizer=adam(), scheduler="linaer")
+    with pytest.raises(ConfigError, match="model.scheduler"):
+        fit(module, make_data(), tmp_path, steps=1)
+
+
+# ---- TR-DPO: the synced reference -----------------------------------------------------------------
+
+
+def _params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def test_synced_reference_update_rule():
+    """Every sync_steps optimizer steps: ref <- alpha * policy + (1 - alpha) * ref, and only then."""
+    module = PreferenceModule(TINY_ALIAS, reference=SyncedReference(mixup_alpha=0.25, sync_steps=2), optimizer=adam())
+    ref = module.reference
+    before = _params(ref.frozen)
+    with torch.no_grad():
+        for p in module.policy.parameters():
+            p.add_(1.0)
+    policy = _params(module.policy)
+    ref.after_step(module.policy, 1)  # not a multiple of sync_steps: untouched
+    for name, value in _params(ref.frozen).items():
+        torch.testing.assert_close(value, before[name])
+    ref.after_step(module.policy, 2)
+    for name, value in _params(ref.frozen).items():
+        torch.testing.assert_close(value, 0.25 * policy[name] + 0.75 * before[name])
+    synced = _params(ref.frozen)
+    ref.after_step(module.policy, 2)  # the same step again (gradient accumulation): no second update
+    for name, value in _params(ref.frozen).items():
+        torch.testing.assert_close(value, synced[name])
+    hard = PreferenceModule(TINY_ALIAS, reference=SyncedReference(mixup_alpha=1.0, sync_steps=1))
+    with torch.no_grad():
+        next(hard.policy.parameters()).mul_(3.0)
+    hard.reference.after_step(hard.policy, 1)
+    for name, value in _params(hard.reference.frozen).items():
+        torch.testing.assert_close(value, _params(hard.policy)[name], rtol=0, atol=0)
+
+
+def test_synced_reference_moves_in_training_and_resumes_from_checkpoint(tmp_path):
+    module = PreferenceModule(TINY_ALIAS, reference=SyncedReference(mixup_alpha=0.5, sync_steps=2), optimizer=adam(1e-2))
+    initial = _params(module.reference.frozen)
+    trainer = fit(module, make_data(), tmp_path, steps=4)
+    moved = _params(module.reference.frozen)
+    assert any(not torch.equal(moved[n], initial[n]) for n in initial)
+    assert module.reference.last_step == 4
+    ckpt = tmp_path / "synced.ckpt"
+    trainer.save_checkpoint(ckpt)
+    resumed = PreferenceModule(TINY_ALIAS, reference=SyncedReference(mixup_alpha=0.5, sync_steps=2), optimizer=adam(1e-2))
+    resumed.on_load_checkpoint(torch.load(ckpt, weights_only=False))
+    for name, value in _params(resumed.reference.frozen).items():
+        torch.testing.assert_close(value, moved[name], rtol=0, atol=0)
+    assert resumed.reference.last_step == 4
+
+
+def test_other_references_are_not_synced(tmp_path):
+    copy = PreferenceModule(TINY_ALIAS, reference="copy", optimizer=adam(1e-2))
+    initial = _params(copy.reference.frozen)
+    fit(copy, make_data(), tmp_path, steps=4)
+    for name, value in _params(copy.reference.frozen).items():
+        torch.testing.assert_close(value, initial[name], rtol=0, atol=0)
+    assert copy.reference.state_dict() == {}
+
+
+def test_synced_reference_configuration_errors():
+    with pytest.raises(ConfigError, match="mixup_alpha"):
+        SyncedReference(mixup_alpha=0.0)
+    with pytest.raises(ConfigError, match="sync_steps"):
+        SyncedReference(sync_steps=0)
+    with pytest.raises(ConfigError, match="full fine-tuning"):
+        PreferenceModule(TINY_ALIAS, reference=SyncedReference(), lora=LoRASettings(r=4, alpha=8))

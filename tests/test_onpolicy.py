@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from dpo_lit.cli import run
-from dpo_lit.onpolicy import compare_on_prompts, mean_se, run_pipeline
+from dpo_lit.pipelines.onpolicy import compare_on_prompts, run_pipeline
+from dpo_lit.sampling.kl import mean_se
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from torch.utils.tensorboard import SummaryWriter
 
-from dpo_lit.plots import find_event_dir, main, plot_run, read_scalars
+from dpo_lit.pipelines.plots import find_event_dir, main, plot_run, read_scalars
 
 
 def write_run(folder: Path, scalars: dict[str, list[tuple[int, float]]]) -> Path:
@@ -83,4 +83,4 @@ def test_command_line_without_events_ends_in_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([str(tmp_path)])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip() == f"python -m dpo_lit.plots: error: no TensorBoard event files under {tmp_path}"
+    assert capsys.readouterr().err.strip() == f"dpo-lit plots: error: no TensorBoard event files under {tmp_path}"

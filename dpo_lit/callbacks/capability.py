@@ -19,10 +19,11 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from dpo_lit.errors import ConfigError
 from dpo_lit.evaluation.multiple_choice import MCItem, evaluate_mc
 from dpo_lit.evaluation.perplexity import perplexity
 from dpo_lit.evaluation.tasks import load_task, load_text_task, task_kind, task_name
-from dpo_lit.models import load_model, load_tokenizer
+from dpo_lit.models import load_model
 
 Scores = dict[str, dict[str, float]]  # task -> metric -> value
 
@@ -79,10 +80,10 @@ class CapabilityEval(Callback):
         seed: int = 0,
     ) -> None:
         if every_n_val < 1:
-            raise ValueError(f"every_n_val must be at least 1, got {every_n_val}")
+            raise ConfigError(f"CapabilityEval: every_n_val must be at least 1, got {every_n_val}")
         names = [task_name(task) for task in tasks]
         if len(set(names)) < len(names):
-            raise ValueError(f"CapabilityEval: two tasks share a metric name in {list(tasks)}")
+            raise ConfigError(f"CapabilityEval: two tasks share a metric name in {list(tasks)}")
         self.tasks = list(tasks)
         self.limit = limit
         self.perplexity_tokens = perplexity_tokens
@@ -104,7 +105,7 @@ class CapabilityEval(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self._data:
             return
-        self._tokenizer = load_tokenizer(pl_module.hparams.model_name)
+        self._tokenizer = pl_module.tokenizer
         for task in self.tasks:
             if task_kind(task) == "text":
                 self._data[task_name(task)] = load_text_task(task)

@@ -8,8 +8,6 @@ from pathlib import Path
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
-from dpo_lit.models import load_tokenizer
-
 
 class ExportPretrained(Callback):
     """Write ``<run>/policy`` (the full model, or the LoRA adapter) and optionally ``<run>/merged``.
@@ -39,7 +37,7 @@ class ExportPretrained(Callback):
         if not self.enabled or trainer.fast_dev_run:
             return
         root = self.run_dir(trainer)
-        tokenizer = load_tokenizer(pl_module.hparams.model_name)
+        tokenizer = pl_module.tokenizer
         policy = pl_module.policy
         policy.save_pretrained(root / "policy")
         tokenizer.save_pretrained(root / "policy")

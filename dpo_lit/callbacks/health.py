@@ -1,6 +1,6 @@
-"""Is training moving at all? Gradient norm, learning rate, the margins' trend, and a stuck warning.
+"""Is training moving at all? Gradient norm, the margins' trend, and a stuck warning.
 
-:class:`TrainingHealth` logs ``train/grad_norm``, ``train/lr`` and ``train/margin_trend`` and warns
+:class:`TrainingHealth` logs ``train/grad_norm`` and ``train/margin_trend`` and warns
 once when a DPO-family loss sits at ln 2 with zero reward margins: the policy still computes what
 the reference computes, which is what a zero learning rate, ``beta = 0``, LoRA targets that match
 no module or a "reference" that is the policy itself all look like.
@@ -10,24 +10,18 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from lightning import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor, nn
+from lightning.pytorch.utilities import grad_norm, rank_zero_warn
+from torch import Tensor
 from torch.optim import Optimizer
 
+from dpo_lit.errors import ConfigError
+
 LN2 = math.log(2.0)
-
-
-def grad_norm(parameters: Iterable[nn.Parameter]) -> float:
-    """Total L2 norm of the gradients of ``parameters`` (those without a gradient are skipped)."""
-    norms = [p.grad.detach().float().norm() for p in parameters if p.grad is not None]
-    if not norms:
-        return 0.0
-    return float(torch.stack(norms).norm())
 
 
 def slope(points: Sequence[tuple[float, float]]) -> float:
@@ -42,15 +36,17 @@ def slope(points: Sequence[tuple[float, float]]) -> float:
 
 
 class TrainingHealth(Callback):
-    """Gradient norm, learning rate and margin trend each step; a warning when training is stuck.
+    """Gradient norm and margin trend each step; a warning when training is stuck.
+
+    The learning rate is Lightning's ``LearningRateMonitor``'s job (the module names its schedule
+    ``train/lr``); the monitored configs add both callbacks.
 
     Logged (Lightning sends them to the logger on its logging steps):
 
-    - ``train/grad_norm``: total L2 norm of the trainable parameters' gradients, taken in
-      ``on_before_optimizer_step``: after accumulation and AMP unscaling, *before* gradient
-      clipping (so it shows how far above ``gradient_clip_val`` the gradients are). Under
-      sharded strategies (FSDP, DeepSpeed) it is this process's shard only.
-    - ``train/lr``: the learning rate of the first parameter group for this optimizer step.
+    - ``train/grad_norm``: total L2 norm of the trainable parameters' gradients (Lightning's
+      ``grad_norm`` utility), taken in ``on_before_optimizer_step``: after accumulation and AMP
+      unscaling, *before* gradient clipping (so it shows how far above ``gradient_clip_val`` the
+      gradients are). Under sharded strategies (FSDP, DeepSpeed) it is this process's shard only.
     - ``train/margin_trend``: least-squares slope, per optimizer step, of ``train/rewards/margins``
       over the last ``window`` steps. Positive while the policy is still separating chosen from
       rejected; near 0 once it has plateaued (or never started).
@@ -65,9 +61,9 @@ class TrainingHealth(Callback):
 
     def __init__(self, window: int = 50, stuck_steps: int = 20, tol: float = 1e-3) -> None:
         if window < 2:
-            raise ValueError(f"TrainingHealth: window must be at least 2, got {window}")
+            raise ConfigError(f"TrainingHealth: window must be at least 2, got {window}")
         if stuck_steps < 1:
-            raise ValueError(f"TrainingHealth: stuck_steps must be at least 1, got {stuck_steps}")
+            raise ConfigError(f"TrainingHealth: stuck_steps must be at least 1, got {stuck_steps}")
         self.window = window
         self.stuck_steps = stuck_steps
         self.tol = tol
@@ -79,9 +75,9 @@ class TrainingHealth(Callback):
         self._stepped = False  # the optimizer steps after this batch (the last of an accumulation)
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
-        self.last_grad_norm = grad_norm(p for p in pl_module.parameters() if p.requires_grad)
+        norms = grad_norm(pl_module, norm_type=2)
+        self.last_grad_norm = float(norms.get("grad_2.0_norm_total", 0.0))
         pl_module.log("train/grad_norm", self.last_grad_norm)
-        pl_module.log("train/lr", float(optimizer.param_groups[0]["lr"]))
         self._stepped = True
 
     def on_train_batch_end(

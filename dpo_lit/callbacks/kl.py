@@ -1,4 +1,4 @@
-"""KL(π ‖ π_ref) measured during training on samples from the policy (:mod:`dpo_lit.kl`).
+"""KL(π ‖ π_ref) measured during training on samples from the policy (:mod:`dpo_lit.sampling.kl`).
 
 :class:`SampledKL` samples completions of a fixed set of held-out prompts from the policy at
 temperature 1 without top-k/top-p, scores them under the reference, and logs the mean log-ratio:
@@ -22,9 +22,9 @@ from typing import Any, NamedTuple
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from dpo_lit.generation import encode_prompts, read_prompts
-from dpo_lit.kl import KLEstimate, estimate_kl
-from dpo_lit.models import load_tokenizer
+from dpo_lit.data.prompts import encode_prompts, read_prompts
+from dpo_lit.errors import ConfigError
+from dpo_lit.sampling.kl import KLEstimate, estimate_kl
 
 # Everyday requests, unlike the preference data shipped with the project: a held-out set on which
 # the policy's drift from the reference shows up without any task-specific behaviour.
@@ -68,7 +68,7 @@ class SampledKL(Callback):
     """Sampled KL(π ‖ π_ref) on a fixed held-out prompt set, logged at validation and every n steps.
 
     The estimate is unbiased: completions are sampled from the policy at temperature 1 with no
-    top-k/top-p (see :func:`dpo_lit.kl.estimate_kl`), and the reference scores those exact token
+    top-k/top-p (see :func:`dpo_lit.sampling.kl.estimate_kl`), and the reference scores those exact token
     ids. It is the KL of the truncated sampling distributions (completions end at EOS or after
     ``max_new_tokens``). Each evaluation costs ``num_prompts × num_samples`` sampled completions
     plus one reference forward over them.
@@ -79,7 +79,7 @@ class SampledKL(Callback):
 
     Args:
         prompts_file: held-out prompts: a ``.txt`` file (one per line) or a data file with a
-            ``prompt`` field (see :func:`dpo_lit.generation.read_prompts`); None: 16 built-in
+            ``prompt`` field (see :func:`dpo_lit.data.prompts.read_prompts`); None: 16 built-in
             everyday prompts. Rendered with the chat template when the tokenizer has one.
         num_prompts: use the first ``num_prompts`` prompts of the file.
         num_samples: completions sampled per prompt.
@@ -110,12 +110,12 @@ class SampledKL(Callback):
         stop_on_jump: bool = False,
     ) -> None:
         if num_prompts < 1 or num_samples < 1 or num_prompts * num_samples < 2:
-            raise ValueError(
+            raise ConfigError(
                 f"SampledKL needs at least 2 samples for a standard error; got num_prompts={num_prompts}, "
                 f"num_samples={num_samples}"
             )
         if every_n_steps < 0:
-            raise ValueError(f"SampledKL: every_n_steps must be >= 0, got {every_n_steps}")
+            raise ConfigError(f"SampledKL: every_n_steps must be >= 0, got {every_n_steps}")
         self.prompts_file = prompts_file
         self.num_prompts = num_prompts
         self.num_samples = num_samples
@@ -128,7 +128,6 @@ class SampledKL(Callback):
         self.stop_on_jump = stop_on_jump
         self.history: list[KLPoint] = []
         self.last: KLEstimate | None = None
-        self._tokenizer = None
         self._prompt_ids: list[list[int]] = []
         self._warned_no_reference = False
 
@@ -139,13 +138,12 @@ class SampledKL(Callback):
             return
         prompts = read_prompts(self.prompts_file) if self.prompts_file else list(DEFAULT_PROMPTS)
         if not prompts:
-            raise ValueError(f"SampledKL: no prompts in {self.prompts_file}")
-        self._tokenizer = load_tokenizer(pl_module.hparams.model_name)
-        self._prompt_ids = encode_prompts(self._tokenizer, prompts[: self.num_prompts])
+            raise ConfigError(f"SampledKL: no prompts in {self.prompts_file}")
+        self._prompt_ids = encode_prompts(pl_module.tokenizer, prompts[: self.num_prompts])
 
     def measure(self, trainer: Trainer, pl_module: LightningModule) -> KLEstimate | None:
         """Estimate KL(π ‖ π_ref) now (None when no reference model is in memory)."""
-        found = pl_module.reference.model(pl_module)
+        found = pl_module.reference.model(pl_module.policy)
         if found is None:
             if not self._warned_no_reference:
                 rank_zero_warn(
@@ -157,7 +155,7 @@ class SampledKL(Callback):
         reference, context = found
         with trainer.precision_plugin.forward_context():
             return estimate_kl(
-                pl_module.policy, reference, self._tokenizer, self._prompt_ids,
+                pl_module.policy, reference, pl_module.tokenizer, self._prompt_ids,
                 num_samples=self.num_samples, max_new_tokens=self.max_new_tokens,
                 batch_size=self.batch_size, seed=self.seed, reference_context=context,
             )  # fmt: skip
@@ -204,9 +202,10 @@ class SampledKL(Callback):
         estimate = self._evaluate(trainer, pl_module)
         if estimate is not None:
             metrics = {"train/kl": estimate.mean, "train/kl_stderr": estimate.stderr}
-            step = trainer.fit_loop.epoch_loop._batches_that_stepped  # the step the train metrics use
+            # The logger step of this batch's train/ metrics: Lightning logs them at the count of
+            # batches that stepped *before* this one, i.e. optimizer steps taken minus one.
             for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=step)
+                logger.log_metrics(metrics, step=trainer.global_step - 1)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking:

@@ -19,8 +19,9 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from dpo_lit.generation import encode_prompts, eval_no_grad, generate_kwargs, left_pad, sample, special_ids
-from dpo_lit.models import load_tokenizer
+from dpo_lit.data.prompts import encode_prompts
+from dpo_lit.errors import ConfigError
+from dpo_lit.sampling.sample import sample
 
 DEFAULT_PROMPTS = (
     "How do I make a good cup of coffee?",
@@ -51,25 +52,11 @@ def complete(
 ) -> list[str]:
     """One decoded completion per prompt: greedy for ``temperature == 0``, else sampled with
     ``seed`` (no top-k/top-p). ``context`` is entered around generation (e.g. ``disable_adapter``)."""
-    texts: list[str] = []
     with context() if context is not None else contextlib.nullcontext():
-        if temperature > 0:
-            samples = sample(
-                model, tokenizer, prompts, 1, max_new_tokens, temperature=temperature, batch_size=batch_size, seed=seed
-            )
-            return [s.text for s in samples]
-        eos, pad = special_ids(model, tokenizer, None, None)
-        kwargs = generate_kwargs(max_new_tokens, 1.0, 1.0, 0, eos, pad)
-        for key in ("temperature", "top_p", "top_k", "output_logits"):
-            kwargs.pop(key)
-        device = next(model.parameters()).device
-        with eval_no_grad(model):
-            for start in range(0, len(prompts), batch_size):
-                ids, mask = left_pad(prompts[start : start + batch_size], pad, device)  # (N, P)
-                out = model.generate(input_ids=ids, attention_mask=mask, **{**kwargs, "do_sample": False})
-                new = out.sequences[:, ids.shape[1] :]  # (N, T)
-                texts += tokenizer.batch_decode(new, skip_special_tokens=True)
-    return texts
+        samples = sample(
+            model, tokenizer, prompts, 1, max_new_tokens, temperature=temperature, batch_size=batch_size, seed=seed
+        )
+    return [s.text for s in samples]
 
 
 def _cell(text: str) -> str:
@@ -111,9 +98,9 @@ class SampleTable(Callback):
         seed: int = 0,
     ) -> None:
         if every_n_val < 1:
-            raise ValueError(f"SampleTable: every_n_val must be at least 1, got {every_n_val}")
+            raise ConfigError(f"SampleTable: every_n_val must be at least 1, got {every_n_val}")
         if temperature < 0:
-            raise ValueError(f"SampleTable: temperature must be >= 0, got {temperature}")
+            raise ConfigError(f"SampleTable: temperature must be >= 0, got {temperature}")
         self.prompts = list(prompts) if prompts is not None else list(DEFAULT_PROMPTS)
         self.max_new_tokens = max_new_tokens
         self.every_n_val = every_n_val
@@ -126,8 +113,8 @@ class SampleTable(Callback):
         self._validations = 0
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(pl_module.hparams.model_name)
+        if not self._prompt_ids:
+            self._tokenizer = pl_module.tokenizer
             self._prompt_ids = encode_prompts(self._tokenizer, self.prompts)
 
     def _complete(self, model: nn.Module, context=None) -> list[str]:
@@ -140,7 +127,7 @@ class SampleTable(Callback):
         """The table's rows now; the reference's completions are generated once and reused."""
         with trainer.precision_plugin.forward_context():
             if self._reference_texts is None:
-                found = pl_module.reference.model(pl_module)
+                found = pl_module.reference.model(pl_module.policy)
                 if found is None:
                     rank_zero_warn("SampleTable: no reference model in memory; the reference column stays empty")
                     self._reference_texts = [NO_REFERENCE] * len(self.prompts)

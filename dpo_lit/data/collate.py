@@ -22,8 +22,46 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch import Tensor
 
 from dpo_lit.data.tokenize import TokenizedExample
+
+
+def pad_rows(
+    rows: Sequence[Sequence[int]],
+    pad_id: int,
+    first_scored: Sequence[int] | None = None,
+    left: bool = False,
+    multiple_of: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Pad rows of token ids into one batch: the one padder of the project.
+
+    Args:
+        rows: Token ids of each row.
+        pad_id: Fills the padding (masked out; any id works).
+        first_scored: Per row, the position from which its tokens are scored (a prompt's length);
+            ``None``: no token is scored.
+        left: Pad on the left (for ``generate``) instead of the right.
+        multiple_of: Round the width up to a multiple of this.
+
+    Returns:
+        ``input_ids`` (N, T) long, ``attention_mask`` (N, T) long (1 on real tokens) and
+        ``scored_mask`` (N, T) bool (True on each row's tokens from ``first_scored`` on).
+    """
+    width = max((len(r) for r in rows), default=0)
+    if multiple_of:
+        width = -(-width // multiple_of) * multiple_of
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (N, T)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # (N, T)
+    scored_mask = torch.zeros((len(rows), width), dtype=torch.bool)  # (N, T)
+    for i, row in enumerate(rows):
+        start = width - len(row) if left else 0
+        end = start + len(row)
+        input_ids[i, start:end] = torch.tensor(list(row), dtype=torch.long)
+        attention_mask[i, start:end] = 1
+        if first_scored is not None:
+            scored_mask[i, start + first_scored[i] : end] = True
+    return input_ids, attention_mask, scored_mask
 
 
 class PreferenceCollator:
@@ -70,18 +108,10 @@ class PreferenceCollator:
         return matched + mismatched
 
     def _pad(self, prompts: list[list[int]], completions: list[list[int]]) -> dict[str, torch.Tensor]:
-        lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
-        width = max(lengths)
-        if self.pad_to_multiple_of:
-            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        input_ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)  # (2B, T)
-        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)  # (2B, T)
-        completion_mask = torch.zeros((len(prompts), width), dtype=torch.bool)  # (2B, T)
-        for row, (prompt, completion) in enumerate(zip(prompts, completions)):
-            n = len(prompt) + len(completion)
-            input_ids[row, :n] = torch.tensor(prompt + completion, dtype=torch.long)
-            attention_mask[row, :n] = 1
-            completion_mask[row, len(prompt) : n] = True
+        input_ids, attention_mask, completion_mask = pad_rows(
+            [p + c for p, c in zip(prompts, completions)], self.pad_token_id,
+            first_scored=[len(p) for p in prompts], multiple_of=self.pad_to_multiple_of,
+        )  # (2B, T) each
         return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
 
     def __repr__(self) -> str:

@@ -1,6 +1,6 @@
-"""Errors a user's data can cause, and the end-of-setup report of what was skipped or dropped.
+"""The end-of-setup report of what data was skipped or dropped.
 
-A bad record raises :class:`DataError` whose message is one line, ``path:line: field 'chosen':
+A bad record raises :class:`~dpo_lit.errors.DataError` whose message is one line, ``path:line: field 'chosen':
 expected a non-empty string, got int``. With ``on_bad_record="skip"`` the same errors are
 counted by :class:`DataReport` instead and reported once per file and reason at the end of
 setup, as :class:`DataWarning` warnings.
@@ -14,25 +14,12 @@ from typing import Literal
 
 from lightning.pytorch.utilities import rank_zero_warn
 
+from dpo_lit.errors import DataError
+
+__all__ = ["DataError", "DataReport", "DataWarning", "OnBadRecord", "describe", "file_of"]
+
 OnBadRecord = Literal["error", "skip"]
 SKIP_HINT = " (on_bad_record: skip counts and skips such records)"
-
-
-class DataError(ValueError):
-    """A record (or a whole file) that cannot be turned into a training example.
-
-    Args:
-        source: Where: ``path:line`` (or ``path[index]``), or just the path.
-        reason: What is wrong, without the location: ``field 'chosen': expected ...``.
-    """
-
-    def __init__(self, source: str, reason: str) -> None:
-        super().__init__(f"{source}: {reason}")
-        self.source = source
-        self.reason = reason
-
-    def __reduce__(self) -> tuple[type[DataError], tuple[str, str]]:
-        return type(self), (self.source, self.reason)  # picklable across DataLoader workers
 
 
 class DataWarning(UserWarning):

@@ -117,8 +117,8 @@ def _get_field(message: Record, key: str, name: str, source: str) -> Any:
     return message[key]
 
 
-def _text(value: Any, name: str, source: str, completion: bool = False) -> Text:
-    """A string or a message list, whichever ``value`` is, validated."""
+def text_field(value: Any, name: str, source: str, completion: bool = False) -> Text:
+    """A string or a message list, whichever ``value`` is, validated (``DataError`` naming ``name``)."""
     if isinstance(value, list):
         return _messages(value, name, source, completion)
     return _string(value, name, source)
@@ -177,8 +177,8 @@ def split_implicit_messages(chosen: Messages, rejected: Messages) -> tuple[Messa
 
 def parse_implicit(record: Record, source: str, marker: str) -> PairedExample:
     """``chosen``/``rejected`` whole transcripts that share the prompt as their prefix."""
-    chosen = _text(_get(record, "chosen", source), "chosen", source, completion=True)
-    rejected = _text(_get(record, "rejected", source), "rejected", source, completion=True)
+    chosen = text_field(_get(record, "chosen", source), "chosen", source, completion=True)
+    rejected = text_field(_get(record, "rejected", source), "rejected", source, completion=True)
     if type(chosen) is not type(rejected):
         raise DataError(source, "fields 'chosen' and 'rejected': one is a string, the other a message list")
     _distinct(PairedExample("", chosen, rejected, source))
@@ -219,8 +219,8 @@ def _label(value: Any, source: str) -> bool:
 
 def parse_unpaired(record: Record, source: str, marker: str) -> UnpairedExample:
     """``prompt``/``completion``/``label`` records for KTO."""
-    prompt = _text(_get(record, "prompt", source), "prompt", source)
-    completion = _text(_get(record, "completion", source), "completion", source, completion=True)
+    prompt = text_field(_get(record, "prompt", source), "prompt", source)
+    completion = text_field(_get(record, "completion", source), "completion", source, completion=True)
     if type(prompt) is not type(completion):
         raise DataError(source, "fields 'prompt' and 'completion': one is a string, the other a message list")
     return UnpairedExample(prompt, completion, _label(_get(record, "label", source), source), source)

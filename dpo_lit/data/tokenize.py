@@ -95,6 +95,14 @@ def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], special: bool)
     return tokenizer(texts, add_special_tokens=special, verbose=False)["input_ids"]
 
 
+def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], special: bool) -> list[list[int]]:
+    """Batch-encode prompt texts; a doubled leading BOS (a template's BOS plus the tokenizer's) is
+    collapsed to one."""
+    bos = tokenizer.bos_token_id
+    ids = _encode(tokenizer, list(texts), special)
+    return [row[1:] if bos is not None and row[:2] == [bos, bos] else row for row in ids]
+
+
 def close_completion(ids: list[int], chat: bool, eos: int) -> list[int]:
     """End a completion with exactly one EOS (see the module docstring)."""
     if chat and eos in ids:
@@ -115,10 +123,18 @@ def truncate_prompt(
     return ids[len(ids) - max_prompt_length :]
 
 
+def added_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The special tokens the tokenizer puts before a text by itself (a BOS, or nothing)."""
+    with_specials = tokenizer("a")["input_ids"]
+    without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    cut = len(with_specials) - len(without)
+    return list(with_specials[:cut]) if cut > 0 and with_specials[cut:] == without else []
+
+
 def _added_bos(tokenizer: PreTrainedTokenizerBase) -> int | None:
     """The BOS id if the tokenizer prepends it itself, else ``None``."""
     bos = tokenizer.bos_token_id
-    return bos if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else None
+    return bos if bos is not None and added_prefix(tokenizer)[:1] == [bos] else None
 
 
 def _render_all(
@@ -142,10 +158,9 @@ def _encode_prompts(tokenizer: PreTrainedTokenizerBase, rendered: list[Rendered]
     prompts: list[list[int]] = [[] for _ in rendered]
     for chat in (False, True):
         positions = [i for i, r in enumerate(rendered) if r.chat == chat]
-        for i, ids in zip(positions, _encode(tokenizer, [rendered[i].prompt for i in positions], not chat)):
+        for i, ids in zip(positions, encode_texts(tokenizer, [rendered[i].prompt for i in positions], not chat)):
             prompts[i] = ids
-    bos = tokenizer.bos_token_id
-    return [ids[1:] if bos is not None and ids[:2] == [bos, bos] else ids for ids in prompts]
+    return prompts
 
 
 def _encode_texts(

@@ -1,4 +1,4 @@
-"""Shared machinery of the evaluations: evaluation mode, the tokenizer's prefix, batched scoring.
+"""Shared machinery of the evaluations: rows of token ids scored in batches.
 
 Every evaluation reduces to *rows*: a list of token ids of which the tokens from ``first_scored``
 on are scored, each by the model's log-probability given everything before it. Rows are sorted by
@@ -8,15 +8,18 @@ little, and each batch is one forward pass through :func:`dpo_lit.logps.completi
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from dpo_lit.data.collate import pad_rows
+from dpo_lit.data.tokenize import added_prefix
 from dpo_lit.logps import completion_logps
+from dpo_lit.models import evaluating
+
+__all__ = ["Row", "added_prefix", "evaluating", "pad_id", "score_rows", "start_token"]
 
 
 @dataclass(frozen=True)
@@ -25,31 +28,6 @@ class Row:
 
     ids: list[int]
     first_scored: int
-
-
-@contextmanager
-def evaluating(model: nn.Module) -> Iterator[None]:
-    """Eval mode and ``torch.no_grad`` inside; every submodule's own training flag restored after."""
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for module, training in modes.items():
-            module.train(training)
-
-
-def added_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """The special tokens the tokenizer puts before a text by itself (a BOS, or nothing).
-
-    Texts are encoded without special tokens (as lm-evaluation-harness does) and this prefix is
-    put back in front, so that models trained with a BOS see one and others see none.
-    """
-    with_specials = tokenizer("a")["input_ids"]
-    without = tokenizer("a", add_special_tokens=False)["input_ids"]
-    cut = len(with_specials) - len(without)
-    return list(with_specials[:cut]) if cut > 0 and with_specials[cut:] == without else []
 
 
 def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -63,19 +41,6 @@ def start_token(tokenizer: PreTrainedTokenizerBase) -> int:
     if token is None:
         raise ValueError("the tokenizer has neither a BOS nor an EOS token to start an empty context with")
     return token
-
-
-def collate(rows: Sequence[Row], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """Right-padded ``input_ids``, ``attention_mask`` and ``completion_mask``, each (N, T)."""
-    width = max(len(row.ids) for row in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    completion_mask = torch.zeros((len(rows), width), dtype=torch.bool)
-    for i, row in enumerate(rows):
-        input_ids[i, : len(row.ids)] = torch.tensor(row.ids, dtype=torch.long)
-        attention_mask[i, : len(row.ids)] = 1
-        completion_mask[i, row.first_scored : len(row.ids)] = True
-    return input_ids.to(device), attention_mask.to(device), completion_mask.to(device)
 
 
 def score_rows(
@@ -95,9 +60,10 @@ def score_rows(
     results: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
-        logps, tokens = completion_logps(
-            model, *collate([rows[i] for i in batch], pad_id, device)
-        )  # (n,), (n,)
+        ids, attention, scored = pad_rows(
+            [rows[i].ids for i in batch], pad_id, first_scored=[rows[i].first_scored for i in batch]
+        )  # (n, T) each
+        logps, tokens = completion_logps(model, ids.to(device), attention.to(device), scored.to(device))  # (n,), (n,)
         for i, logp, count in zip(batch, logps.tolist(), tokens.tolist()):
             results[i] = (logp, int(count))
     return results

@@ -8,8 +8,8 @@ is ``std / √n``. What exactly it estimates:
   ``max_new_tokens`` tokens, and both models score the same token sequence (a cut completion has
   no EOS term). That is the KL of what ``sample`` produces, not of unbounded generation;
 - the samples are drawn at temperature 1 without top-k/top-p. With top-p the same average would
-  be ``E_{top-p samples}[log π − log π_ref]``, which is not a KL (see the field notes);
-- ``log π`` comes from ``generate``'s raw logits (:mod:`dpo_lit.generation`), ``log π_ref`` from
+  be ``E_{top-p samples}[log π − log π_ref]``, which is not a KL;
+- ``log π`` comes from ``generate``'s raw logits (:mod:`dpo_lit.sampling.sample`), ``log π_ref`` from
   one forward of the reference over the prompt + completion rows (:func:`~dpo_lit.logps.completion_logps`).
 
 Individual terms can be negative; only their mean is a KL. This is the KL to report as
@@ -28,8 +28,10 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from dpo_lit.generation import Sample, eval_no_grad, sample, special_ids
+from dpo_lit.data.collate import pad_rows
 from dpo_lit.logps import completion_logps
+from dpo_lit.models import evaluating
+from dpo_lit.sampling.sample import Sample, sample, special_ids
 
 
 @dataclass
@@ -51,20 +53,6 @@ class KLEstimate:
     finished_fraction: float
 
 
-def right_pad(samples: Sequence[Sample], pad: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """(N, T) prompt + completion rows, right-padded, with attention and completion masks."""
-    width = max(len(s.prompt_ids) + len(s.completion_ids) for s in samples)
-    ids = torch.full((len(samples), width), pad, dtype=torch.long)
-    attention = torch.zeros((len(samples), width), dtype=torch.long)
-    completion = torch.zeros((len(samples), width), dtype=torch.bool)
-    for i, s in enumerate(samples):
-        p, c = len(s.prompt_ids), len(s.completion_ids)
-        ids[i, : p + c] = torch.tensor(s.prompt_ids + s.completion_ids, dtype=torch.long)
-        attention[i, : p + c] = 1
-        completion[i, p : p + c] = True
-    return ids.to(device), attention.to(device), completion.to(device)
-
-
 def sequence_logps(
     model: nn.Module,
     samples: Sequence[Sample],
@@ -84,22 +72,33 @@ def sequence_logps(
     """
     device = next(model.parameters()).device
     out: list[float] = []
-    with eval_no_grad(model), context() if context is not None else contextlib.nullcontext():
+    with evaluating(model), context() if context is not None else contextlib.nullcontext():
         for start in range(0, len(samples), batch_size):
-            ids, attention, completion = right_pad(samples[start : start + batch_size], pad_token_id, device)
-            logps, _ = completion_logps(model, ids, attention, completion)  # (N,)
+            batch = samples[start : start + batch_size]
+            ids, attention, completion = pad_rows(
+                [s.prompt_ids + s.completion_ids for s in batch], pad_token_id,
+                first_scored=[len(s.prompt_ids) for s in batch],
+            )  # (N, T) each
+            logps, _ = completion_logps(model, ids.to(device), attention.to(device), completion.to(device))  # (N,)
             out += logps.tolist()
     return out
 
 
+def mean_se(values: Sequence[float] | Tensor) -> tuple[float, float]:
+    """Mean and standard error of the mean, ``std / √n`` (``nan`` for one value), in float64."""
+    values = torch.as_tensor(values, dtype=torch.float64).reshape(-1)
+    n = values.numel()
+    if n == 0:
+        raise ValueError("the mean of zero values is undefined")
+    return float(values.mean()), float(values.std(unbiased=True)) / math.sqrt(n) if n > 1 else math.nan
+
+
 def summarize(per_sample: Sequence[float], finished: Sequence[bool]) -> KLEstimate:
     """Mean, standard error and finished share of per-sample log-ratios."""
-    n = len(per_sample)
-    if n == 0:
+    if not per_sample:
         raise ValueError("cannot estimate a KL from zero samples")
-    values = torch.tensor(per_sample, dtype=torch.float64)
-    stderr = float(values.std(unbiased=True)) / math.sqrt(n) if n > 1 else math.nan
-    return KLEstimate(float(values.mean()), stderr, n, list(per_sample), sum(finished) / n)
+    mean, stderr = mean_se(per_sample)
+    return KLEstimate(mean, stderr, len(per_sample), list(per_sample), sum(finished) / len(per_sample))
 
 
 def kl_from_samples(

@@ -1,4 +1,4 @@
-"""Scored samples → preference pairs in the ``tokenized`` data format, written atomically as JSONL.
+"""Scored samples → preference pairs in the ``tokenized`` data format (written with ``data.io.write_jsonl``).
 
 Each row keeps the texts for reading and the token ids exactly as sampled for training (the data
 pipeline trains on ``prompt_ids``/``chosen_ids``/``rejected_ids`` as given: no re-tokenisation,
@@ -12,17 +12,13 @@ no EOS appended to a completion that ``max_new_tokens`` cut)::
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 from torch import Tensor
 
-from dpo_lit.generation import Sample
+from dpo_lit.sampling.sample import Sample
 
 Strategy = Literal["best_worst", "all_pairs"]
 
@@ -116,20 +112,3 @@ def build_pairs(
         stats.pairs += made
         stats.prompts_without_pair += made == 0
     return rows, stats
-
-
-def write_jsonl(rows: Iterable[dict], path: str | Path) -> Path:
-    """Write one JSON object per line, atomically: a temporary file beside ``path``, then a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the data file is an ordinary one
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

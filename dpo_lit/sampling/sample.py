@@ -1,8 +1,9 @@
 """Sample completions from a causal LM, keeping the token ids exactly as sampled.
 
-On-policy pairs and KL estimates need three things that decoded text loses (see the field notes):
+On-policy pairs and KL estimates need three things that decoded text loses:
 
-- the sampled ids themselves: decoding and re-tokenising does not give them back;
+- the sampled ids themselves: decoding and re-tokenising does not give them back (for SmolLM2,
+  re-tokenising 64 decoded 48-token samples reproduced the sampled ids for only 60);
 - whether the model ended the completion (its EOS is kept, inclusive) or ``max_new_tokens`` cut
   it (no EOS is added: the model never wrote one there);
 - ``log π(y | x)`` under the model's *unmodified* distribution (temperature 1, no top-k/top-p),
@@ -22,19 +23,15 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from dpo_lit.data.errors import DataError, describe
-from dpo_lit.data.io import read_records
+from dpo_lit.data.collate import pad_rows
 from dpo_lit.logps import selective_log_softmax
-
-Messages = list[dict[str, str]]
-Prompt = str | Messages
+from dpo_lit.models import evaluating
 
 # Values that disable every logits processor generate() may pick up from a model's generation_config.
 _NEUTRAL: dict[str, Any] = {
@@ -86,18 +83,6 @@ class Sample:
 
 
 @contextlib.contextmanager
-def eval_no_grad(model: nn.Module) -> Iterator[None]:
-    """Eval mode and no autograd inside; the model's previous mode is restored after."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
-
-
-@contextlib.contextmanager
 def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
     """Seed torch's RNG inside; the CPU's and ``device``'s RNG states are restored after."""
     if seed is None:
@@ -134,32 +119,23 @@ def special_ids(
 def generate_kwargs(
     max_new_tokens: int, temperature: float, top_p: float, top_k: int, eos: int, pad: int
 ) -> dict[str, Any]:
-    """Keyword arguments for ``generate``: sampling with exactly the given processors, raw logits out."""
+    """Keyword arguments for ``generate``: exactly the given processors, raw logits out.
+
+    ``temperature == 0`` is greedy decoding (no sampling processors at all).
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k}
     return {
         **_NEUTRAL,
-        "do_sample": True,
+        **(sampling if temperature > 0 else {"do_sample": False}),
         "max_new_tokens": max_new_tokens,
-        "temperature": temperature,
-        "top_p": top_p,
-        "top_k": top_k,
         "eos_token_id": eos,
         "pad_token_id": pad,
         "num_return_sequences": 1,
         "output_logits": True,
         "return_dict_in_generate": True,
     }
-
-
-def left_pad(rows: Sequence[Sequence[int]], pad: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """(N, P) left-padded ids and their attention mask, built from the rows' lengths."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        if row:
-            ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
-            mask[i, width - len(row) :] = 1
-    return ids.to(device), mask.to(device)
 
 
 def _completions(new: Tensor, logits: Sequence[Tensor], eos: int) -> list[tuple[list[int], bool, float]]:
@@ -200,7 +176,7 @@ def sample(
         prompts: Token ids of each prompt (see :func:`encode_prompts`).
         num_samples: Completions per prompt.
         max_new_tokens: Bound on completion tokens; a completion cut there keeps no EOS.
-        temperature: Sampling temperature (``logp`` is always at temperature 1).
+        temperature: Sampling temperature; 0 decodes greedily (``logp`` is always at temperature 1).
         top_p: Nucleus sampling threshold (1: off).
         top_k: Top-k sampling (0: off; the model's ``generation_config`` default is overridden).
         batch_size: Rows (prompt × sample) per ``generate`` call.
@@ -218,91 +194,14 @@ def sample(
     rows = [i for i in range(len(prompts)) for _ in range(num_samples)]
     kwargs = generate_kwargs(max_new_tokens, temperature, top_p, top_k, eos, pad)
     samples: list[Sample] = []
-    with eval_no_grad(model), _seeded(seed, device):
+    with evaluating(model), _seeded(seed, device):
         for start in range(0, len(rows), batch_size):
             batch = rows[start : start + batch_size]
-            ids, mask = left_pad([prompts[i] for i in batch], pad, device)  # (N, P)
+            ids, mask, _ = pad_rows([prompts[i] for i in batch], pad, left=True)  # (N, P)
+            ids, mask = ids.to(device), mask.to(device)
             out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
             new = out.sequences[:, ids.shape[1] :]  # (N, T)
             for i, (completion, finished, logp) in zip(batch, _completions(new, out.logits, eos)):
                 text = tokenizer.decode(completion, skip_special_tokens=True) if tokenizer is not None else ""
                 samples.append(Sample(i, list(prompts[i]), completion, finished, logp, text))
     return samples
-
-
-def encode_prompts(
-    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt], chat: bool | None = None
-) -> list[list[int]]:
-    """Token ids of prompts, rendered as the data pipeline renders them.
-
-    With a chat template (and ``chat`` not ``False``) each prompt (a string becomes one user
-    message) is rendered with ``add_generation_prompt=True`` and tokenized without special tokens;
-    otherwise plain strings are tokenized with special tokens. A doubled leading BOS is collapsed.
-
-    Args:
-        tokenizer: The policy's tokenizer.
-        prompts: Strings or lists of ``{"role", "content"}`` messages.
-        chat: ``None``: use the chat template when the tokenizer has one; ``True``: require it;
-            ``False``: plain text (message lists are refused).
-    """
-    has_template = getattr(tokenizer, "chat_template", None) is not None
-    if chat and not has_template:
-        raise ValueError(f"chat=True needs a chat template; {tokenizer.name_or_path} has none")
-    use_chat = has_template and chat is not False
-    if use_chat:
-        texts = [
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}] if isinstance(p, str) else list(p),
-                add_generation_prompt=True,
-                tokenize=False,
-            )
-            for p in prompts
-        ]
-    else:
-        if any(not isinstance(p, str) for p in prompts):
-            raise ValueError("message-list prompts need a chat template (and chat not False)")
-        texts = list(prompts)
-    if not texts:
-        return []
-    encoded = tokenizer(texts, add_special_tokens=not use_chat, verbose=False)["input_ids"]
-    bos = tokenizer.bos_token_id
-    return [ids[1:] if bos is not None and ids[:2] == [bos, bos] else ids for ids in encoded]
-
-
-def _prompt(value: Any, location: str) -> Prompt:
-    if isinstance(value, str) and value.strip():
-        return value
-    if (
-        isinstance(value, list)
-        and value
-        and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in value
-        )
-    ):
-        return [{"role": m["role"], "content": m["content"]} for m in value]
-    raise DataError(
-        location, f"field 'prompt': expected a non-empty string or list of messages, got {describe(value)}"
-    )
-
-
-def read_prompts(path: str | Path) -> list[Prompt]:
-    """Prompts from a file: one per line of a ``.txt`` file (blank lines skipped), or the ``prompt``
-    field (a string or a message list) of every record of a ``.jsonl``/``.json``/``.csv``/``.parquet``
-    file (any file :func:`~dpo_lit.data.io.read_records` reads, preference data included).
-
-    Raises:
-        DataError: ``path:line: field 'prompt': ...`` for a missing or empty prompt.
-    """
-    path = Path(path)
-    if path.suffix == ".txt":
-        if not path.is_file():
-            raise DataError(str(path), "file not found")
-        lines = path.read_text(encoding="utf-8").splitlines()
-        return [line for line in lines if line.strip()]
-    prompts = []
-    for record, location in read_records(str(path)):
-        if "prompt" not in record:
-            raise DataError(location, "field 'prompt': missing")
-        prompts.append(_prompt(record["prompt"], location))
-    return prompts

@@ -1,4 +1,4 @@
-"""``dpo-lit predict``: sample k completions per prompt, score them, write preference pairs.
+"""``dpo-lit predict``'s module, data and writer: sample k completions per prompt, score them, pair them.
 
     dpo-lit predict --config configs/generate/everyday_vader.yaml
     dpo-lit predict --config configs/generate/everyday_vader.yaml --model.model_name runs/.../merged
@@ -13,7 +13,6 @@ produce. ``dpo-lit fit`` trains on that file as it is.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,19 +20,15 @@ import torch
 from jsonargparse import lazy_instance
 from lightning import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
-from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from dpo_lit.generation import Prompt, encode_prompts, read_prompts, sample
+from dpo_lit.data.io import write_json, write_jsonl
+from dpo_lit.data.prompts import encode_prompts, prompt_text, read_prompts
 from dpo_lit.models import load_model, load_tokenizer
-from dpo_lit.pairs import PairStats, build_pairs, write_jsonl
 from dpo_lit.rewards import Reward, VaderSentiment
-
-
-def prompt_text(prompt: Prompt) -> str:
-    """What a reward sees of a prompt: the string, or the last message's content."""
-    return prompt if isinstance(prompt, str) else str(prompt[-1]["content"])
+from dpo_lit.sampling.pairs import PairStats, build_pairs
+from dpo_lit.sampling.sample import sample
 
 
 class GenerationModule(LightningModule):
@@ -144,17 +139,9 @@ class WritePairs(BasePredictionWriter):
             "reward_mean": scores.mean().item(), "reward_std": scores.std().item() if len(scores) > 1 else 0.0,
             "finished_fraction": sum(finished) / max(1, len(finished)),
         }
-        Path(path).with_suffix(".summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_json(summary, Path(path).with_suffix(".summary.json"))
         rank_zero_info(
             f"Wrote {len(rows)} pairs from {stats.prompts} prompts to {path} (reward {summary['reward_mean']:.3f} "
             f"± {summary['reward_std']:.3f} over {len(finished)} samples, {summary['finished_fraction']:.0%} "
             f"ended with EOS; skipped: {stats.ties} ties, {stats.under_margin} under the margin)"
         )
-
-
-class GenerateCLI(LightningCLI):
-    """LightningCLI of ``dpo-lit predict``: the tokenizer follows the model; pairs are written."""
-
-    def add_arguments_to_parser(self, parser) -> None:
-        parser.link_arguments("model.model_name", "data.tokenizer_name")
-        parser.add_lightning_class_args(WritePairs, "output")

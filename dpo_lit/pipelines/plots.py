@@ -1,6 +1,6 @@
 """Plot a run's TensorBoard scalars as PNG files.
 
-    python -m dpo_lit.plots runs/tiny-monitored/lightning_logs/version_0 [--out DIR]
+    dpo-lit plots runs/tiny-monitored/lightning_logs/version_0 [--out DIR]
 
 writes, for the groups that have data, ``loss.png`` (train and val loss), ``margins.png`` (reward
 margins, with val chosen/rejected rewards), ``accuracy.png`` (reward accuracies), ``kl.png``
@@ -19,6 +19,8 @@ from pathlib import Path
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from dpo_lit.errors import MissingFileError
+
 Series = list[tuple[int, float]]
 Scalars = dict[str, Series]
 
@@ -32,7 +34,7 @@ def find_event_dir(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     files = sorted(run_dir.rglob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
     if not files:
-        raise FileNotFoundError(f"no TensorBoard event files under {run_dir}")
+        raise MissingFileError(f"no TensorBoard event files under {run_dir}")
     return files[-1].parent
 
 
@@ -224,14 +226,14 @@ def _save(fig: Figure, path: Path) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m dpo_lit.plots", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="dpo-lit plots", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", help="a TensorBoard log folder (lightning_logs/version_N) or a folder above one")
     parser.add_argument("--out", default=None, help="where to write the PNGs (default: <event dir>/plots)")
     args = parser.parse_args(argv)
     try:
         paths = plot_run(args.run_dir, args.out)
     except FileNotFoundError as error:
-        parser.exit(2, f"python -m dpo_lit.plots: error: {error}\n")
+        parser.exit(2, f"dpo-lit plots: error: {error}\n")
     for path in paths:
         print(path)
 

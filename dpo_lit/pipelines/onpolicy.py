@@ -1,0 +1,156 @@
+"""On-policy DPO end to end: generate pairs → fit → measure, for one or more rounds.
+
+    dpo-lit onpolicy --config configs/quickstart/pipeline.yaml               # make quickstart
+    dpo-lit onpolicy --config configs/quickstart/pipeline.yaml --rounds 3    # iterative DPO
+
+Each round builds and runs two Lightning jobs from their own configs: ``predict`` (the current
+model samples k answers per training prompt, a reward object scores them, best vs worst become
+pairs) and ``fit`` (DPO with LoRA on those pairs; the merged model becomes the next round's
+sampler). After each round the policy and the original reference answer the held-out prompts with
+the same seeds (a paired comparison): the mean reward of each, their per-prompt difference with
+its standard error, and KL(π‖π_ref) estimated on the policy's own samples (temperature 1, no
+top-p: an unbiased sequence-level estimate). Everything lands in ``out_dir``: pairs, TensorBoard
+logs, ``report.json``, ``report.png``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from dpo_lit.callbacks.export import ExportPretrained
+from dpo_lit.data.prompts import Prompt, encode_prompts, prompt_text, read_prompts
+from dpo_lit.models import load_model, load_tokenizer
+from dpo_lit.pipelines.plots import plot_run
+from dpo_lit.pipelines.report import RoundReport, format_report, write_report_json, write_report_png
+from dpo_lit.rewards import Reward, VaderSentiment
+from dpo_lit.sampling.kl import kl_from_samples, mean_se
+from dpo_lit.sampling.sample import Sample, sample
+
+
+def score_samples(reward: Reward, prompts: Sequence[Prompt], samples: list[Sample]) -> torch.Tensor:
+    """The reward of every sample, (N,)."""
+    texts = [prompt_text(prompts[s.prompt_index]) for s in samples]
+    return reward(texts, [s.text for s in samples], [s.finished for s in samples])
+
+
+def compare_on_prompts(
+    reference, policy, tokenizer, prompts: list, reward: Reward, num_samples: int, max_new_tokens: int, seed: int
+) -> dict:
+    """Paired comparison of two models on the same prompts and sampling seeds, plus sampled KL."""
+    ids = encode_prompts(tokenizer, prompts)
+    with tqdm(total=3, desc="evaluate", unit="pass", leave=True) as bar:
+        ref_samples = sample(reference, tokenizer, ids, num_samples, max_new_tokens, seed=seed)
+        bar.update()
+        pol_samples = sample(policy, tokenizer, ids, num_samples, max_new_tokens, seed=seed)
+        bar.update()
+        kl = kl_from_samples(pol_samples, reference, pad_token_id=tokenizer.pad_token_id)
+        bar.update()
+    ref_scores = score_samples(reward, prompts, ref_samples)
+    pol_scores = score_samples(reward, prompts, pol_samples)
+    gain = (pol_scores - ref_scores).view(len(prompts), num_samples).mean(-1)  # (P,) per-prompt means
+    examples = [
+        {"prompt": prompt_text(prompts[i]), "reference": ref_samples[i * num_samples].text,
+         "policy": pol_samples[i * num_samples].text}
+        for i in range(min(2, len(prompts)))
+    ]
+    return {
+        "reference": mean_se(ref_scores), "policy": mean_se(pol_scores), "gain": mean_se(gain),
+        "kl": (kl.mean, kl.stderr), "examples": examples,
+    }
+
+
+def generate_pairs(config: str, model: str, pairs: Path, seed: int, prompts_file: str | None) -> None:
+    """``dpo-lit predict`` with ``config``: sample from ``model``, write scored pairs to ``pairs``."""
+    from dpo_lit.cli import build_cli
+
+    overrides = {"model.model_name": model, "output.path": str(pairs), "model.seed": seed}
+    if prompts_file:
+        overrides["data.prompts_file"] = prompts_file
+    cli = build_cli("predict", [config], overrides)
+    cli.trainer.predict(cli.model, datamodule=cli.datamodule, return_predictions=False)
+
+
+def train(config: str, model: str, pairs: Path, root: Path, seed: int) -> Path:
+    """``dpo-lit fit`` with ``config`` on ``pairs``, starting from ``model``; returns the run folder."""
+    from dpo_lit.cli import build_cli
+
+    cli = build_cli("fit", [config], {
+        "model.model_name": model, "data.train_files": [str(pairs)], "trainer.default_root_dir": str(root),
+        "seed_everything": seed,
+    })  # fmt: skip
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    return ExportPretrained.run_dir(cli.trainer)
+
+
+def run_pipeline(
+    generate_config: str = "configs/generate/everyday_vader.yaml",
+    train_config: str = "configs/quickstart/dpo.yaml",
+    reward: Reward | None = None,
+    train_prompts: str | None = None,
+    heldout_prompts: str = "dpo_lit/assets/everyday_prompts_heldout.txt",
+    model_name: str = "smollm2-135m-instruct",
+    rounds: int = 1,
+    out_dir: str = "runs/quickstart",
+    eval_samples: int = 4,
+    eval_max_new_tokens: int = 48,
+    eval_seed: int = 1234,
+    seed: int = 0,
+) -> list[RoundReport]:
+    """Generate → fit → evaluate, ``rounds`` times.
+
+    Args:
+        generate_config: ``dpo-lit predict`` config (prompts, reward, sampling).
+        train_config: ``dpo-lit fit`` config (loss, LoRA, optimiser); its data files are replaced.
+        reward: reward for the held-out evaluation (None: VADER compound, as the generate config).
+        train_prompts: prompts to generate pairs for (None: the generate config's prompts file).
+        heldout_prompts: prompts never trained on, for the evaluation.
+        model_name: the starting model, and the reference every round is compared with.
+        rounds: rounds of iterative DPO (each samples from the previous round's policy).
+        out_dir: where pairs, logs and the report go.
+        eval_samples: samples per held-out prompt and model.
+        eval_max_new_tokens: length of the evaluation samples.
+        eval_seed: sampling seed of the evaluation (the same for reference and policy).
+        seed: seed of generation and training (round r uses seed + r).
+    """
+    reward = reward or VaderSentiment()
+    out = Path(out_dir)
+    prompts = read_prompts(heldout_prompts)  # bad prompt files fail here, before any model loads
+    source = f"{len(read_prompts(train_prompts))} prompts of {train_prompts}" if train_prompts else generate_config
+    tokenizer = load_tokenizer(model_name)
+    reference = load_model(model_name)
+    reports, current = [], model_name
+    for r in range(1, rounds + 1):
+        head = f"[round {r}/{rounds}]"
+        t0 = time.time()
+        pairs = out / f"round{r}" / "pairs.jsonl"
+        print(f"{head} generate: answers to the training prompts ({source}) → {pairs}", flush=True)
+        generate_pairs(generate_config, current, pairs, seed + r, train_prompts)
+        t1 = time.time()
+        print(f"{head} train: DPO on {sum(1 for _ in pairs.open())} pairs ({train_config})", flush=True)
+        run_dir = train(train_config, current, pairs, out / f"round{r}", seed + r)
+        plot_run(run_dir)  # training curves: <run_dir>/plots/*.png
+        current = str(run_dir / "merged")
+        t2 = time.time()
+        print(f"{head} evaluate: {len(prompts)} held-out prompts × {eval_samples} samples, reference and policy",
+              flush=True)
+        result = compare_on_prompts(
+            reference, load_model(current), tokenizer, prompts, reward, eval_samples, eval_max_new_tokens, eval_seed
+        )
+        t3 = time.time()
+        reports.append(RoundReport(
+            round=r, model=current, pairs=sum(1 for _ in pairs.open()),
+            reference_reward=result["reference"][0], reference_reward_se=result["reference"][1],
+            policy_reward=result["policy"][0], policy_reward_se=result["policy"][1],
+            paired_gain=result["gain"][0], paired_gain_se=result["gain"][1],
+            kl=result["kl"][0], kl_se=result["kl"][1], examples=result["examples"],
+            seconds={"generate": t1 - t0, "train": t2 - t1, "evaluate": t3 - t2},
+        ))  # fmt: skip
+        write_report_json(reports, out / "report.json")
+        print(format_report(reports, run_dir), flush=True)
+    write_report_png(reports, out / "report.png")
+    return reports
