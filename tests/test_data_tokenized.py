@@ -10,9 +10,9 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from dpo_lit.data import DataError, DataWarning, PreferenceDataModule, detect_format, load_examples
-from dpo_lit.sampling.sample import Sample
 from dpo_lit.data.io import write_jsonl
 from dpo_lit.sampling.pairs import build_pairs
+from dpo_lit.sampling.sample import Sample
 
 BOS, EOS = 256, 257  # the tiny tokenizer's <s> and <|im_end|>
 PROMPT = [BOS, 40, 41, 42, 43]

@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from dpo_lit.data.errors import DataError
 from dpo_lit.data.collate import pad_rows
+from dpo_lit.data.errors import DataError
 from dpo_lit.data.prompts import encode_prompts, read_prompts
 from dpo_lit.models import build_tiny_model, load_model, load_tokenizer
 from dpo_lit.sampling.kl import sequence_logps

@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-from dpo_lit.sampling.sample import Sample
 from dpo_lit.sampling.kl import estimate_kl, kl_from_samples, sequence_logps, summarize
+from dpo_lit.sampling.sample import Sample
 
 VOCAB, EOS, MAX_NEW = 6, 0, 3
 PROMPTS = [[3, 4], [5, 1, 2, 4]]  # different lengths: the short one is left-padded when sampling

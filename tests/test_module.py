@@ -10,9 +10,9 @@ from lightning import Trainer
 import dpo_lit
 from dpo_lit.callbacks import ExportPretrained
 from dpo_lit.data import PreferenceDataModule
+from dpo_lit.errors import ConfigError
 from dpo_lit.losses import DPOLoss, KTOLoss, SimPOLoss
 from dpo_lit.models import TINY_ALIAS
-from dpo_lit.errors import ConfigError
 from dpo_lit.module import LoRASettings, PreferenceModule
 from dpo_lit.reference import CopyReference, NoReference, PrecomputedReference, SyncedReference
 
