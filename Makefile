@@ -35,7 +35,7 @@ test: venv lint
 # SmolLM2-135M-Instruct, offline: generate on-policy pairs, train DPO with LoRA, compare with the
 # reference on held-out prompts. Writes runs/quickstart/{report.json,report.png} and TensorBoard logs.
 quickstart: venv
-	$(PY) -m dpo_lit.onpolicy --config configs/quickstart/pipeline.yaml
+	$(VENV)/bin/dpo-lit onpolicy --config configs/quickstart/pipeline.yaml
 
 clean:
 	rm -rf $(VENV) runs lightning_logs

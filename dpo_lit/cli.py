@@ -4,6 +4,7 @@
     dpo-lit fit --config configs/dpo/tiny.yaml --config configs/loss/ipo.yaml  # configs stack
     dpo-lit validate --config configs/dpo/tiny.yaml --ckpt_path runs/.../checkpoints/last.ckpt
     dpo-lit predict --config configs/generate/everyday_vader.yaml              # sample, score, pair
+    dpo-lit predict --config configs/generate/everyday_vader.yaml --model.model_name runs/.../merged
     dpo-lit onpolicy --config configs/quickstart/pipeline.yaml                 # generate → fit → measure
     dpo-lit plots runs/.../lightning_logs/version_0                            # PNGs of a run
 
@@ -107,11 +108,18 @@ def build_cli(
 
 def onpolicy(argv: Sequence[str]) -> None:
     """``dpo-lit onpolicy``: the generate → fit → evaluate pipeline, configured by its own YAML."""
+    # The pipeline prints one line per stage and its own progress bars: no per-job banners (devices,
+    # seeds, model summaries) and no bars for loading or writing weights.
+    from huggingface_hub.utils import disable_progress_bars
     from jsonargparse import CLI
+    from transformers.utils.logging import disable_progress_bar
 
     from dpo_lit.pipelines.onpolicy import run_pipeline
 
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # the pipeline prints its own stages
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    disable_progress_bar()
+    disable_progress_bars()
     CLI(run_pipeline, args=list(argv), as_positional=False, prog="dpo-lit onpolicy")
 
 

@@ -120,7 +120,7 @@ class AdapterReference(NoReference):
 
     def setup(self, policy: nn.Module, *, lora: bool, paired: bool, chunk: int) -> None:
         if not lora:
-            raise ConfigError("model.reference: adapter needs a LoRA adapter: set model.lora (e.g. --model.lora.r=16)")
+            raise ConfigError("model.reference: adapter needs a LoRA adapter: set model.lora (e.g. model.lora.r: 16)")
         super().setup(policy, lora=lora, paired=paired, chunk=chunk)
 
     def logps(self, policy: nn.Module, batch: dict, split: str) -> Tensor:

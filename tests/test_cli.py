@@ -7,7 +7,7 @@ import pytest
 from dpo_lit.cli import DPOLitCLI
 from dpo_lit.cli import run as main
 from dpo_lit.data import PreferenceDataModule
-from dpo_lit.losses import IPOLoss
+from dpo_lit.losses import DPOLoss, IPOLoss
 from dpo_lit.module import PreferenceModule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,12 +116,13 @@ def test_tiny_dpo_learns_and_validate_reproduces_it(tmp_path, monkeypatch):
     fitted = main(["fit", *common])
     accuracy = float(fitted.trainer.callback_metrics["val/rewards/accuracies"])
     assert accuracy >= 0.9, f"validation reward accuracy {accuracy:.2f} < 0.9"
-    assert isinstance(fitted.model.loss, type(fitted.model.loss))
+    assert type(fitted.model.loss) is DPOLoss and fitted.model.loss.beta == 0.1  # as configs/dpo/tiny.yaml says
     ckpt = fitted.trainer.checkpoint_callback.best_model_path
     validated = main(["validate", *common, f"--ckpt_path={ckpt}"])
     metrics = validated.trainer.callback_metrics
     assert float(metrics["val/rewards/accuracies"]) == pytest.approx(accuracy)
     assert float(metrics["val/loss"]) == pytest.approx(float(fitted.trainer.callback_metrics["val/loss"]), rel=1e-5)
+    assert type(validated.model.loss) is DPOLoss and validated.model.loss.beta == fitted.model.loss.beta
 
 
 def test_swapped_loss_trains(tmp_path, monkeypatch):

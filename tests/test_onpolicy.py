@@ -1,6 +1,8 @@
 """On-policy generation (dpo-lit predict) and the generate → fit → evaluate pipeline, on the tiny model."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,7 +55,49 @@ def test_tiny_pipeline_runs_two_rounds(tmp_path, monkeypatch):
         out_dir=str(tmp_path), eval_samples=2, eval_max_new_tokens=16,
     )
     assert [r.round for r in reports] == [1, 2]
-    assert (tmp_path / "round2" / "pairs.jsonl").is_file() and (tmp_path / "report.png").is_file()
+    # each round trains on the pairs it wrote and samples the next round from its merged model
+    for r in reports:
+        pairs = tmp_path / f"round{r.round}" / "pairs.jsonl"
+        assert r.pairs == sum(1 for _ in pairs.open()) > 0
+        assert Path(r.model) == tmp_path / f"round{r.round}" / "lightning_logs" / "version_0" / "merged"
+        assert set(r.seconds) == {"generate", "train", "evaluate"}
+    # the reference and the evaluation seeds never change: its reward is the same number every round
+    assert reports[0].reference_reward == reports[1].reference_reward
+    assert reports[0].reference_reward_se == reports[1].reference_reward_se
+    # the paired gain is the policy's reward minus the reference's (same samples per prompt)
+    for r in reports:
+        assert r.paired_gain == pytest.approx(r.policy_reward - r.reference_reward, abs=1e-6)
+        assert r.kl > -3 * r.kl_se  # a KL: non-negative up to sampling noise
     saved = json.loads((tmp_path / "report.json").read_text())
-    assert len(saved) == 2 and all(r["kl"] == r["kl"] for r in saved)  # finite, not NaN
-    assert Path(reports[1].model).name == "merged" and "round2" in reports[1].model
+    assert [row["kl"] for row in saved] == [r.kl for r in reports]
+    assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+def _dpo_lit(*args: str) -> subprocess.CompletedProcess:
+    """The console script as a user runs it (``python -m dpo_lit`` is the same entry point)."""
+    return subprocess.run(
+        [sys.executable, "-m", "dpo_lit", *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+
+
+def test_onpolicy_command_runs_the_tiny_pipeline_quietly(tmp_path):
+    done = _dpo_lit("onpolicy", "--config", "configs/quickstart/tiny_pipeline.yaml", "--out_dir", str(tmp_path),
+                    "--rounds", "1")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    console = done.stdout + done.stderr
+    assert "LightningCLI's args parameter" not in console and "Tip:" not in console and "Traceback" not in console
+    stages = [line.split("] ")[1].split(":")[0] for line in done.stdout.splitlines() if line.startswith("[round 1/1]")]
+    assert stages == ["generate", "train", "evaluate"]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert len(report) == 1 and report[0]["pairs"] > 0
+
+
+def test_onpolicy_bad_prompts_file_ends_in_one_line(tmp_path):
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_text('{"prompt": "Tell me about the sea."}\n{"prompt": 42}\n')
+    done = _dpo_lit("onpolicy", "--config", "configs/quickstart/tiny_pipeline.yaml", "--out_dir", str(tmp_path),
+                    "--train_prompts", str(bad))  # fmt: skip
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert lines[0].startswith("dpo-lit: error: ") and f"{bad}:2" in lines[0] and "'prompt'" in lines[0]

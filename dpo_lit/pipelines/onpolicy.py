@@ -81,7 +81,7 @@ def train(config: str, model: str, pairs: Path, root: Path, seed: int) -> Path:
 
     cli = build_cli("fit", [config], {
         "model.model_name": model, "data.train_files": [str(pairs)], "trainer.default_root_dir": str(root),
-        "seed_everything": seed,
+        "seed_everything": seed, "trainer.enable_model_summary": False,
     })  # fmt: skip
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     return ExportPretrained.run_dir(cli.trainer)

@@ -1,7 +1,6 @@
 """``dpo-lit predict``'s module, data and writer: sample k completions per prompt, score them, pair them.
 
     dpo-lit predict --config configs/generate/everyday_vader.yaml
-    dpo-lit predict --config configs/generate/everyday_vader.yaml --model.model_name runs/.../merged
 
 The prompts come from a file (plain lines or JSONL with a ``prompt`` field; chat-templated when
 the model has a template). The reward is an object chosen by ``class_path`` (a lexicon sentiment
