@@ -19,6 +19,7 @@ from dpo_lit.data.formats import Example, Format
 from dpo_lit.data.io import HUB_PREFIX
 from dpo_lit.data.load import Mode, prepare, read_examples, shuffled, split_examples
 from dpo_lit.data.tokenize import TokenizedDataset, TruncationMode, tokenize_examples
+from dpo_lit.errors import ConfigError
 
 
 class PreferenceDataModule(LightningDataModule):
@@ -82,13 +83,13 @@ class PreferenceDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         if not train_files and not hub_dataset:
-            raise ValueError("PreferenceDataModule needs train_files or hub_dataset")
+            raise ConfigError("data.train_files: PreferenceDataModule needs train_files or hub_dataset")
         if max_prompt_length is not None and max_prompt_length >= max_length:
-            raise ValueError(
-                f"max_prompt_length ({max_prompt_length}) must be below max_length ({max_length})"
+            raise ConfigError(
+                f"data.max_prompt_length: max_prompt_length ({max_prompt_length}) must be below max_length ({max_length})"
             )
         if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+            raise ConfigError(f"data.val_fraction: must be in [0, 1), got {val_fraction}")
         self.save_hyperparameters()
         self.tokenizer_name = tokenizer_name
         self.train_files, self.val_files = list(train_files or []), list(val_files or [])

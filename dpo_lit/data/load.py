@@ -16,6 +16,7 @@ from dpo_lit.data.errors import DataError, DataReport, OnBadRecord
 from dpo_lit.data.formats import Example, Format, as_unpaired, detect_format, parse_record
 from dpo_lit.data.io import read_records
 from dpo_lit.data.tokenize import TokenizedExample, TruncationMode, tokenize_examples
+from dpo_lit.errors import ConfigError
 
 Mode = Literal["paired", "unpaired"]
 UNPAIRED_IN_PAIRED_MODE = (
@@ -69,7 +70,7 @@ def split_examples(
 ) -> tuple[list[Example], list[Example]]:
     """Shuffle deterministically (``seed``) and hold out ``val_fraction`` (at least one, if > 0)."""
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise ConfigError(f"data.val_fraction: must be in [0, 1), got {val_fraction}")
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     n_val = max(1, round(val_fraction * len(order))) if val_fraction > 0 and len(order) > 1 else 0

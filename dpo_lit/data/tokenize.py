@@ -30,6 +30,7 @@ from transformers import PreTrainedTokenizerBase
 
 from dpo_lit.data.errors import DataError, DataReport
 from dpo_lit.data.formats import Example, PairedExample, Text, TokenIds
+from dpo_lit.errors import ConfigError
 
 TruncationMode = Literal["keep_end", "keep_start"]
 TokenizedExample = dict[str, Any]
@@ -214,7 +215,7 @@ def tokenize_examples(
     report = report if report is not None else DataReport()
     eos = tokenizer.eos_token_id
     if eos is None:
-        raise ValueError(f"tokenizer {tokenizer.name_or_path} has no EOS token")
+        raise ConfigError(f"model.model_name: tokenizer {tokenizer.name_or_path} has no EOS token")
     texts = [(i, e) for i, e in enumerate(examples) if e.token_ids is None]
     encoded = _encode_texts(texts, tokenizer, eos, report)
     for i, e in enumerate(examples):

@@ -27,6 +27,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from dpo_lit.errors import ConfigError
+
 
 class Reward(ABC):
     """Scores completions of prompts; subclasses implement :meth:`score`."""
@@ -71,14 +73,14 @@ def import_object(path: str) -> object:
     if not sep:
         module_name, _, attr = path.rpartition(".")
     if not module_name or not attr:
-        raise ValueError(f"expected a dotted path like 'package.module.function', got {path!r}")
+        raise ConfigError(f"model.reward.init_args.fn: expected a dotted path like 'package.module.function', got {path!r}")
     try:
         obj: object = importlib.import_module(module_name)
     except ImportError as error:
-        raise ValueError(f"cannot import {module_name!r} (from {path!r}): {error}") from None
+        raise ConfigError(f"model.reward.init_args.fn: cannot import {module_name!r} (from {path!r}): {error}") from None
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise ValueError(f"{module_name!r} has no attribute {attr!r} (from {path!r})")
+            raise ConfigError(f"model.reward.init_args.fn: {module_name!r} has no attribute {attr!r} (from {path!r})")
         obj = getattr(obj, part)
     return obj
 
@@ -97,7 +99,7 @@ class CallableReward(Reward):
         # Imported now: a wrong path fails when the config is built, not mid-run.
         self.function: Callable = import_object(fn)
         if not callable(self.function):
-            raise ValueError(f"{fn!r} is not callable")
+            raise ConfigError(f"model.reward.init_args.fn: {fn!r} is not callable")
 
     def score(
         self, prompts: list[str], completions: list[str], finished: Sequence[bool] | None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from dpo_lit.errors import ConfigError
 from dpo_lit.rewards.base import Reward
 
 
@@ -40,7 +41,7 @@ class LengthReward(Reward):
         ngram: int = 3,
     ) -> None:
         if target_words <= 0 or ngram <= 0:
-            raise ValueError(f"target_words and ngram must be positive, got {target_words} and {ngram}")
+            raise ConfigError(f"LengthReward: target_words and ngram must be positive, got {target_words} and {ngram}")
         self.target_words = target_words
         self.unfinished_penalty = unfinished_penalty
         self.repetition_penalty = repetition_penalty

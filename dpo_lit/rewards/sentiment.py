@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from functools import cached_property
 from typing import Any, Literal
 
+from dpo_lit.errors import ConfigError
 from dpo_lit.rewards.base import Reward
 
 
@@ -22,7 +23,7 @@ class VaderSentiment(Reward):
 
     def __init__(self, field: Literal["compound", "pos", "neg", "neu"] = "compound") -> None:
         if field not in ("compound", "pos", "neg", "neu"):
-            raise ValueError(f"field must be compound, pos, neg or neu, got {field!r}")
+            raise ConfigError(f"VaderSentiment: field must be compound, pos, neg or neu, got {field!r}")
         self.field = field
 
     @cached_property
