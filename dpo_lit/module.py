@@ -182,7 +182,10 @@ class PreferenceModule(LightningModule):
             for split in splits
             if (dataset := getattr(datamodule, f"{split}_dataset", None))
         }
-        self.reference.prepare(self.policy, data, self.device, self.trainer.precision_plugin.forward_context)
+        trainer = self.trainer
+        self.reference.prepare(
+            self.policy, data, self.device, trainer.precision_plugin.forward_context, str(trainer.precision)
+        )
 
     def on_fit_start(self) -> None:
         self._prepare_reference(["train", "val"])

@@ -9,8 +9,8 @@ init_args: {mixup_alpha: 0.6, sync_steps: 64}}``); the names ``copy``, ``adapter
 - :class:`AdapterReference` (``adapter``): the policy itself with its LoRA adapter switched off:
   no second copy of the weights in memory.
 - :class:`PrecomputedReference` (``precomputed``): every example's reference log-probs computed
-  once, before training, from the initial policy; cached on disk under a hash of the weights and
-  the tokenised data (later runs on the same data reuse the file) and looked up by example index.
+  once, before training, from the initial policy; cached on disk under a hash of the weights, the
+  precision they run in and the tokenised data (later runs reuse the file); looked up by index.
 - :class:`NoReference` (``none``): reference-free losses (SimPO, ORPO, SFT).
 - :class:`SyncedReference`: TR-DPO (Gorbatovski et al. 2024): a copy that every ``sync_steps``
   optimizer steps moves towards the policy, ``ref ← α·policy + (1 − α)·ref``.
@@ -71,8 +71,11 @@ class NoReference:
         """
         self.chunk = chunk
 
-    def prepare(self, policy: nn.Module, data: SplitData, device: torch.device, context: Callable) -> None:
-        """When fit or validate starts, on the module's device; ``context()`` is the precision context."""
+    def prepare(
+        self, policy: nn.Module, data: SplitData, device: torch.device, context: Callable, precision: str = ""
+    ) -> None:
+        """When fit or validate starts, on the module's device; ``context()`` is the precision context
+        and ``precision`` its name (``32-true``, ``bf16-mixed``, ...)."""
 
     def logps(self, policy: nn.Module, batch: dict, split: str) -> Tensor | None:
         """Reference log-probs of the batch's rows, (2B,), or None."""
@@ -104,7 +107,9 @@ class CopyReference(NoReference):
         super().setup(policy, lora=lora, paired=paired, chunk=chunk)
         self.frozen = copy.deepcopy(policy).requires_grad_(False).eval()
 
-    def prepare(self, policy: nn.Module, data: SplitData, device: torch.device, context: Callable) -> None:
+    def prepare(
+        self, policy: nn.Module, data: SplitData, device: torch.device, context: Callable, precision: str = ""
+    ) -> None:
         self.frozen.to(device)
 
     @torch.no_grad()
@@ -144,25 +149,28 @@ class PrecomputedReference(NoReference):
         self.tables: dict[str, Tensor] = {}
         self._weights_hash: str | None = None
 
-    def _key(self, policy: nn.Module, dataset: Dataset) -> str:
+    def _key(self, policy: nn.Module, dataset: Dataset, precision: str) -> str:
+        """Hash of the initial weights, how they are run (precision, chunking) and the token ids."""
         if self._weights_hash is None:  # hash the initial weights once, before any step changes them
             h = hashlib.sha256()
             for name, tensor in policy.state_dict().items():
                 h.update(name.encode())
                 h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
             self._weights_hash = h.hexdigest()
-        h = hashlib.sha256(self._weights_hash.encode())
+        h = hashlib.sha256(f"{self._weights_hash}|{precision}|{self.chunk}".encode())
         for example in dataset:
             for key in sorted(k for k in example if k.endswith("_ids")):
                 h.update(key.encode())
                 h.update(torch.tensor(example[key], dtype=torch.int64).numpy().tobytes())
         return h.hexdigest()[:24]
 
-    def prepare(self, policy: nn.Module, data: SplitData, device: torch.device, context: Callable) -> None:
+    def prepare(
+        self, policy: nn.Module, data: SplitData, device: torch.device, context: Callable, precision: str = ""
+    ) -> None:
         for split, (dataset, loader) in data.items():
             if split in self.tables or not dataset:
                 continue
-            path = cache_dir() / "ref_logps" / f"{self._key(policy, dataset)}.pt"
+            path = cache_dir() / "ref_logps" / f"{self._key(policy, dataset, precision)}.pt"
             if path.exists():
                 rank_zero_info(f"Reference log-probs for {split} ({len(dataset)} pairs) read from {path}")
                 self.tables[split] = torch.load(path)

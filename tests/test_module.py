@@ -244,3 +244,14 @@ def test_synced_reference_configuration_errors():
         SyncedReference(sync_steps=0)
     with pytest.raises(ConfigError, match="full fine-tuning"):
         PreferenceModule(TINY_ALIAS, reference=SyncedReference(), lora=LoRASettings(r=4, alpha=8))
+
+
+def test_precomputed_cache_is_keyed_by_precision(tmp_path, monkeypatch):
+    """A table computed under bf16 autocast must never be read by a float32 run (or the reverse)."""
+    monkeypatch.setenv("DPO_LIT_CACHE", str(tmp_path / "cache"))
+    module = PreferenceModule(TINY_ALIAS, reference="precomputed", optimizer=adam())
+    data = make_data()
+    data.setup("fit")
+    key = module.reference._key
+    assert key(module.policy, data.train_dataset, "32-true") != key(module.policy, data.train_dataset, "bf16-mixed")
+    assert key(module.policy, data.train_dataset, "32-true") == key(module.policy, data.train_dataset, "32-true")
