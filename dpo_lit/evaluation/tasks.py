@@ -21,36 +21,20 @@ current directory (the project's root). A malformed row raises a
 from __future__ import annotations
 
 import bz2
-import json
 import os
 import random
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from dpo_lit.data.errors import DataError, describe
+from dpo_lit.data.io import read_records
 from dpo_lit.evaluation.multiple_choice import MCItem
 from dpo_lit.evaluation.perplexity import load_text
 
 DEFAULT_DATA_DIR = Path("..") / "shared" / "data" / "eval"
-
-
-def _jsonl(path: Path) -> Iterator[tuple[dict[str, Any], str]]:
-    """Objects of a JSON-lines file, each with its ``path:line``; blank lines are skipped."""
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(where, f"malformed JSON: {e.msg} (column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise DataError(where, f"expected a JSON object, got {type(record).__name__}")
-            yield record, where
 
 
 def _get(record: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
@@ -70,7 +54,7 @@ def _item(context: str, choices: list[str], answer: int, where: str) -> MCItem:
 def load_arc(path: Path) -> list[MCItem]:
     """ARC-Easy/Challenge; ``answerKey`` is one of the choices' labels (letters, or digits)."""
     items = []
-    for record, where in _jsonl(path):
+    for record, where in read_records(str(path)):
         question = _get(record, "question", dict, where)
         stem = _get(question, "stem", str, where)
         choices = _get(question, "choices", list, where)
@@ -89,7 +73,7 @@ def load_piqa(path: Path) -> list[MCItem]:
     """PIQA; the labels are in ``<stem>-labels.lst`` beside the file, one 0/1 a line."""
     labels_path = path.with_name(f"{path.stem}-labels.lst")
     labels = labels_path.read_text(encoding="utf-8").split()
-    rows = list(_jsonl(path))
+    rows = list(read_records(str(path)))
     if len(labels) != len(rows):
         raise DataError(str(labels_path), f"{len(labels)} labels for the {len(rows)} rows of {path}")
     items = []
@@ -104,7 +88,7 @@ def load_piqa(path: Path) -> list[MCItem]:
 def load_boolq(path: Path) -> list[MCItem]:
     """BoolQ; the answer ``true`` is the choice `` yes`` (index 1)."""
     items = []
-    for record, where in _jsonl(path):
+    for record, where in read_records(str(path)):
         passage, question = _get(record, "passage", str, where), _get(record, "question", str, where)
         answer = _get(record, "answer", bool, where)
         items.append(MCItem(f"{passage}\nQuestion: {question}?\nAnswer:", [" no", " yes"], int(answer)))
@@ -157,7 +141,7 @@ def load_jsonl(path: Path) -> list[MCItem]:
     Choices are continuations of the context: give them their leading space (``" Paris"``).
     """
     items = []
-    for record, where in _jsonl(path):
+    for record, where in read_records(str(path)):
         context = _get(record, "context", str, where)
         choices = _get(record, "choices", list, where)
         if not choices or not all(isinstance(c, str) for c in choices):
