@@ -10,7 +10,11 @@ arc_challenge  ``ARC-Challenge-Test.jsonl``     same
 piqa           ``piqa_valid.jsonl`` + labels    ``Question: {goal}\\nAnswer:`` → `` {sol1}``, `` {sol2}``
 boolq          ``boolq_dev.jsonl``              ``{passage}\\nQuestion: {question}?\\nAnswer:`` → `` no``/`` yes``
 hellaswag      ``hellaswag_val_full.txt.bz2``   ``{activity_label}: {ctx}`` → `` {ending}`` × 4
+lambada        ``lambada_test_plain_text.txt``  a passage a line: its words but the last → `` {last word}``
+                                                (:mod:`~dpo_lit.evaluation.lambada`: ``acc``, ``ppl``)
 ``*.jsonl``    the path itself                  ``{"context", "choices", "answer"}`` used as they are
+``*.txt``      the path itself                  UTF-8 text for perplexity, as it is; metrics named after
+                                                the file's stem (``heldout.txt`` → ``heldout``)
 =============  ===============================  =========================================================
 
 The data directory is ``$DPO_LIT_EVAL_DATA``, else ``../shared/data/eval`` relative to the
@@ -31,10 +35,14 @@ from typing import Any, Literal
 
 from dpo_lit.data.errors import DataError, describe
 from dpo_lit.data.io import read_records
+from dpo_lit.evaluation.lambada import LambadaItem, load_lambada
 from dpo_lit.evaluation.multiple_choice import MCItem
 from dpo_lit.evaluation.perplexity import load_text
 
 DEFAULT_DATA_DIR = Path("..") / "shared" / "data" / "eval"
+PATH_SUFFIXES = (".jsonl", ".txt")  # tasks given as a file: multiple choice, perplexity
+
+TaskKind = Literal["mc", "text", "lambada"]
 
 
 def _get(record: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
@@ -183,12 +191,13 @@ class Task:
 
     Args:
         file: file name in the data directory.
-        kind: ``mc`` (multiple choice, a list of :class:`MCItem`) or ``text`` (perplexity).
+        kind: ``mc`` (multiple choice, a list of :class:`MCItem`), ``text`` (perplexity of a
+            text) or ``lambada`` (last-word prediction, a list of :class:`LambadaItem`).
         load: reads the file.
     """
 
     file: str
-    kind: Literal["mc", "text"]
+    kind: TaskKind
     load: Callable[[Path], Any]
 
 
@@ -199,6 +208,7 @@ TASKS: dict[str, Task] = {
     "piqa": Task("piqa_valid.jsonl", "mc", load_piqa),
     "boolq": Task("boolq_dev.jsonl", "mc", load_boolq),
     "hellaswag": Task("hellaswag_val_full.txt.bz2", "mc", load_hellaswag),
+    "lambada": Task("lambada_test_plain_text.txt", "lambada", load_lambada),
 }
 
 
@@ -207,38 +217,47 @@ def data_dir() -> Path:
     return Path(os.environ.get("DPO_LIT_EVAL_DATA", DEFAULT_DATA_DIR))
 
 
-def task_kind(name: str) -> Literal["mc", "text"]:
-    """``text`` for perplexity tasks, ``mc`` for the others (a ``*.jsonl`` path among them)."""
-    return TASKS[name].kind if name in TASKS else "mc"
+def task_kind(name: str) -> TaskKind:
+    """A registered task's kind; ``text`` for a ``.txt`` file, ``mc`` for a ``.jsonl`` file."""
+    if name in TASKS:
+        return TASKS[name].kind
+    return "text" if name.endswith(".txt") else "mc"
 
 
 def task_name(name: str) -> str:
-    """The metric name of a task: its registry name, or a ``.jsonl`` file's stem."""
+    """The metric name of a task: its registry name, or a ``.jsonl``/``.txt`` file's stem."""
     return name if name in TASKS else Path(name).stem
 
 
 def task_path(name: str, path: str | Path | None = None) -> Path:
-    """The file a task reads: ``path`` if given, else its default file in :func:`data_dir`."""
-    if name not in TASKS and not name.endswith(".jsonl"):
+    """The file a task reads: ``path`` if given, else its default file in :func:`data_dir` (a task
+    given as a file is its own path)."""
+    if name not in TASKS and not name.endswith(PATH_SUFFIXES):
         raise ValueError(
-            f"unknown evaluation task {name!r}: expected one of {sorted(TASKS)} or a .jsonl file"
+            f"unknown evaluation task {name!r}: expected one of {sorted(TASKS)}, a .jsonl or a .txt file"
         )
-    resolved = (
-        Path(path) if path is not None else Path(name) if name not in TASKS else data_dir() / TASKS[name].file
-    )
+    if path is not None:
+        resolved = Path(path)
+    elif name in TASKS:
+        resolved = data_dir() / TASKS[name].file
+    else:
+        resolved = Path(name).expanduser()
     if not resolved.is_file():
-        raise FileNotFoundError(
-            f"evaluation data for task {name!r} not found: {resolved} "
-            "(set DPO_LIT_EVAL_DATA to the folder holding it, or pass its path)"
+        hint = (
+            "set DPO_LIT_EVAL_DATA to the folder holding it, or pass its path"
+            if name in TASKS and path is None
+            else f"relative paths start at {Path.cwd()}"
         )
+        raise FileNotFoundError(f"evaluation data for task {name!r} not found: {resolved} ({hint})")
     return resolved
 
 
 def load_task(
     name: str, path: str | Path | None = None, limit: int | None = None, seed: int = 0
-) -> list[MCItem]:
-    """The items of a multiple-choice task; ``limit`` keeps a seeded random subset, in file order."""
-    if task_kind(name) != "mc":
+) -> list[MCItem] | list[LambadaItem]:
+    """The items of a multiple-choice or LAMBADA task; ``limit`` keeps a seeded random subset, in
+    file order."""
+    if task_kind(name) == "text":
         raise ValueError(f"task {name!r} is a perplexity task: use load_text_task")
     resolved = task_path(name, path)
     items = TASKS[name].load(resolved) if name in TASKS else load_jsonl(resolved)
@@ -249,7 +268,9 @@ def load_task(
 
 
 def load_text_task(name: str, path: str | Path | None = None) -> str:
-    """The text of a perplexity task (``wikitext``), prepared as lm-eval prepares it."""
+    """The text of a perplexity task: ``wikitext`` prepared as lm-eval prepares it, a ``.txt`` file
+    as it is (read as UTF-8)."""
     if task_kind(name) != "text":
-        raise ValueError(f"task {name!r} is a multiple-choice task: use load_task")
-    return TASKS[name].load(task_path(name, path))
+        raise ValueError(f"task {name!r} is not a perplexity task: use load_task")
+    resolved = task_path(name, path)
+    return TASKS[name].load(resolved) if name in TASKS else load_text(resolved)
