@@ -1,12 +1,12 @@
 """Any task by name: load it once (:func:`load_task_data`), score a model on it (:func:`evaluate_task`).
 
-=========  ==========================================  =====================================
-kind       tasks                                       metrics
-=========  ==========================================  =====================================
-text       ``wikitext``, a ``.txt`` file               ``ppl``, ``word_ppl``, ``bits_per_byte``
-mc         ARC, PIQA, BoolQ, HellaSwag, a ``.jsonl``    ``acc``, ``acc_norm``
-lambada    ``lambada``                                 ``acc``, ``ppl``
-=========  ==========================================  =====================================
+=======  ==============================================  ========================================
+kind     tasks                                           metrics
+=======  ==============================================  ========================================
+text     ``wikitext``, a ``.txt`` file                   ``ppl``, ``word_ppl``, ``bits_per_byte``
+mc       ARC, PIQA, BoolQ, HellaSwag, a ``.jsonl`` file  ``acc``, ``acc_norm``
+lambada  ``lambada``                                     ``acc``, ``ppl``
+=======  ==============================================  ========================================
 """
 
 from __future__ import annotations
