@@ -60,6 +60,35 @@ def _decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return base.get_decoder(), base.get_output_embeddings()
 
 
+def completion_logits(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The logits that predict completion tokens, those tokens and the rows they belong to.
+
+    Args:
+        model: a Hugging Face causal LM (optionally wrapped by peft).
+        input_ids: (N, T) prompt + completion, right-padded.
+        attention_mask: (N, T), 1 on real tokens.
+        completion_mask: (N, T) bool, True on completion tokens (these get scored).
+
+    Returns:
+        ``(logits, targets, rows)`` of shapes (M, V), (M,), (M,) for the M completion tokens after
+        the first position, logits soft-capped where the model's config asks for it.
+    """
+    decoder, head = _decoder_and_head(model)
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    # Position t predicts token t+1: keep the states whose next token is a completion token.
+    target_mask = completion_mask[:, 1:]  # (N, T-1)
+    states = hidden[:, :-1][target_mask]  # (M, H)
+    targets = input_ids[:, 1:][target_mask]  # (M,)
+    logits = head(states)  # (M, V)
+    softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    rows = torch.arange(len(input_ids), device=input_ids.device)[:, None].expand_as(target_mask)[target_mask]
+    return logits, targets, rows
+
+
 def completion_logps(
     model: nn.Module,
     input_ids: Tensor,
@@ -79,19 +108,9 @@ def completion_logps(
     Returns:
         ``(logps, tokens)``: float32 tensors of shape (N,).
     """
-    decoder, head = _decoder_and_head(model)
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    # Position t predicts token t+1: keep the states whose next token is a completion token.
-    target_mask = completion_mask[:, 1:]  # (N, T-1)
-    states = hidden[:, :-1][target_mask]  # (M, H)
-    targets = input_ids[:, 1:][target_mask]  # (M,)
-    logits = head(states)  # (M, V)
-    softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
+    logits, targets, rows = completion_logits(model, input_ids, attention_mask, completion_mask)
     token_logps = selective_log_softmax(logits, targets, chunk)  # (M,)
-    rows = torch.arange(len(input_ids), device=input_ids.device)[:, None].expand_as(target_mask)[target_mask]
     logps = torch.zeros(len(input_ids), device=input_ids.device, dtype=torch.float32)
     logps = logps.index_add(0, rows, token_logps)  # (N,)
-    tokens = target_mask.sum(-1).float()  # (N,)
+    tokens = completion_mask[:, 1:].sum(-1).float()  # (N,)
     return logps, tokens

@@ -291,6 +291,31 @@ def test_callback_logs_every_metric(tmp_path, eval_files):
     assert restored.reference == callback.reference
 
 
+def test_callback_scores_a_text_file_and_lambada(tmp_path, monkeypatch):
+    data = tmp_path / "eval"
+    data.mkdir()
+    monkeypatch.setenv("DPO_LIT_EVAL_DATA", str(data))
+    passages = ["the cat sat on the mat by the door", "she gave the book back to tom", "it rained all day"]
+    (data / "lambada_test_plain_text.txt").write_text("\n".join(passages) + "\n")
+    text = tmp_path / "heldout_text.txt"
+    text.write_text("Some held-out prose, with a few words in it. " * 4, encoding="utf-8")
+    callback = CapabilityEval(tasks=[str(text), "lambada"], limit=2, perplexity_tokens=64, context_length=32)
+    trainer = make_trainer(tmp_path, callback)
+    trainer.fit(
+        PreferenceModule(TINY_ALIAS, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2)),
+        datamodule=make_data(),
+    )
+    assert {
+        "cap/heldout_text/ppl",
+        "cap/heldout_text/ppl_delta",
+        "cap/lambada/acc",
+        "cap/lambada/ppl",
+    } <= set(trainer.callback_metrics)
+    assert len(callback._data["lambada"].data) == 2  # limit applies to LAMBADA's passages
+    lambada_ppl = next(r for r in callback.table if (r.task, r.metric) == ("lambada", "ppl"))
+    assert lambada_ppl.policy != lambada_ppl.reference and lambada_ppl.policy > 1
+
+
 def test_validate_alone_scores_the_reference_and_gives_zero_deltas(tmp_path, eval_files):
     callback = capability(eval_files)
     trainer = make_trainer(tmp_path, callback)

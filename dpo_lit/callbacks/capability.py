@@ -1,8 +1,9 @@
 """Capability preservation: does preference training cost the policy perplexity or accuracy?
 
 :class:`CapabilityEval` scores the reference model once (when fit starts the policy *is* the
-reference) and the policy at the end of validation, on WikiText-2 perplexity and
-multiple-choice tasks scored as lm-evaluation-harness scores them (:mod:`dpo_lit.evaluation`).
+reference) and the policy at the end of validation, on perplexity (WikiText-2, any text file),
+LAMBADA and multiple-choice tasks scored as lm-evaluation-harness scores them
+(:func:`dpo_lit.evaluation.evaluate_task`).
 It logs ``cap/<task>/<metric>``, ``cap/<task>/<metric>_delta`` (policy − reference),
 ``cap/<task>/<metric>_ref`` (once) and ``cap/seconds``, and can warn or stop training when a
 metric regresses by more than a relative threshold.
@@ -20,9 +21,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from dpo_lit.errors import ConfigError
-from dpo_lit.evaluation.multiple_choice import MCItem, evaluate_mc
-from dpo_lit.evaluation.perplexity import perplexity
-from dpo_lit.evaluation.tasks import load_task, load_text_task, task_kind, task_name
+from dpo_lit.evaluation.evaluate import TaskData, evaluate_task, load_task_data
+from dpo_lit.evaluation.tasks import task_name
 from dpo_lit.models import load_model
 
 Scores = dict[str, dict[str, float]]  # task -> metric -> value
@@ -54,9 +54,10 @@ class CapabilityEval(Callback):
 
     Args:
         tasks: registered tasks (``wikitext``, ``arc_easy``, ``arc_challenge``, ``piqa``, ``boolq``,
-            ``hellaswag``; see :mod:`dpo_lit.evaluation.tasks`) or paths of generic ``.jsonl``
-            files (``{"context", "choices", "answer"}``), whose metrics are named after the stem.
-        limit: items per multiple-choice task (a seeded random subset; None: all).
+            ``hellaswag``, ``lambada``; see :mod:`dpo_lit.evaluation.tasks`), paths of generic
+            ``.jsonl`` files (``{"context", "choices", "answer"}``) or of ``.txt`` files (scored by
+            perplexity); a file's metrics are named after its stem.
+        limit: items per multiple-choice or LAMBADA task (a seeded random subset; None: all).
         perplexity_tokens: tokens of text scored by a perplexity task (None: the whole text).
         context_length: tokens per perplexity window.
         batch_size: sequences per forward pass.
@@ -95,7 +96,7 @@ class CapabilityEval(Callback):
         self.seed = seed
         self.reference: Scores | None = None
         self.table: list[CapabilityRow] = []
-        self._data: dict[str, list[MCItem] | str] = {}
+        self._data: dict[str, TaskData] = {}
         self._tokenizer = None
         self._validations = 0
         self._ref_logged = False
@@ -107,10 +108,8 @@ class CapabilityEval(Callback):
             return
         self._tokenizer = pl_module.tokenizer
         for task in self.tasks:
-            if task_kind(task) == "text":
-                self._data[task_name(task)] = load_text_task(task)
-            else:
-                self._data[task_name(task)] = load_task(task, limit=self.limit, seed=self.seed)
+            data = load_task_data(task, limit=self.limit, seed=self.seed)
+            self._data[data.name] = data
 
     def evaluate(self, trainer: Trainer, model: nn.Module, tasks: Sequence[str] | None = None) -> Scores:
         """Metrics of ``model`` on ``tasks`` (default: all), in eval mode without gradients, under
@@ -118,24 +117,14 @@ class CapabilityEval(Callback):
         scores: Scores = {}
         with trainer.precision_plugin.forward_context():
             for task in self._data if tasks is None else tasks:
-                data = self._data[task]
-                if isinstance(data, str):
-                    result = perplexity(
-                        model,
-                        self._tokenizer,
-                        data,
-                        self.perplexity_tokens,
-                        self.context_length,
-                        self.batch_size,
-                    )
-                    scores[task] = {
-                        "ppl": result.ppl,
-                        "word_ppl": result.word_ppl,
-                        "bits_per_byte": result.bits_per_byte,
-                    }
-                else:
-                    metrics = evaluate_mc(model, self._tokenizer, data, self.batch_size)
-                    scores[task] = {"acc": metrics["acc"], "acc_norm": metrics["acc_norm"]}
+                scores[task] = evaluate_task(
+                    model,
+                    self._tokenizer,
+                    self._data[task],
+                    self.batch_size,
+                    self.perplexity_tokens,
+                    self.context_length,
+                )
         return scores
 
     def _reference_model(self, trainer: Trainer, pl_module: LightningModule) -> nn.Module:

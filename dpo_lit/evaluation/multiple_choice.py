@@ -20,7 +20,15 @@ from dataclasses import dataclass
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from dpo_lit.evaluation.scoring import Row, added_prefix, evaluating, pad_id, score_rows, start_token
+from dpo_lit.evaluation.scoring import (
+    Row,
+    added_prefix,
+    evaluating,
+    max_positions,
+    pad_id,
+    score_rows,
+    start_token,
+)
 
 
 @dataclass(frozen=True)
@@ -61,19 +69,28 @@ def norm_length(choice: str) -> int:
     return max(1, len(choice) - choice.startswith(" "))
 
 
+def pair_row(
+    tokenizer: PreTrainedTokenizerBase,
+    context: str,
+    continuation: str,
+    prefix: Sequence[int],
+    max_length: int | None,
+) -> Row:
+    """The row ``context + continuation`` scoring the continuation (see :func:`encode_pair`); a row
+    longer than ``max_length`` loses tokens from the left of the context."""
+    context_ids, continuation_ids = encode_pair(tokenizer, context, continuation, prefix)
+    ids, first = context_ids + continuation_ids, len(context_ids)
+    if max_length is not None and len(ids) > max_length:
+        cut = len(ids) - max_length
+        ids, first = ids[cut:], max(1, first - cut)
+    return Row(ids, first)
+
+
 def item_rows(
     tokenizer: PreTrainedTokenizerBase, item: MCItem, prefix: Sequence[int], max_length: int | None
 ) -> list[Row]:
-    """One row per choice; rows longer than ``max_length`` lose tokens from the left of the context."""
-    rows = []
-    for choice in item.choices:
-        context_ids, continuation_ids = encode_pair(tokenizer, item.context, choice, prefix)
-        ids, first = context_ids + continuation_ids, len(context_ids)
-        if max_length is not None and len(ids) > max_length:
-            cut = len(ids) - max_length
-            ids, first = ids[cut:], max(1, first - cut)
-        rows.append(Row(ids, first))
-    return rows
+    """One row per choice (:func:`pair_row`)."""
+    return [pair_row(tokenizer, item.context, choice, prefix, max_length) for choice in item.choices]
 
 
 def score_choices(
@@ -90,14 +107,14 @@ def score_choices(
     defaults to the model's ``max_position_embeddings``.
     """
     if max_length is None:
-        max_length = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        max_length = max_positions(model)
     prefix = added_prefix(tokenizer)
     rows = [row for item in items for row in item_rows(tokenizer, item, prefix, max_length)]
     with evaluating(model):
         scores = score_rows(model, rows, pad_id(tokenizer), batch_size)
     out, k = [], 0
     for item in items:
-        out.append([(scores[k + j][0], norm_length(choice)) for j, choice in enumerate(item.choices)])
+        out.append([(scores[k + j].logp, norm_length(choice)) for j, choice in enumerate(item.choices)])
         k += len(item.choices)
     return out
 

@@ -109,8 +109,8 @@ def perplexity(
         scores = score_rows(
             model, windows(ids, context_length, added_prefix(tokenizer)), pad_id(tokenizer), batch_size
         )
-    total = -sum(logp for logp, _ in scores)
-    tokens = sum(count for _, count in scores)
+    total = -sum(score.logp for score in scores)
+    tokens = sum(score.tokens for score in scores)
     covered = tokenizer.decode(ids) if max_tokens is not None else text  # what the tokens spell
     words = max(1, len(re.split(r"\s+", covered.strip())))
     n_bytes = max(1, len(covered.encode("utf-8")))

@@ -3,23 +3,27 @@
 Every evaluation reduces to *rows*: a list of token ids of which the tokens from ``first_scored``
 on are scored, each by the model's log-probability given everything before it. Rows are sorted by
 length (longest first, as lm-evaluation-harness does) so that each right-padded batch wastes
-little, and each batch is one forward pass through :func:`dpo_lit.logps.completion_logps`.
+little, and each batch is one forward pass through :func:`dpo_lit.logps.completion_logits`. Each
+row gets its summed log-probability, its number of scored tokens and whether greedy decoding
+reproduces all its scored tokens (lm-evaluation-harness's ``is_greedy``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
+import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from dpo_lit.data.collate import pad_rows
 from dpo_lit.data.tokenize import added_prefix
-from dpo_lit.logps import completion_logps
+from dpo_lit.logps import completion_logits, selective_log_softmax
 from dpo_lit.models import evaluating
 
-__all__ = ["Row", "added_prefix", "evaluating", "pad_id", "score_rows", "start_token"]
+__all__ = ["Row", "RowScore", "added_prefix", "evaluating", "max_positions", "pad_id", "score_rows", "start_token"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,20 @@ class Row:
 
     ids: list[int]
     first_scored: int
+
+
+class RowScore(NamedTuple):
+    """What :func:`score_rows` gives for one row.
+
+    Args:
+        logp: summed log-probability of the scored tokens.
+        tokens: number of scored tokens.
+        greedy: every scored token is the model's most likely next token (ties: the lowest id).
+    """
+
+    logp: float
+    tokens: int
+    greedy: bool
 
 
 def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -43,10 +61,13 @@ def start_token(tokenizer: PreTrainedTokenizerBase) -> int:
     return token
 
 
-def score_rows(
-    model: nn.Module, rows: Sequence[Row], pad_id: int, batch_size: int
-) -> list[tuple[float, int]]:
-    """Summed log-probability and number of scored tokens of each row, in the order given.
+def max_positions(model: nn.Module) -> int | None:
+    """The longest sequence the model takes (``config.max_position_embeddings``), if it says."""
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
+def score_rows(model: nn.Module, rows: Sequence[Row], pad_id: int, batch_size: int) -> list[RowScore]:
+    """Summed log-probability, number of scored tokens and greedy match of each row, in the order given.
 
     Call inside :func:`evaluating`. One forward pass per ``batch_size`` rows.
     """
@@ -57,13 +78,19 @@ def score_rows(
             raise ValueError("the first token of a row has no context and cannot be scored")
     device = next(model.parameters()).device
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i].ids))
-    results: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
+    results: list[RowScore] = [RowScore(0.0, 0, True)] * len(rows)
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
         ids, attention, scored = pad_rows(
             [rows[i].ids for i in batch], pad_id, first_scored=[rows[i].first_scored for i in batch]
         )  # (n, T) each
-        logps, tokens = completion_logps(model, ids.to(device), attention.to(device), scored.to(device))  # (n,), (n,)
-        for i, logp, count in zip(batch, logps.tolist(), tokens.tolist()):
-            results[i] = (logp, int(count))
+        logits, targets, owner = completion_logits(
+            model, ids.to(device), attention.to(device), scored.to(device)
+        )  # (M, V), (M,), (M,): M scored tokens in all, each with its row in the batch
+        token_logps = selective_log_softmax(logits, targets)  # (M,)
+        logps = token_logps.new_zeros(len(batch)).index_add(0, owner, token_logps)  # (n,)
+        tokens = torch.bincount(owner, minlength=len(batch))  # (n,)
+        misses = torch.bincount(owner[logits.argmax(-1) != targets], minlength=len(batch))  # (n,)
+        for i, logp, count, missed in zip(batch, logps.tolist(), tokens.tolist(), misses.tolist()):
+            results[i] = RowScore(logp, int(count), missed == 0)
     return results

@@ -10,7 +10,11 @@ arc_challenge  ``ARC-Challenge-Test.jsonl``     same
 piqa           ``piqa_valid.jsonl`` + labels    ``Question: {goal}\\nAnswer:`` → `` {sol1}``, `` {sol2}``
 boolq          ``boolq_dev.jsonl``              ``{passage}\\nQuestion: {question}?\\nAnswer:`` → `` no``/`` yes``
 hellaswag      ``hellaswag_val_full.txt.bz2``   ``{activity_label}: {ctx}`` → `` {ending}`` × 4
+lambada        ``lambada_test_plain_text.txt``  a passage a line: its words but the last → `` {last word}``
+                                                (:mod:`~dpo_lit.evaluation.lambada`: ``acc``, ``ppl``)
 ``*.jsonl``    the path itself                  ``{"context", "choices", "answer"}`` used as they are
+``*.txt``      the path itself                  UTF-8 text for perplexity, as it is; metrics named after
+                                                the file's stem (``heldout.txt`` → ``heldout``)
 =============  ===============================  =========================================================
 
 The data directory is ``$DPO_LIT_EVAL_DATA``, else ``../shared/data/eval`` relative to the
@@ -21,36 +25,25 @@ current directory (the project's root). A malformed row raises a
 from __future__ import annotations
 
 import bz2
-import json
 import os
 import random
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from dpo_lit.data.errors import DataError, describe
+from dpo_lit.data.io import read_records
+from dpo_lit.errors import ConfigError, MissingFileError
+from dpo_lit.evaluation.lambada import LambadaItem, load_lambada
 from dpo_lit.evaluation.multiple_choice import MCItem
 from dpo_lit.evaluation.perplexity import load_text
 
 DEFAULT_DATA_DIR = Path("..") / "shared" / "data" / "eval"
+PATH_SUFFIXES = (".jsonl", ".txt")  # tasks given as a file: multiple choice, perplexity
 
-
-def _jsonl(path: Path) -> Iterator[tuple[dict[str, Any], str]]:
-    """Objects of a JSON-lines file, each with its ``path:line``; blank lines are skipped."""
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(where, f"malformed JSON: {e.msg} (column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise DataError(where, f"expected a JSON object, got {type(record).__name__}")
-            yield record, where
+TaskKind = Literal["mc", "text", "lambada"]
 
 
 def _get(record: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
@@ -70,7 +63,7 @@ def _item(context: str, choices: list[str], answer: int, where: str) -> MCItem:
 def load_arc(path: Path) -> list[MCItem]:
     """ARC-Easy/Challenge; ``answerKey`` is one of the choices' labels (letters, or digits)."""
     items = []
-    for record, where in _jsonl(path):
+    for record, where in read_records(str(path)):
         question = _get(record, "question", dict, where)
         stem = _get(question, "stem", str, where)
         choices = _get(question, "choices", list, where)
@@ -89,7 +82,7 @@ def load_piqa(path: Path) -> list[MCItem]:
     """PIQA; the labels are in ``<stem>-labels.lst`` beside the file, one 0/1 a line."""
     labels_path = path.with_name(f"{path.stem}-labels.lst")
     labels = labels_path.read_text(encoding="utf-8").split()
-    rows = list(_jsonl(path))
+    rows = list(read_records(str(path)))
     if len(labels) != len(rows):
         raise DataError(str(labels_path), f"{len(labels)} labels for the {len(rows)} rows of {path}")
     items = []
@@ -104,7 +97,7 @@ def load_piqa(path: Path) -> list[MCItem]:
 def load_boolq(path: Path) -> list[MCItem]:
     """BoolQ; the answer ``true`` is the choice `` yes`` (index 1)."""
     items = []
-    for record, where in _jsonl(path):
+    for record, where in read_records(str(path)):
         passage, question = _get(record, "passage", str, where), _get(record, "question", str, where)
         answer = _get(record, "answer", bool, where)
         items.append(MCItem(f"{passage}\nQuestion: {question}?\nAnswer:", [" no", " yes"], int(answer)))
@@ -157,7 +150,7 @@ def load_jsonl(path: Path) -> list[MCItem]:
     Choices are continuations of the context: give them their leading space (``" Paris"``).
     """
     items = []
-    for record, where in _jsonl(path):
+    for record, where in read_records(str(path)):
         context = _get(record, "context", str, where)
         choices = _get(record, "choices", list, where)
         if not choices or not all(isinstance(c, str) for c in choices):
@@ -199,12 +192,13 @@ class Task:
 
     Args:
         file: file name in the data directory.
-        kind: ``mc`` (multiple choice, a list of :class:`MCItem`) or ``text`` (perplexity).
+        kind: ``mc`` (multiple choice, a list of :class:`MCItem`), ``text`` (perplexity of a
+            text) or ``lambada`` (last-word prediction, a list of :class:`LambadaItem`).
         load: reads the file.
     """
 
     file: str
-    kind: Literal["mc", "text"]
+    kind: TaskKind
     load: Callable[[Path], Any]
 
 
@@ -215,6 +209,7 @@ TASKS: dict[str, Task] = {
     "piqa": Task("piqa_valid.jsonl", "mc", load_piqa),
     "boolq": Task("boolq_dev.jsonl", "mc", load_boolq),
     "hellaswag": Task("hellaswag_val_full.txt.bz2", "mc", load_hellaswag),
+    "lambada": Task("lambada_test_plain_text.txt", "lambada", load_lambada),
 }
 
 
@@ -223,38 +218,47 @@ def data_dir() -> Path:
     return Path(os.environ.get("DPO_LIT_EVAL_DATA", DEFAULT_DATA_DIR))
 
 
-def task_kind(name: str) -> Literal["mc", "text"]:
-    """``text`` for perplexity tasks, ``mc`` for the others (a ``*.jsonl`` path among them)."""
-    return TASKS[name].kind if name in TASKS else "mc"
+def task_kind(name: str) -> TaskKind:
+    """A registered task's kind; ``text`` for a ``.txt`` file, ``mc`` for a ``.jsonl`` file."""
+    if name in TASKS:
+        return TASKS[name].kind
+    return "text" if name.endswith(".txt") else "mc"
 
 
 def task_name(name: str) -> str:
-    """The metric name of a task: its registry name, or a ``.jsonl`` file's stem."""
+    """The metric name of a task: its registry name, or a ``.jsonl``/``.txt`` file's stem."""
     return name if name in TASKS else Path(name).stem
 
 
 def task_path(name: str, path: str | Path | None = None) -> Path:
-    """The file a task reads: ``path`` if given, else its default file in :func:`data_dir`."""
-    if name not in TASKS and not name.endswith(".jsonl"):
-        raise ValueError(
-            f"unknown evaluation task {name!r}: expected one of {sorted(TASKS)} or a .jsonl file"
+    """The file a task reads: ``path`` if given, else its default file in :func:`data_dir` (a task
+    given as a file is its own path)."""
+    if name not in TASKS and not name.endswith(PATH_SUFFIXES):
+        raise ConfigError(
+            f"unknown evaluation task {name!r}: expected one of {sorted(TASKS)}, a .jsonl or a .txt file"
         )
-    resolved = (
-        Path(path) if path is not None else Path(name) if name not in TASKS else data_dir() / TASKS[name].file
-    )
+    if path is not None:
+        resolved = Path(path)
+    elif name in TASKS:
+        resolved = data_dir() / TASKS[name].file
+    else:
+        resolved = Path(name).expanduser()
     if not resolved.is_file():
-        raise FileNotFoundError(
-            f"evaluation data for task {name!r} not found: {resolved} "
-            "(set DPO_LIT_EVAL_DATA to the folder holding it, or pass its path)"
+        hint = (
+            "set DPO_LIT_EVAL_DATA to the folder holding it, or pass its path"
+            if name in TASKS and path is None
+            else f"relative paths start at {Path.cwd()}"
         )
+        raise MissingFileError(f"evaluation data for task {name!r} not found: {resolved} ({hint})")
     return resolved
 
 
 def load_task(
     name: str, path: str | Path | None = None, limit: int | None = None, seed: int = 0
-) -> list[MCItem]:
-    """The items of a multiple-choice task; ``limit`` keeps a seeded random subset, in file order."""
-    if task_kind(name) != "mc":
+) -> list[MCItem] | list[LambadaItem]:
+    """The items of a multiple-choice or LAMBADA task; ``limit`` keeps a seeded random subset, in
+    file order."""
+    if task_kind(name) == "text":
         raise ValueError(f"task {name!r} is a perplexity task: use load_text_task")
     resolved = task_path(name, path)
     items = TASKS[name].load(resolved) if name in TASKS else load_jsonl(resolved)
@@ -265,7 +269,9 @@ def load_task(
 
 
 def load_text_task(name: str, path: str | Path | None = None) -> str:
-    """The text of a perplexity task (``wikitext``), prepared as lm-eval prepares it."""
+    """The text of a perplexity task: ``wikitext`` prepared as lm-eval prepares it, a ``.txt`` file
+    as it is (read as UTF-8)."""
     if task_kind(name) != "text":
-        raise ValueError(f"task {name!r} is a multiple-choice task: use load_task")
-    return TASKS[name].load(task_path(name, path))
+        raise ValueError(f"task {name!r} is not a perplexity task: use load_task")
+    resolved = task_path(name, path)
+    return TASKS[name].load(resolved) if name in TASKS else load_text(resolved)
