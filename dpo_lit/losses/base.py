@@ -95,9 +95,14 @@ def log_ratios(logps: PairLogps, name: str) -> tuple[Tensor, Tensor]:
 
     Raises a ValueError naming the loss ``name`` when the reference log-probs are missing.
     """
+    check_reference(logps, name)
+    return logps.policy_chosen - logps.ref_chosen, logps.policy_rejected - logps.ref_rejected
+
+
+def check_reference(logps: PairLogps, name: str) -> None:
+    """Raise a ValueError naming the loss ``name`` unless ``logps`` holds reference log-probs."""
     if logps.ref_chosen is None or logps.ref_rejected is None:
         raise ValueError(reference_error(name))
-    return logps.policy_chosen - logps.ref_chosen, logps.policy_rejected - logps.ref_rejected
 
 
 def check_beta(name: str, beta: float) -> None:
@@ -170,6 +175,7 @@ __all__ = [
     "UnpairedLogps",
     "average",
     "check_beta",
+    "check_reference",
     "log_ratios",
     "margin",
     "pairwise_output",
