@@ -8,6 +8,7 @@ A loss never sees a model: the LightningModule runs one concatenated forward pas
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,6 +91,18 @@ def pairwise_output(
     )
 
 
+def log_ratio_output(
+    logps: PairLogps, name: str, beta: float, per_example: Callable[..., Tensor], *args: Any
+) -> LossOutput:
+    """Output of a loss on reference log-ratios: ``per_example(pc, pr, rc, rr, beta, *args)`` (B,)
+    with rewards ``β·(log π - log π_ref)``. Raises a ValueError naming ``name`` without a reference."""
+    chosen, rejected = log_ratios(logps, name)
+    losses = per_example(
+        logps.policy_chosen, logps.policy_rejected, logps.ref_chosen, logps.ref_rejected, beta, *args
+    )
+    return pairwise_output(losses, beta * chosen, beta * rejected)
+
+
 def log_ratios(logps: PairLogps, name: str) -> tuple[Tensor, Tensor]:
     """Return ``(policy_chosen - ref_chosen, policy_rejected - ref_rejected)``, each (B,).
 
@@ -128,10 +141,12 @@ class PreferenceLoss(nn.Module, ABC):
     Class attributes:
         needs_reference: whether ``forward`` needs ``ref_*`` log-probs.
         data_mode: ``"paired"`` (chosen/rejected) or ``"unpaired"`` (KTO).
+        per_example: whether ``losses[i]`` belongs to example i (False for AOT's per-quantile terms).
     """
 
     needs_reference: bool = True
     data_mode: str = "paired"
+    per_example: bool = True
 
     def gather(
         self, policy_logps: Tensor, ref_logps: Tensor | None, tokens: Tensor, batch: dict[str, Any]
@@ -176,6 +191,7 @@ __all__ = [
     "average",
     "check_beta",
     "check_reference",
+    "log_ratio_output",
     "log_ratios",
     "margin",
     "pairwise_output",

@@ -40,6 +40,7 @@ class CombinedLoss(PreferenceLoss):
         self.parts = nn.ModuleList(losses)
         self.weights = weights
         self.needs_reference = any(loss.needs_reference for loss in losses)
+        self.per_example = all(loss.per_example for loss in losses)
         self.data_mode = modes.pop()
         self._names = _names(losses)
 
