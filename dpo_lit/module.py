@@ -125,8 +125,8 @@ class PreferenceModule(LightningModule):
         """Loss and per-example metric values for one collated batch."""
         policy_rows, tokens = completion_logps(
             self.policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
-            self.hparams.logps_chunk,
-        )  # (2B,), (2B,)
+            self.hparams.logps_chunk, self.loss.logps_options,
+        )  # (2B,) or, if the loss asks for an extra column, (2B, 2); (2B,)
         ref_rows = self.reference.logps(self, batch, split)
         logps = self.loss.gather(policy_rows, ref_rows, tokens, batch)
         out = self.loss(logps)

@@ -26,7 +26,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from dpo_lit.logps import completion_logps
+from dpo_lit.logps import completion_logps, reference_options
 from dpo_lit.models import cache_dir
 
 
@@ -40,9 +40,11 @@ def _eval_mode(model: nn.Module):
         model.train(was_training)
 
 
-def _row_logps(model: nn.Module, batch: dict, chunk: int) -> Tensor:
+def _row_logps(model: nn.Module, batch: dict, module) -> Tensor:
+    """Reference rows (2B,), with the token weighting the module's loss asks for (LD-DPO), if any."""
     logps, _ = completion_logps(
-        model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], chunk
+        model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
+        module.hparams.logps_chunk, reference_options(module.loss.logps_options),
     )
     return logps
 
@@ -82,7 +84,7 @@ class CopyReference(NoReference):
 
     @torch.no_grad()
     def logps(self, module, batch: dict, split: str) -> Tensor:
-        return _row_logps(self.frozen, batch, module.hparams.logps_chunk)
+        return _row_logps(self.frozen, batch, module)
 
     def model(self, module) -> tuple[nn.Module, Callable[[], ContextManager]]:
         return self.frozen, contextlib.nullcontext
@@ -98,7 +100,7 @@ class AdapterReference(NoReference):
     @torch.no_grad()
     def logps(self, module, batch: dict, split: str) -> Tensor:
         with module.policy.disable_adapter(), _eval_mode(module.policy):
-            return _row_logps(module.policy, batch, module.hparams.logps_chunk)
+            return _row_logps(module.policy, batch, module)
 
     def model(self, module) -> tuple[nn.Module, Callable[[], ContextManager]]:
         return module.policy, module.policy.disable_adapter
@@ -131,6 +133,9 @@ class PrecomputedReference(NoReference):
                 h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
             self._weights_hash = h.hexdigest()
         h = hashlib.sha256(self._weights_hash.encode())
+        options = reference_options(module.loss.logps_options)
+        if options is not None:  # e.g. LD-DPO's token weights change the sums: their own table
+            h.update(repr(options).encode())
         for example in dataset:
             for key in sorted(k for k in example if k.endswith("_ids")):
                 h.update(key.encode())
@@ -164,7 +169,7 @@ class PrecomputedReference(NoReference):
                 module.trainer.precision_plugin.forward_context():
             for batch in loader:
                 batch = {k: v.to(module.device) for k, v in batch.items()}
-                rows = _row_logps(module.policy, batch, module.hparams.logps_chunk).float().cpu()
+                rows = _row_logps(module.policy, batch, module).float().cpu()
                 table[batch["index"].cpu()] = rows.view(2, -1).T  # rows: B chosen then B rejected
         if torch.isnan(table).any():
             raise RuntimeError("precomputing reference log-probs left examples without a value")

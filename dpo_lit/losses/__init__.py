@@ -2,8 +2,8 @@
 
 Each loss class holds only hyper-parameters (and BCOLoss its running reward mean, a buffer);
 ``loss.gather(...)`` turns the per-row log-probs of one concatenated forward pass into a
-container and ``loss(container)`` returns a :class:`LossOutput`. Choose one in YAML with
-``class_path``.
+container and ``loss(container)`` returns a :class:`LossOutput`. WPOLoss and LDDPOLoss wrap any
+pairwise loss. Choose one in YAML with ``class_path``; ``configs/loss/`` has a fragment for each.
 """
 
 from .aot import AOTLoss, AOTPairLoss, aot_loss, aot_pair_loss
@@ -23,6 +23,7 @@ from .orpo import ORPOLoss, log1mexp, orpo_log_odds, orpo_loss
 from .sft import SFTLoss, sft_loss
 from .simpo import SimPOLoss, simpo_loss
 from .sppo import SPPOHardLoss, sppo_hard_loss
+from .weighting import LDDPOLoss, WPOLoss, wpo_weights
 
 __all__ = [
     "AOTLoss",
@@ -38,6 +39,7 @@ __all__ = [
     "HingeLoss",
     "IPOLoss",
     "KTOLoss",
+    "LDDPOLoss",
     "LossOutput",
     "NCALoss",
     "ORPOLoss",
@@ -48,6 +50,7 @@ __all__ = [
     "SPPOHardLoss",
     "SimPOLoss",
     "UnpairedLogps",
+    "WPOLoss",
     "aot_loss",
     "aot_pair_loss",
     "apo_down_loss",
@@ -71,4 +74,5 @@ __all__ = [
     "sft_loss",
     "simpo_loss",
     "sppo_hard_loss",
+    "wpo_weights",
 ]

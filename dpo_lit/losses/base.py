@@ -14,12 +14,17 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from dpo_lit.logps import LogpsOptions
+
 
 @dataclass
 class PairLogps:
     """Summed completion log-probs of a paired batch, all of shape (B,).
 
-    ``ref_*`` are None for reference-free training; token counts may be float or long.
+    ``ref_*`` are None for reference-free training; token counts may be float or long. With
+    LD-DPO the sums are the desensitised ones (see :class:`~dpo_lit.logps.LogpsOptions`).
+    ``aligned_*`` are the policy's WPO aligned log-probs ``Σ_t [log π(y_t|·) - log Σ_v π(v|·)²]``
+    (detached), present only when the loss asked for them (``LogpsOptions.aligned``).
     """
 
     policy_chosen: Tensor
@@ -28,6 +33,8 @@ class PairLogps:
     ref_rejected: Tensor | None
     chosen_tokens: Tensor
     rejected_tokens: Tensor
+    aligned_chosen: Tensor | None = None
+    aligned_rejected: Tensor | None = None
 
     def logp_metrics(self) -> dict[str, Tensor]:
         """Per-example policy log-probs to log as ``logps/chosen`` and ``logps/rejected``."""
@@ -142,11 +149,14 @@ class PreferenceLoss(nn.Module, ABC):
         needs_reference: whether ``forward`` needs ``ref_*`` log-probs.
         data_mode: ``"paired"`` (chosen/rejected) or ``"unpaired"`` (KTO).
         per_example: whether ``losses[i]`` belongs to example i (False for AOT's per-quantile terms).
+        logps_options: what the loss asks of the log-prob computation beyond plain sums
+            (:class:`~dpo_lit.logps.LogpsOptions`; None, the default, asks nothing).
     """
 
     needs_reference: bool = True
     data_mode: str = "paired"
     per_example: bool = True
+    logps_options: LogpsOptions | None = None
 
     def gather(
         self, policy_logps: Tensor, ref_logps: Tensor | None, tokens: Tensor, batch: dict[str, Any]
