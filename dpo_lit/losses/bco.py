@@ -32,11 +32,11 @@ class BCOLoss(PreferenceLoss):
 
     δ is a running mean of the rewards: each *training* step first folds the batch's mean
     reward ``mean(β·c ∪ β·r)`` into it (``δ ← δ + (m - δ)/n`` at step n, the plain mean of the
-    batch means so far, as TRL's ``bco_pair``), then uses it, without gradient. Validation
-    reads δ without changing it (TRL's DPO trainer also updates it while evaluating). δ and n
-    are registered buffers (``delta``, ``steps``), so they are saved in and restored from
-    checkpoints; under data parallelism each process keeps its own (TRL averages across
-    processes). ``metrics["bco_delta"]`` is δ. Rewards are ``β·(log π - log π_ref)``, detached.
+    batch means so far, as TRL 0.x's ``bco_pair``; TRL ≥ 1.0 dropped δ), then uses it, without
+    gradient. Validation reads δ without changing it (TRL 0.x also updated it while
+    evaluating). δ and n are registered buffers (``delta``, ``steps``), so they are saved in and
+    restored from checkpoints; under data parallelism each process keeps its own (TRL averaged
+    across processes). ``metrics["bco_delta"]`` is δ. Rewards are ``β·(log π - log π_ref)``, detached.
 
     Args:
         beta: Scale β of the log-ratios in the rewards. Must be > 0.
