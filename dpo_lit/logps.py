@@ -10,12 +10,46 @@ a (2B, T) batch would hold 2B·T·V·4 bytes for the backward pass. Here:
 3. the LM head and a memory-lean log-softmax (:class:`_SelectiveLogSoftmax`) run over those rows
    in chunks; the float32 normaliser is recomputed chunk by chunk in the backward pass instead of
    being stored.
+
+A loss may ask for more than plain sums through :class:`LogpsOptions` (LD-DPO's token weights,
+WPO's aligned log-probs); without options the computation is exactly the above.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import torch
 from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class LogpsOptions:
+    """Extra work a loss asks of :func:`completion_logps` (``loss.logps_options``; None asks none).
+
+    Rows come in pairs, row i and row i + N/2 (prompt + chosen and prompt + rejected of one
+    example, see :mod:`dpo_lit.data.collate`).
+
+    Args:
+        ld_alpha: LD-DPO (Liu et al. 2024): each row's sum weighs the log-probs of its completion
+            tokens beyond the pair's shorter completion length by ``ld_alpha`` (the shared part
+            by 1). None: plain sums.
+        aligned: also compute each row's WPO aligned log-prob (Zhou et al. 2024),
+            ``Σ_t [log π(y_t|·) - log Σ_v π(v|·)²]`` over its completion tokens, detached and
+            unweighted; ``logps`` then has shape (N, 2): [sum, aligned sum].
+    """
+
+    ld_alpha: float | None = None
+    aligned: bool = False
+
+    def for_reference(self) -> LogpsOptions | None:
+        """What the reference rows need: the same token weights, no aligned column."""
+        return None if self.ld_alpha is None else replace(self, aligned=False)
+
+
+def reference_options(options: LogpsOptions | None) -> LogpsOptions | None:
+    """The options to compute reference rows with, given the loss's ``logps_options``."""
+    return None if options is None else options.for_reference()
 
 
 class _SelectiveLogSoftmax(torch.autograd.Function):
@@ -52,6 +86,37 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
 def selective_log_softmax(logits: Tensor, targets: Tensor, chunk: int = 1024) -> Tensor:
     """Log-probability of ``targets`` (M,) under ``logits`` (M, V), computed in float32."""
     return _SelectiveLogSoftmax.apply(logits, targets, chunk)
+
+
+@torch.no_grad()
+def log_sum_squared_probs(logits: Tensor, chunk: int = 1024) -> Tensor:
+    """``log Σ_v softmax(z)_v²`` per row of ``logits`` (M, V), in float32, chunk by chunk, no gradient.
+
+    Equals ``logsumexp(2z) - 2·logsumexp(z)``: WPO's sampled weight alignment.
+    """
+    acc = torch.promote_types(logits.dtype, torch.float32)
+    out = logits.new_zeros(len(logits), dtype=acc)
+    for start in range(0, len(logits), chunk):
+        z = logits[start : start + chunk].to(acc)
+        out[start : start + chunk] = torch.logsumexp(2 * z, dim=-1) - 2 * torch.logsumexp(z, dim=-1)
+    return out
+
+
+def ld_token_weights(target_mask: Tensor, alpha: float) -> Tensor:
+    """LD-DPO weight of every scored token, (M,) in ``target_mask[target_mask]`` order.
+
+    ``target_mask`` (N, T-1) marks the positions whose next token is a completion token; rows i
+    and i + N/2 are a pair. A token gets 1 while its position within its completion is at most
+    the pair's shorter completion length, ``alpha`` beyond it.
+    """
+    if len(target_mask) % 2:
+        raise ValueError(f"LD-DPO weights need paired rows (2B), got {len(target_mask)}")
+    lengths = target_mask.sum(-1)  # (N,)
+    half = len(lengths) // 2
+    shared = torch.minimum(lengths[:half], lengths[half:]).repeat(2)  # (N,)
+    position = target_mask.cumsum(-1)  # (N, T-1), 1-based among the completion tokens
+    weights = torch.where(position > shared[:, None], alpha, 1.0)  # (N, T-1)
+    return weights[target_mask]
 
 
 def _decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -95,6 +160,7 @@ def completion_logps(
     attention_mask: Tensor,
     completion_mask: Tensor,
     chunk: int = 1024,
+    options: LogpsOptions | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Summed log-probs of the completion tokens of every row, and their counts.
 
@@ -104,13 +170,24 @@ def completion_logps(
         attention_mask: (N, T), 1 on real tokens.
         completion_mask: (N, T) bool, True on completion tokens (these get scored).
         chunk: rows of the (M, V) logits handled at once by the log-softmax.
+        options: what a loss asks for beyond plain sums (see :class:`LogpsOptions`).
 
     Returns:
-        ``(logps, tokens)``: float32 tensors of shape (N,).
+        ``(logps, tokens)``: float32 tensors of shape (N,); ``logps`` is (N, 2) with
+        ``options.aligned`` (column 1: the aligned sums).
     """
     logits, targets, rows = completion_logits(model, input_ids, attention_mask, completion_mask)
     token_logps = selective_log_softmax(logits, targets, chunk)  # (M,)
-    logps = torch.zeros(len(input_ids), device=input_ids.device, dtype=torch.float32)
-    logps = logps.index_add(0, rows, token_logps)  # (N,)
-    tokens = completion_mask[:, 1:].sum(-1).float()  # (N,)
+    target_mask = completion_mask[:, 1:]  # (N, T-1)
+    zeros = torch.zeros(len(input_ids), device=input_ids.device, dtype=torch.float32)
+    tokens = target_mask.sum(-1).float()  # (N,)
+    if options is None:
+        return zeros.index_add(0, rows, token_logps), tokens  # (N,), (N,)
+    weighted = token_logps
+    if options.ld_alpha is not None:
+        weighted = token_logps * ld_token_weights(target_mask, options.ld_alpha)  # (M,)
+    logps = zeros.index_add(0, rows, weighted)  # (N,)
+    if options.aligned:
+        aligned = token_logps.detach() - log_sum_squared_probs(logits, chunk)  # (M,)
+        logps = torch.stack([logps, zeros.index_add(0, rows, aligned)], dim=-1)  # (N, 2)
     return logps, tokens

@@ -21,7 +21,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from dpo_lit.errors import ConfigError
-from dpo_lit.logps import completion_logps
+from dpo_lit.logps import completion_logps, reference_options
 from dpo_lit.losses import DPOLoss, LossOutput, PreferenceLoss
 from dpo_lit.models import load_model, load_tokenizer
 from dpo_lit.reference import SHORTCUTS, NoReference
@@ -106,7 +106,10 @@ class PreferenceModule(LightningModule):
         self.policy.train()  # from_pretrained returns eval mode; Lightning keeps modules' modes
         self.reference = reference
         # Before the adapter: a copy is of the weights as loaded.
-        reference.setup(self.policy, lora=lora is not None, paired=loss.data_mode == "paired", chunk=logps_chunk)
+        reference.setup(
+            self.policy, lora=lora is not None, paired=loss.data_mode == "paired", chunk=logps_chunk,
+            options=reference_options(loss.logps_options),
+        )
         if lora is not None:
             self.policy = self._add_lora(lora)
         if gradient_checkpointing:
@@ -136,8 +139,8 @@ class PreferenceModule(LightningModule):
         """Loss and per-example metric values for one collated batch."""
         policy_rows, tokens = completion_logps(
             self.policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
-            self.hparams.logps_chunk,
-        )  # (2B,), (2B,)
+            self.hparams.logps_chunk, self.loss.logps_options,
+        )  # (2B,) or, if the loss asks for an extra column, (2B, 2); (2B,)
         ref_rows = self.reference.logps(self.policy, batch, split)
         logps = self.loss.gather(policy_rows, ref_rows, tokens, batch)
         out = self.loss(logps)

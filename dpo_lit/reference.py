@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dpo_lit.data.io import atomic_write
 from dpo_lit.errors import ConfigError
-from dpo_lit.logps import completion_logps
+from dpo_lit.logps import LogpsOptions, completion_logps
 from dpo_lit.models import cache_dir, evaluating
 
 ModelAndContext = tuple[nn.Module, Callable[[], ContextManager]]
@@ -46,9 +46,12 @@ ModelAndContext = tuple[nn.Module, Callable[[], ContextManager]]
 SplitData = Mapping[str, tuple[Dataset, Callable[[], DataLoader]]]
 
 
-def row_logps(model: nn.Module, batch: dict, chunk: int) -> Tensor:
-    """Summed completion log-probs of every row of a collated batch, (2B,)."""
-    logps, _ = completion_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], chunk)
+def row_logps(model: nn.Module, batch: dict, chunk: int, options: LogpsOptions | None = None) -> Tensor:
+    """Completion log-probs of every row of a collated batch, (2B,), summed with the token weights
+    ``options`` asks for (LD-DPO), if any."""
+    logps, _ = completion_logps(
+        model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], chunk, options
+    )
     return logps
 
 
@@ -60,7 +63,9 @@ def initial_policy(policy: nn.Module) -> ContextManager:
 class NoReference:
     """No reference log-probs (reference-free losses)."""
 
-    def setup(self, policy: nn.Module, *, lora: bool, paired: bool, chunk: int) -> None:
+    def setup(
+        self, policy: nn.Module, *, lora: bool, paired: bool, chunk: int, options: LogpsOptions | None = None
+    ) -> None:
         """Once, in the module's ``__init__``: the policy as loaded, before any adapter is added.
 
         Args:
@@ -68,8 +73,10 @@ class NoReference:
             lora: whether a LoRA adapter will be added to it.
             paired: whether the loss trains on pairs (False: unpaired rows, KTO).
             chunk: rows of logits normalised at once (``model.logps_chunk``).
+            options: token weighting of the sums the loss asks of its reference (LD-DPO), if any.
         """
         self.chunk = chunk
+        self.options = options
 
     def prepare(
         self, policy: nn.Module, data: SplitData, device: torch.device, context: Callable, precision: str = ""
@@ -103,8 +110,10 @@ class NoReference:
 class CopyReference(NoReference):
     """A frozen copy of the policy as it was before training."""
 
-    def setup(self, policy: nn.Module, *, lora: bool, paired: bool, chunk: int) -> None:
-        super().setup(policy, lora=lora, paired=paired, chunk=chunk)
+    def setup(
+        self, policy: nn.Module, *, lora: bool, paired: bool, chunk: int, options: LogpsOptions | None = None
+    ) -> None:
+        super().setup(policy, lora=lora, paired=paired, chunk=chunk, options=options)
         self.frozen = copy.deepcopy(policy).requires_grad_(False).eval()
 
     def prepare(
@@ -114,7 +123,7 @@ class CopyReference(NoReference):
 
     @torch.no_grad()
     def logps(self, policy: nn.Module, batch: dict, split: str) -> Tensor:
-        return row_logps(self.frozen, batch, self.chunk)
+        return row_logps(self.frozen, batch, self.chunk, self.options)
 
     def model(self, policy: nn.Module) -> ModelAndContext:
         return self.frozen, contextlib.nullcontext
@@ -123,14 +132,16 @@ class CopyReference(NoReference):
 class AdapterReference(NoReference):
     """The policy with its LoRA adapter disabled (peft's ``disable_adapter``)."""
 
-    def setup(self, policy: nn.Module, *, lora: bool, paired: bool, chunk: int) -> None:
+    def setup(
+        self, policy: nn.Module, *, lora: bool, paired: bool, chunk: int, options: LogpsOptions | None = None
+    ) -> None:
         if not lora:
             raise ConfigError("model.reference: adapter needs a LoRA adapter: set model.lora (e.g. model.lora.r: 16)")
-        super().setup(policy, lora=lora, paired=paired, chunk=chunk)
+        super().setup(policy, lora=lora, paired=paired, chunk=chunk, options=options)
 
     def logps(self, policy: nn.Module, batch: dict, split: str) -> Tensor:
         with policy.disable_adapter(), evaluating(policy):
-            return row_logps(policy, batch, self.chunk)
+            return row_logps(policy, batch, self.chunk, self.options)
 
     def model(self, policy: nn.Module) -> ModelAndContext:
         return policy, policy.disable_adapter
@@ -139,13 +150,15 @@ class AdapterReference(NoReference):
 class PrecomputedReference(NoReference):
     """Reference log-probs computed once per example before training and cached on disk."""
 
-    def setup(self, policy: nn.Module, *, lora: bool, paired: bool, chunk: int) -> None:
+    def setup(
+        self, policy: nn.Module, *, lora: bool, paired: bool, chunk: int, options: LogpsOptions | None = None
+    ) -> None:
         if not paired:
             raise ConfigError(
                 "model.reference: precomputed supports paired losses only (an unpaired loss pairs each "
                 "completion with another prompt in the batch); use copy or adapter"
             )
-        super().setup(policy, lora=lora, paired=paired, chunk=chunk)
+        super().setup(policy, lora=lora, paired=paired, chunk=chunk, options=options)
         self.tables: dict[str, Tensor] = {}
         self._weights_hash: str | None = None
 
@@ -157,7 +170,7 @@ class PrecomputedReference(NoReference):
                 h.update(name.encode())
                 h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
             self._weights_hash = h.hexdigest()
-        h = hashlib.sha256(f"{self._weights_hash}|{precision}|{self.chunk}".encode())
+        h = hashlib.sha256(f"{self._weights_hash}|{precision}|{self.chunk}|{self.options!r}".encode())
         for example in dataset:
             for key in sorted(k for k in example if k.endswith("_ids")):
                 h.update(key.encode())
@@ -189,7 +202,7 @@ class PrecomputedReference(NoReference):
         with torch.random.fork_rng(devices=[]), initial_policy(policy), evaluating(policy):
             for batch in loader:
                 batch = {k: v.to(device) for k, v in batch.items()}
-                rows = row_logps(policy, batch, self.chunk).float().cpu()
+                rows = row_logps(policy, batch, self.chunk, self.options).float().cpu()
                 table[batch["index"].cpu()] = rows.view(2, -1).T  # rows: B chosen then B rejected
         if torch.isnan(table).any():
             raise RuntimeError("precomputing reference log-probs left examples without a value")
@@ -233,10 +246,12 @@ class SyncedReference(CopyReference):
         self.sync_steps = sync_steps
         self.last_step = 0
 
-    def setup(self, policy: nn.Module, *, lora: bool, paired: bool, chunk: int) -> None:
+    def setup(
+        self, policy: nn.Module, *, lora: bool, paired: bool, chunk: int, options: LogpsOptions | None = None
+    ) -> None:
         if lora:
             raise ConfigError("model.reference: SyncedReference needs full fine-tuning (model.lora: null)")
-        super().setup(policy, lora=lora, paired=paired, chunk=chunk)
+        super().setup(policy, lora=lora, paired=paired, chunk=chunk, options=options)
 
     @torch.no_grad()
     def sync(self, policy: nn.Module) -> None:

@@ -5,12 +5,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from lightning import Trainer
 
 import dpo_lit
 from dpo_lit.callbacks import ExportPretrained
 from dpo_lit.data import PreferenceDataModule
 from dpo_lit.errors import ConfigError
+from dpo_lit.logps import completion_logps
 from dpo_lit.losses import DPOLoss, KTOLoss, SimPOLoss
 from dpo_lit.models import TINY_ALIAS
 from dpo_lit.module import LoRASettings, PreferenceModule
@@ -124,17 +126,53 @@ def test_precomputing_leaves_the_global_rng_alone(tmp_path, monkeypatch):
     assert torch.equal(torch.random.get_rng_state(), state)
 
 
-def test_kto_trains_on_unpaired_rows(tmp_path):
+def test_kto_first_step_is_one_half_with_zero_rewards(tmp_path):
+    """Before the first update the policy is the reference, so r = log π - log π_ref = 0 for every
+    row and the mismatched rows give policy_kl = ref_kl, z0 = max(0, 0) = 0: each loss is
+    1 - σ(β·(0 - 0)) = 0.5 (λ_D = λ_U = 1) and every reward β·r is 0."""
     module = PreferenceModule(TINY_ALIAS, loss=KTOLoss(beta=0.1), reference="copy", optimizer=adam())
-    trainer = fit(module, make_data(mode="unpaired"), tmp_path, steps=3, limit_val_batches=1)
+    trainer = fit(module, make_data(mode="unpaired"), tmp_path, steps=1, limit_val_batches=1)
     metrics = trainer.callback_metrics
-    assert torch.isfinite(metrics["train/loss"]) and "val/kto_z0" in metrics and "val/rewards/chosen" in metrics
+    torch.testing.assert_close(metrics["train/loss"], torch.tensor(0.5))
+    # a shuffled batch of 4 may hold only desirable or only undesirable rows: check those it has
+    names = ["kto_z0"] + [n for n in ("rewards/chosen", "rewards/rejected") if f"train/{n}" in metrics]
+    assert len(names) > 1
+    for name in names:  # float32 rounding of sums near -700
+        torch.testing.assert_close(metrics[f"train/{name}"], torch.tensor(0.0), atol=1e-5, rtol=0)
+    assert "train/rewards/margins" not in metrics  # KTO has no pairs to take margins of
+    assert {"val/loss", "val/kto_z0", "val/rewards/chosen", "val/rewards/rejected"} <= set(metrics)
 
 
-def test_reference_free_loss_uses_no_reference(tmp_path):
-    module = PreferenceModule(TINY_ALIAS, loss=SimPOLoss(), reference="copy", optimizer=adam())
-    assert isinstance(module.reference, NoReference) and type(module.reference) is NoReference
-    assert torch.isfinite(fit(module, make_data(), tmp_path, steps=2).callback_metrics["train/loss"])
+def test_reference_free_loss_uses_no_reference_and_matches_its_formula(tmp_path):
+    """SimPO on the validation pairs, worked out here from the policy's own rows: a = summed
+    log-prob / tokens, loss = softplus(-(β·a_c - β·a_r - γ)), rewards β·a. The module must give
+    the mean of these over all 16 pairs without any reference model."""
+    beta, gamma = 2.0, 0.5
+    module = PreferenceModule(TINY_ALIAS, loss=SimPOLoss(beta=beta, gamma=gamma), reference="copy", optimizer=adam())
+    assert type(module.reference) is NoReference
+    data = make_data()
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      default_root_dir=tmp_path)
+    trainer.validate(module, datamodule=data)
+    module.policy.eval()
+    a_c, a_r = [], []
+    with torch.no_grad():
+        for batch in data.val_dataloader():
+            logps, tokens = completion_logps(
+                module.policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+            )
+            b = len(batch["index"])
+            a_c.append(logps[:b] / tokens[:b])
+            a_r.append(logps[b:] / tokens[b:])
+    module.policy.train()
+    a_c, a_r = torch.cat(a_c), torch.cat(a_r)
+    assert len(a_c) == 16
+    metrics = trainer.callback_metrics
+    torch.testing.assert_close(metrics["val/loss"], F.softplus(-(beta * (a_c - a_r) - gamma)).mean())
+    torch.testing.assert_close(metrics["val/rewards/chosen"], beta * a_c.mean())
+    torch.testing.assert_close(metrics["val/rewards/margins"], beta * (a_c - a_r).mean())
+    torch.testing.assert_close(metrics["val/rewards/accuracies"], (a_c > a_r).float().mean())
+    assert torch.isfinite(fit(module, data, tmp_path, steps=2).callback_metrics["train/loss"])
 
 
 def test_configuration_mistakes_are_clear_errors():

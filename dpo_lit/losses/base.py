@@ -8,17 +8,23 @@ A loss never sees a model: the LightningModule runs one concatenated forward pas
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor, nn
+
+from dpo_lit.logps import LogpsOptions
 
 
 @dataclass
 class PairLogps:
     """Summed completion log-probs of a paired batch, all of shape (B,).
 
-    ``ref_*`` are None for reference-free training; token counts may be float or long.
+    ``ref_*`` are None for reference-free training; token counts may be float or long. With
+    LD-DPO the sums are the desensitised ones (see :class:`~dpo_lit.logps.LogpsOptions`).
+    ``aligned_*`` are the policy's WPO aligned log-probs ``Σ_t [log π(y_t|·) - log Σ_v π(v|·)²]``
+    (detached), present only when the loss asked for them (``LogpsOptions.aligned``).
     """
 
     policy_chosen: Tensor
@@ -27,6 +33,8 @@ class PairLogps:
     ref_rejected: Tensor | None
     chosen_tokens: Tensor
     rejected_tokens: Tensor
+    aligned_chosen: Tensor | None = None
+    aligned_rejected: Tensor | None = None
 
     def logp_metrics(self) -> dict[str, Tensor]:
         """Per-example policy log-probs to log as ``logps/chosen`` and ``logps/rejected``."""
@@ -90,14 +98,31 @@ def pairwise_output(
     )
 
 
+def log_ratio_output(
+    logps: PairLogps, name: str, beta: float, per_example: Callable[..., Tensor], *args: Any
+) -> LossOutput:
+    """Output of a loss on reference log-ratios: ``per_example(pc, pr, rc, rr, beta, *args)`` (B,)
+    with rewards ``β·(log π - log π_ref)``. Raises a ValueError naming ``name`` without a reference."""
+    chosen, rejected = log_ratios(logps, name)
+    losses = per_example(
+        logps.policy_chosen, logps.policy_rejected, logps.ref_chosen, logps.ref_rejected, beta, *args
+    )
+    return pairwise_output(losses, beta * chosen, beta * rejected)
+
+
 def log_ratios(logps: PairLogps, name: str) -> tuple[Tensor, Tensor]:
     """Return ``(policy_chosen - ref_chosen, policy_rejected - ref_rejected)``, each (B,).
 
     Raises a ValueError naming the loss ``name`` when the reference log-probs are missing.
     """
+    check_reference(logps, name)
+    return logps.policy_chosen - logps.ref_chosen, logps.policy_rejected - logps.ref_rejected
+
+
+def check_reference(logps: PairLogps, name: str) -> None:
+    """Raise a ValueError naming the loss ``name`` unless ``logps`` holds reference log-probs."""
     if logps.ref_chosen is None or logps.ref_rejected is None:
         raise ValueError(reference_error(name))
-    return logps.policy_chosen - logps.ref_chosen, logps.policy_rejected - logps.ref_rejected
 
 
 def check_beta(name: str, beta: float) -> None:
@@ -123,10 +148,15 @@ class PreferenceLoss(nn.Module, ABC):
     Class attributes:
         needs_reference: whether ``forward`` needs ``ref_*`` log-probs.
         data_mode: ``"paired"`` (chosen/rejected) or ``"unpaired"`` (KTO).
+        per_example: whether ``losses[i]`` belongs to example i (False for AOT's per-quantile terms).
+        logps_options: what the loss asks of the log-prob computation beyond plain sums
+            (:class:`~dpo_lit.logps.LogpsOptions`; None, the default, asks nothing).
     """
 
     needs_reference: bool = True
     data_mode: str = "paired"
+    per_example: bool = True
+    logps_options: LogpsOptions | None = None
 
     def gather(
         self, policy_logps: Tensor, ref_logps: Tensor | None, tokens: Tensor, batch: dict[str, Any]
@@ -170,6 +200,8 @@ __all__ = [
     "UnpairedLogps",
     "average",
     "check_beta",
+    "check_reference",
+    "log_ratio_output",
     "log_ratios",
     "margin",
     "pairwise_output",

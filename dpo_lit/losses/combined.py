@@ -6,6 +6,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from dpo_lit.logps import LogpsOptions
+
 from .base import LossOutput, PairLogps, PreferenceLoss, UnpairedLogps
 
 
@@ -19,7 +21,9 @@ class CombinedLoss(PreferenceLoss):
     Rewards, margins and accuracies come from the FIRST part. ``metrics`` holds each part's
     unweighted loss as ``"<name>/loss"`` (name = class name without ``Loss``, lower case,
     e.g. ``dpo/loss``, ``sft/loss``; an index is appended on repeats) and each part's own
-    metrics as ``"<name>/<metric>"``.
+    metrics as ``"<name>/<metric>"``. The first part gathers the rows for all, so only it may
+    ask for extra log-probs (``logps_options``: a :class:`WPOLoss` or :class:`LDDPOLoss`); to
+    weight or desensitise the whole sum, wrap the CombinedLoss instead.
 
     Args:
         losses: The losses to add up, each a ``PreferenceLoss`` (``class_path`` in YAML).
@@ -37,11 +41,22 @@ class CombinedLoss(PreferenceLoss):
         if len(modes) > 1:
             names = ", ".join(f"{type(loss).__name__}={loss.data_mode}" for loss in losses)
             raise ValueError(f"CombinedLoss: all losses must share a data_mode, got {names}")
+        if {loss.logps_options for loss in losses[1:]} - {None, losses[0].logps_options}:
+            raise ValueError(
+                "CombinedLoss: only its first part may ask for extra log-probs (WPOLoss, LDDPOLoss); "
+                "wrap the CombinedLoss instead"
+            )
         self.parts = nn.ModuleList(losses)
         self.weights = weights
         self.needs_reference = any(loss.needs_reference for loss in losses)
+        self.per_example = all(loss.per_example for loss in losses)
         self.data_mode = modes.pop()
         self._names = _names(losses)
+
+    @property
+    def logps_options(self) -> LogpsOptions | None:
+        """The first part's: it gathers the rows for all parts."""
+        return self.parts[0].logps_options
 
     def gather(
         self, policy_logps: Tensor, ref_logps: Tensor | None, tokens: Tensor, batch: dict[str, Any]

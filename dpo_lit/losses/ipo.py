@@ -10,7 +10,7 @@ from .base import (
     PreferenceLoss,
     average,
     check_beta,
-    log_ratios,
+    check_reference,
     margin,
     pairwise_output,
 )
@@ -52,12 +52,12 @@ class IPOLoss(PreferenceLoss):
 
     def __init__(self, beta: float = 0.1, length_normalize: bool = True) -> None:
         super().__init__()
-        check_beta("IPOLoss", beta)
+        check_beta(type(self).__name__, beta)
         self.beta = beta
         self.length_normalize = length_normalize
 
     def forward(self, logps: PairLogps) -> LossOutput:
-        log_ratios(logps, type(self).__name__)  # raises if the reference is missing
+        check_reference(logps, type(self).__name__)
         pc, pr, rc, rr = logps.policy_chosen, logps.policy_rejected, logps.ref_chosen, logps.ref_rejected
         if self.length_normalize:
             ct, rt = logps.chosen_tokens, logps.rejected_tokens

@@ -69,9 +69,9 @@ class ORPOLoss(PreferenceLoss):
     def forward(self, logps: PairLogps) -> LossOutput:
         a_c = average(logps.policy_chosen, logps.chosen_tokens)
         a_r = average(logps.policy_rejected, logps.rejected_tokens)
-        log_odds = orpo_log_odds(a_c, a_r)
-        nll = -a_c
-        losses = nll - self.lam * F.logsigmoid(log_odds)
+        losses = orpo_loss(
+            logps.policy_chosen, logps.policy_rejected, logps.chosen_tokens, logps.rejected_tokens, self.lam
+        )
         return pairwise_output(
-            losses, self.lam * a_c, self.lam * a_r, log_odds_ratio=log_odds.mean(), nll=nll.mean()
+            losses, self.lam * a_c, self.lam * a_r, log_odds_ratio=orpo_log_odds(a_c, a_r).mean(), nll=-a_c.mean()
         )
