@@ -65,6 +65,20 @@ def test_fragment_parses_over_the_tiny_config(path, monkeypatch):
     assert config.data.mode == ("unpaired" if path.stem == "kto" else "paired")
 
 
+@pytest.mark.parametrize("base", ["configs/dpo/smollm2_hh_lora.yaml", "configs/dpo/smollm2_uf_full.yaml"])
+def test_every_fragment_stacks_on_the_smollm2_runs(base, monkeypatch):
+    """The per-method SmolLM2 runs are a DPO base plus a loss fragment: the loss changes, nothing else."""
+    monkeypatch.chdir(ROOT)
+    plain = ParseOnlyCLI(PreferenceModule, PreferenceDataModule, run=False, args=["--config", base]).config
+    for path in FRAGMENTS:
+        config = ParseOnlyCLI(
+            PreferenceModule, PreferenceDataModule, run=False, args=["--config", base, "--config", str(path)]
+        ).config
+        assert config.model.loss.class_path == class_path(path), path.name
+        assert config.model.lora == plain.model.lora and config.model.optimizer == plain.model.optimizer
+        assert config.data.train_files == plain.data.train_files and config.trainer == plain.trainer
+
+
 @pytest.mark.parametrize("path", FRAGMENTS, ids=lambda p: p.stem)
 def test_fragment_trains_a_few_steps(path, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
