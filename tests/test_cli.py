@@ -191,3 +191,19 @@ def test_no_subcommand_lists_every_subcommand(capsys):
     assert main([]) is None
     out = capsys.readouterr().out
     assert all(f"  {name} " in out for name in ("fit", "validate", "test", "predict", "onpolicy", "plots"))
+
+
+def test_reference_by_class_path_and_by_shortcut(tmp_path, monkeypatch):
+    from dpo_lit.reference import CopyReference, SyncedReference
+
+    monkeypatch.chdir(ROOT)
+    common = ["--trainer.max_steps=2", "--trainer.limit_val_batches=1", f"--trainer.default_root_dir={tmp_path}",
+              "--trainer.enable_progress_bar=false", "--export.enabled=false"]  # fmt: skip
+    synced = main([
+        "fit", "--config", "configs/dpo/tiny.yaml", "--model.reference=dpo_lit.reference.SyncedReference",
+        "--model.reference.mixup_alpha=0.5", "--model.reference.sync_steps=1", *common,
+    ])  # fmt: skip
+    reference = synced.model.reference
+    assert type(reference) is SyncedReference and reference.mixup_alpha == 0.5 and reference.last_step == 2
+    copy = main(["fit", "--config", "configs/dpo/tiny.yaml", "--model.reference=copy", *common])
+    assert type(copy.model.reference) is CopyReference
