@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import LossOutput, PairLogps, PreferenceLoss, check_beta, log_ratio_output, margin
+from .base import LogRatioLoss, margin
 
 
 def apo_zero_loss(
@@ -32,7 +32,7 @@ def apo_down_loss(
     return torch.sigmoid(beta * (policy_chosen - ref_chosen)) + 1 - torch.sigmoid(beta * h)
 
 
-class APOZeroLoss(PreferenceLoss):
+class APOZeroLoss(LogRatioLoss):
     """APO-zero (D'Oosterlinck et al. 2024, https://arxiv.org/abs/2408.06266).
 
     Eq. 7 of the paper, with ``r_θ(x, y) = β·log π(y|x)/π_ref(y|x)``::
@@ -48,18 +48,10 @@ class APOZeroLoss(PreferenceLoss):
         beta: Scale β of the log-ratios inside the sigmoids. Must be > 0.
     """
 
-    needs_reference = True
-
-    def __init__(self, beta: float = 0.1) -> None:
-        super().__init__()
-        check_beta(type(self).__name__, beta)
-        self.beta = beta
-
-    def forward(self, logps: PairLogps) -> LossOutput:
-        return log_ratio_output(logps, type(self).__name__, self.beta, apo_zero_loss)
+    loss_fn = staticmethod(apo_zero_loss)
 
 
-class APODownLoss(APOZeroLoss):
+class APODownLoss(LogRatioLoss):
     """APO-down (D'Oosterlinck et al. 2024, https://arxiv.org/abs/2408.06266).
 
     Eq. 8 of the paper, with ``r_θ`` as in :class:`APOZeroLoss`::
@@ -74,5 +66,4 @@ class APODownLoss(APOZeroLoss):
         beta: Scale β of the log-ratios inside the sigmoids. Must be > 0.
     """
 
-    def forward(self, logps: PairLogps) -> LossOutput:
-        return log_ratio_output(logps, type(self).__name__, self.beta, apo_down_loss)
+    loss_fn = staticmethod(apo_down_loss)

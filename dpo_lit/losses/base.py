@@ -180,6 +180,28 @@ class PreferenceLoss(nn.Module, ABC):
         )
 
 
+class LogRatioLoss(PreferenceLoss):
+    """A pairwise loss of the reference log-ratios whose one hyper-parameter is β.
+
+    Subclasses set ``loss_fn(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta) -> (B,)``
+    and document the equation; rewards are ``β·(log π - log π_ref)``, detached.
+
+    Args:
+        beta: Scale β of the log-ratios. Must be > 0.
+    """
+
+    needs_reference = True
+    loss_fn: Callable[..., Tensor]
+
+    def __init__(self, beta: float = 0.1) -> None:
+        super().__init__()
+        check_beta(type(self).__name__, beta)
+        self.beta = beta
+
+    def forward(self, logps: PairLogps) -> LossOutput:
+        return log_ratio_output(logps, type(self).__name__, self.beta, type(self).loss_fn)
+
+
 def split_halves(x: Tensor) -> tuple[Tensor, Tensor]:
     """Split (2B, ...) rows into the first and second halves, (B, ...) each."""
     if x.shape[0] % 2:
@@ -194,6 +216,7 @@ def average(logps: Tensor, tokens: Tensor) -> Tensor:
 
 
 __all__ = [
+    "LogRatioLoss",
     "LossOutput",
     "PairLogps",
     "PreferenceLoss",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import LossOutput, PairLogps, PreferenceLoss, check_beta, log_ratio_output
+from .base import LogRatioLoss
 
 
 def nca_loss(
@@ -20,7 +20,7 @@ def nca_loss(
     return -F.logsigmoid(c) - 0.5 * F.logsigmoid(-c) - 0.5 * F.logsigmoid(-r)
 
 
-class NCALoss(PreferenceLoss):
+class NCALoss(LogRatioLoss):
     """Noise Contrastive Alignment (Chen et al. 2024, https://arxiv.org/abs/2402.05369), pairwise.
 
     The NCA loss for K responses with rewards, reduced (as in TRL's ``nca_pair``) to a preferred
@@ -36,12 +36,4 @@ class NCALoss(PreferenceLoss):
         beta: Scale β of the log-ratios in the rewards r_θ. Must be > 0.
     """
 
-    needs_reference = True
-
-    def __init__(self, beta: float = 0.1) -> None:
-        super().__init__()
-        check_beta(type(self).__name__, beta)
-        self.beta = beta
-
-    def forward(self, logps: PairLogps) -> LossOutput:
-        return log_ratio_output(logps, type(self).__name__, self.beta, nca_loss)
+    loss_fn = staticmethod(nca_loss)

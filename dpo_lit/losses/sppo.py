@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .base import LossOutput, PairLogps, PreferenceLoss, check_beta, log_ratio_output
+from .base import LogRatioLoss
 
 
 def sppo_hard_loss(
@@ -19,7 +19,7 @@ def sppo_hard_loss(
     return (c - 0.5 / beta) ** 2 + (r + 0.5 / beta) ** 2
 
 
-class SPPOHardLoss(PreferenceLoss):
+class SPPOHardLoss(LogRatioLoss):
     """Self-Play Preference Optimization, hard labels (Wu et al. 2024, https://arxiv.org/abs/2405.00675).
 
     Eq. 4.7 of the paper (Algorithm 1), with η = 1/β::
@@ -37,12 +37,4 @@ class SPPOHardLoss(PreferenceLoss):
         beta: 1/η of the paper; the log-ratio targets are ±1/(2β). Must be > 0.
     """
 
-    needs_reference = True
-
-    def __init__(self, beta: float = 0.1) -> None:
-        super().__init__()
-        check_beta(type(self).__name__, beta)
-        self.beta = beta
-
-    def forward(self, logps: PairLogps) -> LossOutput:
-        return log_ratio_output(logps, type(self).__name__, self.beta, sppo_hard_loss)
+    loss_fn = staticmethod(sppo_hard_loss)
