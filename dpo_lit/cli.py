@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
+from lightning import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from dpo_lit.callbacks import ExportPretrained
@@ -61,10 +62,23 @@ class _ArgsFromCode(LightningCLI):
 
 
 class DPOLitCLI(_ArgsFromCode):
-    """``fit``/``validate``/``test``: the tokenizer always follows the model; the policy is exported."""
+    """``fit``/``validate``/``test`` in subclass mode: ``model.class_path`` and ``data.class_path``
+    pick the module and the data module, :class:`~dpo_lit.module.PreferenceModule` and
+    :class:`~dpo_lit.data.PreferenceDataModule` when a config names none (so DPO configs need no
+    ``class_path``). The tokenizer always follows the model; the trained model is exported."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(
+            LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True}, **kwargs,
+        )
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.link_arguments("model.model_name", "data.tokenizer_name")
+        parser.set_defaults({
+            "model": {"class_path": f"{PreferenceModule.__module__}.{PreferenceModule.__name__}"},
+            "data": {"class_path": f"{PreferenceDataModule.__module__}.{PreferenceDataModule.__name__}"},
+        })  # fmt: skip
+        parser.link_arguments("model.init_args.model_name", "data.init_args.tokenizer_name")
         parser.add_lightning_class_args(ExportPretrained, "export")
 
     def before_fit(self) -> None:
@@ -128,9 +142,7 @@ def build_cli(
     args += [f"--{key}={_arg(value)}" for key, value in (overrides or {}).items()]
     if command == "predict":
         return GenerateCLI(GenerationModule, PromptDataModule, save_config_callback=None, args=args, run=False)
-    return DPOLitCLI(
-        PreferenceModule, PreferenceDataModule, save_config_kwargs={"overwrite": True}, args=args, run=False
-    )
+    return DPOLitCLI(args=args, run=False)
 
 
 def onpolicy(argv: Sequence[str]) -> None:
@@ -187,7 +199,7 @@ def run(args: Sequence[str] | None = None) -> LightningCLI | None:
         return plots(argv[1:])
     if command == "predict":
         return GenerateCLI(GenerationModule, PromptDataModule, save_config_callback=None, args=argv)
-    return DPOLitCLI(PreferenceModule, PreferenceDataModule, save_config_kwargs={"overwrite": True}, args=argv)
+    return DPOLitCLI(args=argv)
 
 
 def main() -> None:

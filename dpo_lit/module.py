@@ -46,6 +46,35 @@ class LoRASettings:
     extra: dict = field(default_factory=dict)
 
 
+def add_lora(model, lora: LoRASettings, task_type: str = "CAUSAL_LM"):
+    """``model`` wrapped by peft with a LoRA adapter (``SEQ_CLS`` also trains a classifier's head)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        target_modules=lora.target_modules, task_type=task_type, **lora.extra,
+    )
+    return get_peft_model(model, config)
+
+
+def optimizer_and_schedule(module: LightningModule, params: list) -> dict:
+    """``configure_optimizers``' answer for a module with ``optimizer_factory`` and the hparams
+    ``scheduler``, ``warmup_ratio`` and ``scheduler_kwargs``: the schedule steps every optimizer step."""
+    from transformers import get_scheduler
+
+    optimizer = module.optimizer_factory(params)
+    total = max(1, int(module.trainer.estimated_stepping_batches))
+    hparams = module.hparams
+    try:
+        scheduler = get_scheduler(
+            hparams.scheduler, optimizer, num_warmup_steps=int(hparams.warmup_ratio * total),
+            num_training_steps=total, scheduler_specific_kwargs=hparams.scheduler_kwargs,
+        )
+    except ValueError as error:  # an unknown name: transformers lists the valid ones
+        raise ConfigError(f"model.scheduler: {error}") from None
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"}}
+
+
 class PreferenceModule(LightningModule):
     """Preference optimisation of a causal LM.
 
@@ -111,7 +140,7 @@ class PreferenceModule(LightningModule):
             options=reference_options(loss.logps_options),
         )
         if lora is not None:
-            self.policy = self._add_lora(lora)
+            self.policy = add_lora(self.policy, lora)
         if gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.val_metrics = torch.nn.ModuleDict()
@@ -123,15 +152,6 @@ class PreferenceModule(LightningModule):
         if self._tokenizer is None:
             self._tokenizer = load_tokenizer(self.hparams.model_name)
         return self._tokenizer
-
-    def _add_lora(self, lora: LoRASettings):
-        from peft import LoraConfig, get_peft_model
-
-        config = LoraConfig(
-            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-            target_modules=lora.target_modules, task_type="CAUSAL_LM", **lora.extra,
-        )
-        return get_peft_model(self.policy, config)
 
     # ---- the computation -------------------------------------------------------------------
 
@@ -206,16 +226,4 @@ class PreferenceModule(LightningModule):
         self.reference.load_state_dict(checkpoint.get("reference", {}))
 
     def configure_optimizers(self):
-        from transformers import get_scheduler
-
-        params = [p for p in self.policy.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        try:
-            scheduler = get_scheduler(
-                self.hparams.scheduler, optimizer, num_warmup_steps=int(self.hparams.warmup_ratio * total),
-                num_training_steps=total, scheduler_specific_kwargs=self.hparams.scheduler_kwargs,
-            )
-        except ValueError as error:  # an unknown name: transformers lists the valid ones
-            raise ConfigError(f"model.scheduler: {error}") from None
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"}}
+        return optimizer_and_schedule(self, [p for p in self.policy.parameters() if p.requires_grad])

@@ -6,9 +6,7 @@ import pytest
 
 from dpo_lit.cli import DPOLitCLI
 from dpo_lit.cli import run as main
-from dpo_lit.data import PreferenceDataModule
 from dpo_lit.losses import DPOLoss, IPOLoss
-from dpo_lit.module import PreferenceModule
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL_CONFIGS = sorted(p for folder in ("configs", "experiments") for p in (ROOT / folder).rglob("*.yaml"))
@@ -31,15 +29,15 @@ class ParseOnlyCLI(DPOLitCLI):
 
 
 def parse(args: list[str]):
-    return ParseOnlyCLI(PreferenceModule, PreferenceDataModule, run=False, args=args).config
+    return ParseOnlyCLI(run=False, args=args).config
 
 
 @pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_config_parses_and_points_at_real_files(path, monkeypatch):
     monkeypatch.chdir(ROOT)
     config = parse(["--config", str(path)])
-    assert config.model.model_name and config.data.tokenizer_name == config.model.model_name
-    for file in (config.data.train_files or []) + (config.data.val_files or []):
+    assert config.model.init_args.model_name and config.data.init_args.tokenizer_name == config.model.init_args.model_name
+    for file in (config.data.init_args.train_files or []) + (config.data.init_args.val_files or []):
         if not file.startswith("runs/"):  # runs/...: written by an earlier step (dpo-lit predict)
             assert Path(file).is_file(), f"{path.name}: data file {file} not found"
 
@@ -77,7 +75,7 @@ def test_pipeline_configs_parse(path, monkeypatch):
 def test_data_fragments_parse(path, monkeypatch):
     monkeypatch.chdir(ROOT)
     config = parse(["--model.model_name", "tiny-random-llama", "--data", str(path)])
-    assert all(Path(f).is_file() for f in config.data.train_files)
+    assert all(Path(f).is_file() for f in config.data.init_args.train_files)
 
 
 @pytest.mark.parametrize("path", TINY, ids=lambda p: str(p.relative_to(ROOT)))
@@ -96,8 +94,8 @@ def test_tiny_configs_fit_a_few_steps(path, tmp_path, monkeypatch):
 def test_loss_swaps_on_the_command_line(monkeypatch):
     monkeypatch.chdir(ROOT)
     config = parse(["--config", "configs/dpo/tiny.yaml", "--model.loss=IPOLoss", "--model.loss.beta=0.3"])
-    assert config.model.loss.class_path == "dpo_lit.losses.IPOLoss"
-    assert config.model.loss.init_args.beta == 0.3
+    assert config.model.init_args.loss.class_path == "dpo_lit.losses.IPOLoss"
+    assert config.model.init_args.loss.init_args.beta == 0.3
 
 
 def test_print_config(monkeypatch, capsys):

@@ -14,9 +14,7 @@ import yaml
 
 import dpo_lit.losses
 from dpo_lit.cli import DPOLitCLI, run
-from dpo_lit.data import PreferenceDataModule
 from dpo_lit.losses import PreferenceLoss
-from dpo_lit.module import PreferenceModule
 
 ROOT = Path(__file__).resolve().parents[1]
 FRAGMENTS = sorted((ROOT / "configs" / "loss").glob("*.yaml"))
@@ -57,26 +55,23 @@ def test_fragment_parses_over_the_tiny_config(path, monkeypatch):
     monkeypatch.chdir(ROOT)
     header = path.read_text().splitlines()
     assert header[0].startswith("# ") and f"--config configs/loss/{path.name}" in "\n".join(header[:4])
-    config = ParseOnlyCLI(
-        PreferenceModule, PreferenceDataModule, run=False, args=["--config", BASE, "--config", str(path)]
-    ).config
-    assert config.model.loss.class_path == class_path(path)
-    assert config.model.model_name == "tiny-random-llama"  # the rest of the base config is kept
-    assert config.data.mode == ("unpaired" if path.stem == "kto" else "paired")
+    config = ParseOnlyCLI(run=False, args=["--config", BASE, "--config", str(path)]).config
+    assert config.model.init_args.loss.class_path == class_path(path)
+    assert config.model.init_args.model_name == "tiny-random-llama"  # the rest of the base config is kept
+    assert config.data.init_args.mode == ("unpaired" if path.stem == "kto" else "paired")
 
 
 @pytest.mark.parametrize("base", ["configs/dpo/smollm2_hh_lora.yaml", "configs/dpo/smollm2_uf_full.yaml"])
 def test_every_fragment_stacks_on_the_smollm2_runs(base, monkeypatch):
     """The per-method SmolLM2 runs are a DPO base plus a loss fragment: the loss changes, nothing else."""
     monkeypatch.chdir(ROOT)
-    plain = ParseOnlyCLI(PreferenceModule, PreferenceDataModule, run=False, args=["--config", base]).config
+    plain = ParseOnlyCLI(run=False, args=["--config", base]).config
     for path in FRAGMENTS:
-        config = ParseOnlyCLI(
-            PreferenceModule, PreferenceDataModule, run=False, args=["--config", base, "--config", str(path)]
-        ).config
-        assert config.model.loss.class_path == class_path(path), path.name
-        assert config.model.lora == plain.model.lora and config.model.optimizer == plain.model.optimizer
-        assert config.data.train_files == plain.data.train_files and config.trainer == plain.trainer
+        config = ParseOnlyCLI(run=False, args=["--config", base, "--config", str(path)]).config
+        assert config.model.init_args.loss.class_path == class_path(path), path.name
+        model, base_model = config.model.init_args, plain.model.init_args
+        assert model.lora == base_model.lora and model.optimizer == base_model.optimizer
+        assert config.data.init_args.train_files == plain.data.init_args.train_files and config.trainer == plain.trainer
 
 
 @pytest.mark.parametrize("path", FRAGMENTS, ids=lambda p: p.stem)
