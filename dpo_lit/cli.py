@@ -73,13 +73,32 @@ class DPOLitCLI(_ArgsFromCode):
             save_config_kwargs={"overwrite": True}, **kwargs,
         )
 
+    DEFAULTS = {
+        "model": f"{PreferenceModule.__module__}.{PreferenceModule.__name__}",
+        "data": f"{PreferenceDataModule.__module__}.{PreferenceDataModule.__name__}",
+    }
+
     def add_arguments_to_parser(self, parser) -> None:
-        parser.set_defaults({
-            "model": {"class_path": f"{PreferenceModule.__module__}.{PreferenceModule.__name__}"},
-            "data": {"class_path": f"{PreferenceDataModule.__module__}.{PreferenceDataModule.__name__}"},
-        })  # fmt: skip
+        parser.set_defaults({key: {"class_path": path} for key, path in self.DEFAULTS.items()})
         parser.link_arguments("model.init_args.model_name", "data.init_args.tokenizer_name")
         parser.add_lightning_class_args(ExportPretrained, "export")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        """Parse; when a config names another class, parse again with that class as the default.
+
+        jsonargparse keeps the init_args a new ``class_path`` shares with the previous one, so
+        without the second pass a PPOModule would inherit PreferenceModule's defaults for
+        ``scheduler`` and ``warmup_ratio`` instead of its own.
+        """
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        chosen = {key: config[key].class_path for key in self.DEFAULTS}
+        if chosen != self.DEFAULTS:
+            (self._subcommand_parsers[subcommand] if subcommand else parser).set_defaults(
+                {key: {"class_path": path} for key, path in chosen.items()}
+            )
+            super().parse_arguments(parser, args)
 
     def before_fit(self) -> None:
         warn_slow_bf16(self.trainer)

@@ -119,16 +119,16 @@ def ld_token_weights(target_mask: Tensor, alpha: float) -> Tensor:
     return weights[target_mask]
 
 
-def _decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """The transformer body (returns final-normed hidden states) and the LM head of a causal LM."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wrapper
     return base.get_decoder(), base.get_output_embeddings()
 
 
-def completion_logits(
+def completion_states(
     model: nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The logits that predict completion tokens, those tokens and the rows they belong to.
+    """The final hidden states that predict completion tokens, those tokens and their rows.
 
     Args:
         model: a Hugging Face causal LM (optionally wrapped by peft).
@@ -137,21 +137,33 @@ def completion_logits(
         completion_mask: (N, T) bool, True on completion tokens (these get scored).
 
     Returns:
-        ``(logits, targets, rows)`` of shapes (M, V), (M,), (M,) for the M completion tokens after
-        the first position, logits soft-capped where the model's config asks for it.
+        ``(states, targets, rows)`` of shapes (M, H), (M,), (M,) for the M completion tokens after
+        the first position, in row-major order.
     """
-    decoder, head = _decoder_and_head(model)
+    decoder, _ = decoder_and_head(model)
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     # Position t predicts token t+1: keep the states whose next token is a completion token.
     target_mask = completion_mask[:, 1:]  # (N, T-1)
     states = hidden[:, :-1][target_mask]  # (M, H)
     targets = input_ids[:, 1:][target_mask]  # (M,)
-    logits = head(states)  # (M, V)
-    softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
     rows = torch.arange(len(input_ids), device=input_ids.device)[:, None].expand_as(target_mask)[target_mask]
-    return logits, targets, rows
+    return states, targets, rows
+
+
+def head_logits(model: nn.Module, states: Tensor) -> Tensor:
+    """The LM head over hidden states (M, H) -> (M, V), soft-capped where the model's config asks."""
+    logits = decoder_and_head(model)[1](states)
+    softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    return torch.tanh(logits / softcap) * softcap if softcap else logits
+
+
+def completion_logits(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The logits that predict completion tokens, (M, V), with their targets and rows (see
+    :func:`completion_states`)."""
+    states, targets, rows = completion_states(model, input_ids, attention_mask, completion_mask)
+    return head_logits(model, states), targets, rows
 
 
 def completion_logps(

@@ -1,4 +1,6 @@
-"""Save the trained policy with ``save_pretrained`` next to the checkpoints when fit ends."""
+"""Save the trained model with ``save_pretrained`` next to the checkpoints when fit ends.
+
+The trained model is the module's ``policy``, or its ``reward_model`` for a reward model."""
 
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ class ExportPretrained(Callback):
             return
         root = self.run_dir(trainer)
         tokenizer = pl_module.tokenizer
-        policy = pl_module.policy
+        policy = getattr(pl_module, "reward_model", None) or pl_module.policy
         policy.save_pretrained(root / "policy")
         tokenizer.save_pretrained(root / "policy")
         rank_zero_info(f"Policy saved to {root / 'policy'}")

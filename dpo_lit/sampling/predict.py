@@ -80,7 +80,8 @@ class GenerationModule(LightningModule):
 
 
 class PromptDataModule(LightningDataModule):
-    """Prompts from a file, encoded as the model will see them.
+    """Prompts from a file, encoded as the model will see them: ``predict``'s input, and PPO's
+    training (shuffled) and validation prompts.
 
     Args:
         tokenizer_name: linked from ``model.model_name``.
@@ -88,21 +89,30 @@ class PromptDataModule(LightningDataModule):
         batch_size: prompts per batch.
         limit: use only the first ``limit`` prompts.
         chat: render with the chat template (None: when the tokenizer has one).
+        val_prompts_file: held-out prompts for validation (None: no validation).
+        val_limit: use only the first ``val_limit`` held-out prompts.
     """
 
     def __init__(
         self, tokenizer_name: str, prompts_file: str, batch_size: int = 8, limit: int | None = None,
-        chat: bool | None = None,
+        chat: bool | None = None, val_prompts_file: str | None = None, val_limit: int | None = None,
     ) -> None:
         super().__init__()
         self.tokenizer_name, self.prompts_file = tokenizer_name, prompts_file
         self.batch_size, self.limit, self.chat = batch_size, limit, chat
+        self.val_prompts_file, self.val_limit = val_prompts_file, val_limit
         self.items: list[dict[str, Any]] = []
+        self.val_items: list[dict[str, Any]] = []
+
+    def _encode(self, path: str, limit: int | None) -> list[dict[str, Any]]:
+        prompts = read_prompts(path)[:limit]
+        ids = encode_prompts(load_tokenizer(self.tokenizer_name), prompts, self.chat)
+        return [{"prompt": p, "prompt_ids": i} for p, i in zip(prompts, ids)]
 
     def setup(self, stage: str | None = None) -> None:
-        prompts = read_prompts(self.prompts_file)[: self.limit]
-        ids = encode_prompts(load_tokenizer(self.tokenizer_name), prompts, self.chat)
-        self.items = [{"prompt": p, "prompt_ids": i} for p, i in zip(prompts, ids)]
+        self.items = self._encode(self.prompts_file, self.limit)
+        if self.val_prompts_file:
+            self.val_items = self._encode(self.val_prompts_file, self.val_limit)
 
     @staticmethod
     def collate(items: list[dict[str, Any]]) -> dict[str, list]:
@@ -110,6 +120,12 @@ class PromptDataModule(LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return DataLoader(self.items, batch_size=self.batch_size, shuffle=False, collate_fn=self.collate)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.items, batch_size=self.batch_size, shuffle=True, collate_fn=self.collate)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_items, batch_size=self.batch_size, shuffle=False, collate_fn=self.collate)
 
 
 class WritePairs(BasePredictionWriter):

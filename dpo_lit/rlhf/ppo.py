@@ -1,0 +1,311 @@
+"""PPO with a KL penalty to the initial policy (Ziegler et al. 2019; Ouyang et al. 2022), as a
+LightningModule with manual optimisation.
+
+    dpo-lit fit --config configs/ppo/tiny.yaml
+
+Each training batch is a batch of prompts (:class:`~dpo_lit.sampling.predict.PromptDataModule`)
+and one PPO iteration:
+
+1. **rollouts**: the policy samples ``samples_per_prompt`` completions of each prompt with the
+   project's sampler (token ids kept as sampled); any :class:`~dpo_lit.rewards.Reward` scores
+   them (a rule, VADER, a classifier, :class:`~dpo_lit.rewards.RewardModel`);
+2. **one no-grad forward** of the policy gives each response token's log-prob and value, one of
+   the reference its log-prob; the per-token reward is ``-kl_coef · (log π - log π_ref)`` plus the
+   score on the last token (minus ``missing_eos_penalty`` when the answer was cut);
+3. **GAE** gives advantages (whitened) and returns;
+4. **``ppo_epochs`` passes** over shuffled minibatches of the rollouts, each an optimizer update of
+   the clipped surrogate plus ``vf_coef`` × the clipped value loss;
+5. the KL coefficient adapts towards ``target_kl`` when one is set.
+
+The value function is a linear head on the policy's last hidden state (a shared trunk), not a
+second model: on a CPU a separate value model would double the forward and backward passes of
+every update and the weights in memory; the price is that value gradients also move the policy's
+trunk (LoRA weights under LoRA), which ``vf_coef`` keeps small. The reference is the policy with
+its adapter off under LoRA, else a frozen copy — :mod:`dpo_lit.reference`'s objects, so the
+SampledKL, SampleTable and CapabilityEval callbacks work unchanged.
+
+``trainer.max_steps`` counts optimizer updates, ``ppo_epochs · ceil(rollouts / minibatch_size)``
+per batch of prompts; the learning-rate schedule steps once per batch of prompts.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from jsonargparse import lazy_instance
+from lightning import LightningModule
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor, nn
+
+from dpo_lit.data.collate import pad_rows
+from dpo_lit.data.prompts import prompt_text
+from dpo_lit.errors import ConfigError
+from dpo_lit.logps import completion_states, head_logits, selective_log_softmax
+from dpo_lit.models import evaluating, load_model, load_tokenizer
+from dpo_lit.module import LoRASettings, add_lora, optimizer_and_schedule
+from dpo_lit.reference import SHORTCUTS
+from dpo_lit.rewards import Reward, VaderSentiment
+from dpo_lit.rlhf.objectives import (
+    KLController,
+    gae,
+    masked_mean,
+    policy_loss,
+    token_rewards,
+    value_loss,
+    whiten,
+)
+from dpo_lit.sampling.kl import kl_from_samples
+from dpo_lit.sampling.sample import Sample, sample
+
+
+@dataclass
+class TokenOutputs:
+    """Per response token, (B, T) each: log-probs, values (zeros without a value head), entropies."""
+
+    logps: Tensor
+    values: Tensor
+    entropy: Tensor
+
+
+def to_grid(values: Tensor, rows: Tensor, cols: Tensor, shape: tuple[int, int]) -> Tensor:
+    """Scatter per-token values (M,) into a zero (B, T) grid at ``[rows, cols]``."""
+    grid = values.new_zeros(shape)
+    grid[rows, cols] = values
+    return grid
+
+
+def token_outputs(
+    model: nn.Module, ids: Tensor, mask: Tensor, completion_mask: Tensor, width: int,
+    value_head: nn.Module | None = None, entropy: bool = False,
+) -> TokenOutputs:
+    """One forward of ``model`` over right-padded rollouts: each response token's log-prob, the
+    value of the state before it (``value_head`` on the last hidden state) and the entropy of the
+    distribution it was drawn from (no gradient), laid out (B, width)."""
+    states, targets, rows = completion_states(model, ids, mask, completion_mask)  # (M, H), (M,), (M,)
+    logits = head_logits(model, states)  # (M, V)
+    target_mask = completion_mask[:, 1:]
+    cols = target_mask.cumsum(-1)[target_mask] - 1  # (M,) position within the response
+    shape = (len(ids), width)
+    logps = to_grid(selective_log_softmax(logits, targets), rows, cols, shape)
+    values = torch.zeros(shape, device=ids.device)
+    if value_head is not None:
+        values = to_grid(value_head(states).squeeze(-1).float(), rows, cols, shape)
+    entropies = torch.zeros(shape, device=ids.device)
+    if entropy:
+        with torch.no_grad():
+            z = logits.float()
+            entropies = to_grid(torch.logsumexp(z, -1) - (z.softmax(-1) * z).sum(-1), rows, cols, shape)
+    return TokenOutputs(logps, values, entropies)
+
+
+class PPOModule(LightningModule):
+    """RLHF's last stage: PPO on a reward, with a per-token KL penalty to the initial policy.
+
+    Args:
+        model_name: the policy (usually the SFT model): Hub name, local folder, ``.gguf`` or alias;
+            the reference is the same weights, frozen.
+        reward: scores the rollouts (``class_path``: VaderSentiment, RewardModel, LengthReward, ...).
+        lora: train a LoRA adapter (the reference is then the policy with it off).
+        samples_per_prompt: rollouts per prompt of a batch.
+        max_new_tokens: bound on a rollout's tokens (a cut rollout keeps no EOS).
+        temperature: sampling temperature of the rollouts (1: the policy itself).
+        missing_eos_penalty: subtracted from the score of rollouts cut by ``max_new_tokens``.
+        kl_coef: initial coefficient of the per-token KL penalty.
+        target_kl: sequence-level KL the coefficient adapts towards (None: fixed coefficient).
+        kl_horizon: sequences over which the adaptive coefficient makes a full correction.
+        ppo_epochs: passes over each batch of rollouts.
+        minibatch_size: rollouts per optimizer update.
+        clip_range: ε of the clipped surrogate.
+        clip_range_value: how far a value may move from the rollout's before its loss is clipped.
+        vf_coef: weight of the value loss.
+        gamma: discount over response tokens.
+        lam: GAE's λ.
+        whiten_advantages: normalise advantages over each batch of rollouts.
+        max_grad_norm: clip the gradient's norm (None: no clipping).
+        optimizer: optimizer class and its arguments.
+        scheduler: learning-rate schedule by its ``transformers`` name, stepped per batch of prompts.
+        warmup_ratio: fraction of the schedule spent warming up.
+        scheduler_kwargs: further arguments of that schedule.
+        dtype: dtype of the loaded weights.
+        trust_remote_code: allow the Hub model's own Python code to run.
+        gradient_checkpointing: recompute activations in the backward pass to save memory.
+        generation_batch_size: rows per ``generate`` call.
+        seed: seed of the rollouts' sampling (each batch adds the optimizer step count).
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        reward: Reward = lazy_instance(VaderSentiment),
+        lora: LoRASettings | None = None,
+        samples_per_prompt: int = 2,
+        max_new_tokens: int = 48,
+        temperature: float = 1.0,
+        missing_eos_penalty: float | None = None,
+        kl_coef: float = 0.05,
+        target_kl: float | None = None,
+        kl_horizon: int = 10000,
+        ppo_epochs: int = 2,
+        minibatch_size: int = 8,
+        clip_range: float = 0.2,
+        clip_range_value: float = 0.2,
+        vf_coef: float = 0.1,
+        gamma: float = 1.0,
+        lam: float = 0.95,
+        whiten_advantages: bool = True,
+        max_grad_norm: float | None = 1.0,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: str = "constant",
+        warmup_ratio: float = 0.0,
+        scheduler_kwargs: dict[str, Any] | None = None,
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        trust_remote_code: bool = False,
+        gradient_checkpointing: bool = False,
+        generation_batch_size: int = 16,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        for key, value in (("kl_coef", kl_coef), ("samples_per_prompt", samples_per_prompt),
+                           ("ppo_epochs", ppo_epochs), ("minibatch_size", minibatch_size)):  # fmt: skip
+            if value < 0 or (value == 0 and key != "kl_coef"):
+                raise ConfigError(f"model.{key}: must be {'>= 0' if key == 'kl_coef' else '> 0'}, got {value}")
+        if target_kl is not None and target_kl <= 0:
+            raise ConfigError(f"model.target_kl: must be > 0, got {target_kl}")
+        self.save_hyperparameters(ignore=["reward", "optimizer"])
+        self.automatic_optimization = False
+        self.reward = reward
+        self.optimizer_factory = optimizer
+        self.kl = KLController(kl_coef, target_kl, kl_horizon)
+        self.policy = load_model(model_name, dtype=dtype, trust_remote_code=trust_remote_code)
+        self.policy.train()
+        self.reference = SHORTCUTS["copy" if lora is None else "adapter"]()
+        self.reference.setup(self.policy, lora=lora is not None, paired=True, chunk=1024)
+        if lora is not None:
+            self.policy = add_lora(self.policy, lora)
+        if gradient_checkpointing:
+            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.value_head = nn.Linear(self.policy.config.hidden_size, 1)
+        nn.init.zeros_(self.value_head.weight)  # values start at 0: the first advantages are the rewards
+        nn.init.zeros_(self.value_head.bias)
+
+    @property
+    def tokenizer(self):
+        return load_tokenizer(self.hparams.model_name)
+
+    # ---- rollouts ----------------------------------------------------------------------------
+
+    def _rollouts(self, batch: dict, seed: int) -> tuple[list[Sample], Tensor]:
+        h = self.hparams
+        samples = sample(
+            self.policy, self.tokenizer, batch["prompt_ids"], h.samples_per_prompt, h.max_new_tokens,
+            temperature=h.temperature, batch_size=h.generation_batch_size, seed=seed,
+        )
+        prompts = [prompt_text(batch["prompts"][s.prompt_index]) for s in samples]
+        scores = self.reward(prompts, [s.text for s in samples], [s.finished for s in samples])
+        return samples, scores.to(self.device)
+
+    def _pad(self, samples: list[Sample]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Right-padded rollouts: ids, attention mask, completion mask, response mask (B, T_resp)."""
+        ids, mask, completion_mask = pad_rows(
+            [s.prompt_ids + s.completion_ids for s in samples], self.tokenizer.pad_token_id,
+            first_scored=[len(s.prompt_ids) for s in samples],
+        )
+        lengths = torch.tensor([len(s.completion_ids) for s in samples])
+        response_mask = (torch.arange(int(lengths.max()))[None] < lengths[:, None]).float()
+        return ids.to(self.device), mask.to(self.device), completion_mask.to(self.device), response_mask.to(self.device)
+
+    # ---- the PPO iteration -------------------------------------------------------------------
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        h = self.hparams
+        samples, scores = self._rollouts(batch, seed=h.seed + self.trainer.global_step)
+        finished = torch.tensor([s.finished for s in samples], device=self.device)
+        penalised = scores - (h.missing_eos_penalty or 0.0) * (~finished).float()
+        ids, mask, completion_mask, response = self._pad(samples)
+        width = response.shape[1]
+        with evaluating(self.policy):
+            old = token_outputs(self.policy, ids, mask, completion_mask, width, self.value_head, entropy=True)
+            reference, context = self.reference.model(self.policy)
+            with context():
+                ref_logps = token_outputs(reference, ids, mask, completion_mask, width).logps
+        kl_coef = self.kl.coef
+        rewards = token_rewards(penalised, old.logps, ref_logps, response, kl_coef)
+        advantages, returns = gae(rewards, old.values, response, h.gamma, h.lam)
+        if h.whiten_advantages:
+            advantages = whiten(advantages, response)
+        stats = self._update(ids, mask, completion_mask, response, old, advantages, returns)
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+        sequence_kl = ((old.logps - ref_logps) * response).sum(-1)  # (B,)
+        self.kl.update(sequence_kl.mean().item(), len(samples))
+        logged = {
+            "reward": scores.mean(), "kl": sequence_kl.mean(), "kl_coef": kl_coef,
+            "non_score_reward": (rewards.sum(-1) - penalised).mean(),
+            "entropy": masked_mean(old.entropy, response), "response_length": response.sum(-1).mean(),
+            "finished": finished.float().mean(), "lr": self.optimizers().param_groups[0]["lr"],
+            **{name: torch.stack(values).mean() for name, values in stats.items()},
+        }
+        for name, value in logged.items():
+            self.log(f"train/{name}", value, batch_size=len(samples), prog_bar=name in ("reward", "kl"))
+
+    def _update(self, ids, mask, completion_mask, response, old: TokenOutputs, advantages, returns) -> dict:
+        """``ppo_epochs`` passes of minibatch updates; the losses and diagnostics of each update."""
+        h = self.hparams
+        optimizer = self.optimizers()
+        stats: dict[str, list[Tensor]] = defaultdict(list)
+        for _ in range(h.ppo_epochs):
+            order = torch.randperm(len(ids), device=self.device)
+            for start in range(0, len(ids), h.minibatch_size):
+                idx = order[start : start + h.minibatch_size]
+                length = int(mask[idx].sum(-1).max())  # right padding: columns beyond are all padding
+                new = token_outputs(
+                    self.policy, ids[idx, :length], mask[idx, :length], completion_mask[idx, :length],
+                    response.shape[1], self.value_head,
+                )
+                pg = policy_loss(new.logps, old.logps[idx], advantages[idx], response[idx], h.clip_range)
+                vf = value_loss(new.values, old.values[idx], returns[idx], response[idx], h.clip_range_value)
+                optimizer.zero_grad()
+                self.manual_backward(pg.loss + h.vf_coef * vf)
+                if h.max_grad_norm is not None:
+                    self.clip_gradients(optimizer, gradient_clip_val=h.max_grad_norm, gradient_clip_algorithm="norm")
+                optimizer.step()
+                for name, value in (("policy_loss", pg.loss), ("value_loss", vf), ("clipfrac", pg.clipfrac),
+                                    ("approx_kl", pg.approx_kl)):  # fmt: skip
+                    stats[name].append(value.detach())
+        return stats
+
+    # ---- validation: the policy's rollouts on held-out prompts ---------------------------------
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        samples, scores = self._rollouts(batch, seed=self.hparams.seed + 10_000 + batch_idx)
+        reference, context = self.reference.model(self.policy)
+        kl = kl_from_samples(samples, reference, reference_context=context, pad_token_id=self.tokenizer.pad_token_id)
+        size = len(samples)
+        self.log("val/reward", scores.mean(), batch_size=size, prog_bar=True)
+        self.log("val/kl_rollouts", kl.mean, batch_size=size)
+        self.log("val/response_length", float(sum(len(s.completion_ids) for s in samples)) / size, batch_size=size)
+
+    # ---- hooks -------------------------------------------------------------------------------
+
+    def on_fit_start(self) -> None:
+        trainer = self.trainer
+        self.reference.prepare(self.policy, {}, self.device, trainer.precision_plugin.forward_context, str(trainer.precision))
+
+    def on_validation_start(self) -> None:
+        self.on_fit_start()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["kl_coef"] = self.kl.coef
+        checkpoint["reference"] = self.reference.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.kl.coef = checkpoint.get("kl_coef", self.kl.coef)
+        self.reference.load_state_dict(checkpoint.get("reference", {}))
+
+    def configure_optimizers(self):
+        params = [p for p in self.policy.parameters() if p.requires_grad] + list(self.value_head.parameters())
+        return optimizer_and_schedule(self, params)

@@ -1,0 +1,135 @@
+"""A reward model trained on preference pairs: a scalar head on the backbone, Bradley–Terry loss.
+
+    dpo-lit fit --config configs/reward/tiny.yaml
+
+The model is ``AutoModelForSequenceClassification`` with one label: the backbone's last hidden
+state of each row's *last real token* (found from the attention mask, never from pad ids: for
+SmolLM2 the pad is the EOS that ends every completion) goes through the linear ``score`` head.
+Batches are :class:`~dpo_lit.data.PreferenceDataModule`'s (chosen rows, then rejected rows), and
+the loss per pair is (Eisenstein et al. 2023 for the centring term)::
+
+    -log σ(r_c - r_r - margin) + η · (r_c + r_r)²
+
+The export (``<run>/policy``, and ``<run>/merged`` under LoRA with ``export.merge``) is read by
+:class:`dpo_lit.rewards.RewardModel` wherever a reward is used: predict, onpolicy and PPO.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from lightning import LightningModule
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor, nn
+
+from dpo_lit.errors import ConfigError
+from dpo_lit.models import load_tokenizer, resolve
+from dpo_lit.module import LoRASettings, add_lora, optimizer_and_schedule
+
+
+def load_reward_model(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> nn.Module:
+    """A sequence classifier with one output from a causal LM's weights (a fresh head) or from an
+    exported reward model (its trained head)."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # "score.weight newly initialized": expected for a causal LM
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            resolve(name), num_labels=1, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+    finally:
+        logging.set_verbosity(verbosity)
+    tokenizer = load_tokenizer(name)
+    model.config.pad_token_id = tokenizer.pad_token_id  # kept in the export; the pooling ignores it
+    return model
+
+
+def sequence_rewards(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """One scalar per row, (N,): the head applied to the last attended position of each row."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: adapters stay on
+    hidden = inner.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (N, T, H)
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    last = (attention_mask.bool() * positions).argmax(-1)  # (N,) works for left and right padding
+    pooled = hidden[torch.arange(len(hidden), device=hidden.device), last]  # (N, H)
+    return inner.score(pooled).squeeze(-1).float()
+
+
+def bradley_terry_loss(chosen: Tensor, rejected: Tensor, margin: float = 0.0, center_coef: float = 0.0) -> Tensor:
+    """Per-pair loss ``-log σ(r_c - r_r - margin) + center_coef · (r_c + r_r)²``, (B,)."""
+    return -F.logsigmoid(chosen - rejected - margin) + center_coef * (chosen + rejected) ** 2
+
+
+class RewardModule(LightningModule):
+    """Train a scalar reward model on preference pairs.
+
+    Args:
+        model_name: the backbone: Hub name, local folder, ``.gguf`` file or alias (usually the SFT
+            model); the tokenizer is linked to it.
+        margin: required reward difference (the loss is ``-log σ(r_c - r_r - margin)``).
+        center_coef: η of the centring term ``η·(r_c + r_r)²`` that keeps rewards near 0 (0: off;
+            Eisenstein et al. 2023 use 0.01).
+        lora: train a LoRA adapter (and the head) instead of all weights (None: full fine-tuning).
+        optimizer: optimizer class and its arguments.
+        scheduler: learning-rate schedule by its ``transformers`` name.
+        warmup_ratio: fraction of the optimizer steps spent warming up linearly from 0.
+        scheduler_kwargs: further arguments of that schedule.
+        dtype: dtype of the loaded weights.
+        trust_remote_code: allow the Hub model's own Python code to run.
+        gradient_checkpointing: recompute activations in the backward pass to save memory.
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        margin: float = 0.0,
+        center_coef: float = 0.0,
+        lora: LoRASettings | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: str = "linear",
+        warmup_ratio: float = 0.1,
+        scheduler_kwargs: dict | None = None,
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        trust_remote_code: bool = False,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        if center_coef < 0:
+            raise ConfigError(f"model.center_coef: must be >= 0, got {center_coef}")
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.optimizer_factory = optimizer
+        self.reward_model = load_reward_model(model_name, getattr(torch, dtype), trust_remote_code)
+        self.reward_model.train()  # from_pretrained returns eval mode; Lightning keeps modules' modes
+        if lora is not None:
+            self.reward_model = add_lora(self.reward_model, lora, task_type="SEQ_CLS")
+        if gradient_checkpointing:
+            self.reward_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    @property
+    def tokenizer(self):
+        return load_tokenizer(self.hparams.model_name)
+
+    def _step(self, batch: dict, split: str) -> Tensor:
+        if "label" in batch:
+            raise ConfigError("data.mode: the reward model trains on pairs; set data.mode: paired")
+        rewards = sequence_rewards(self.reward_model, batch["input_ids"], batch["attention_mask"])  # (2B,)
+        chosen, rejected = rewards.chunk(2)  # (B,) each
+        loss = bradley_terry_loss(chosen, rejected, self.hparams.margin, self.hparams.center_coef).mean()
+        size = len(chosen)
+        self.log(f"{split}/loss", loss, batch_size=size, prog_bar=True)
+        self.log(f"{split}/accuracy", (chosen > rejected).float().mean(), batch_size=size, prog_bar=split == "val")
+        self.log(f"{split}/margin", (chosen - rejected).mean(), batch_size=size)
+        self.log(f"{split}/reward_mean", rewards.mean(), batch_size=size)
+        return loss
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def configure_optimizers(self):
+        return optimizer_and_schedule(self, [p for p in self.reward_model.parameters() if p.requires_grad])

@@ -1,0 +1,129 @@
+"""The RLHF baseline: PPO's arithmetic against values worked out by hand, the reward model and PPO
+trained through the CLI on the tiny model."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from dpo_lit.cli import run
+from dpo_lit.pipelines.plots import read_scalars
+from dpo_lit.rlhf import KLController, gae
+from dpo_lit.rlhf.objectives import policy_loss, token_rewards, value_loss, whiten
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gae_matches_a_hand_computation():
+    rewards = torch.tensor([[1.0, 0.0, 2.0], [1.0, 3.0, 99.0]])
+    values = torch.tensor([[0.2, 0.4, 0.6], [0.2, 0.4, 99.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])  # row 2 ends after two tokens
+    advantages, returns = gae(rewards, values, mask, gamma=0.9, lam=0.5)
+    # row 1: δ2 = 2 - .6 = 1.4; δ1 = 0 + .9·.6 - .4 = .14; δ0 = 1 + .9·.4 - .2 = 1.16; A_t = δ_t + .45·A_{t+1}
+    # row 2: δ1 = 3 - .4 = 2.6 (nothing after the last token); δ0 = 1 + .9·.4 - .2 = 1.16
+    expected = torch.tensor([[1.16 + 0.45 * 0.77, 0.14 + 0.45 * 1.4, 1.4], [1.16 + 0.45 * 2.6, 2.6, 0.0]])
+    torch.testing.assert_close(advantages, expected)
+    torch.testing.assert_close(returns, (expected + values) * mask)
+
+
+def test_gae_with_lambda_one_gives_returns_to_go():
+    rewards, values, mask = torch.tensor([[0.0, 0.0, 1.0]]), torch.full((1, 3), 0.5), torch.ones(1, 3)
+    advantages, returns = gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    torch.testing.assert_close(returns, torch.ones(1, 3))
+    torch.testing.assert_close(advantages, torch.full((1, 3), 0.5))
+
+
+def test_clipped_policy_loss_by_hand():
+    ratio = torch.tensor([[1.5, 0.5, 1.0]])
+    old = torch.zeros(1, 3)
+    out = policy_loss(ratio.log(), old, torch.tensor([[1.0, 1.0, -1.0]]), torch.ones(1, 3), clip_range=0.2)
+    # -A·ρ = [-1.5, -0.5, 1.0]; -A·clip(ρ) = [-1.2, -0.8, 1.0]; the max: [-1.2, -0.5, 1.0]
+    assert out.loss.item() == pytest.approx(-0.7 / 3)
+    assert out.clipfrac.item() == pytest.approx(1 / 3)
+    assert out.approx_kl.item() == pytest.approx(0.5 * (math.log(1.5) ** 2 + math.log(0.5) ** 2) / 3)
+
+
+def test_clipped_value_loss_by_hand():
+    loss = value_loss(
+        torch.tensor([[1.0, 0.0]]), torch.zeros(1, 2), torch.tensor([[1.0, -1.0]]), torch.ones(1, 2), clip_range=0.2
+    )
+    # clipped values [0.2, 0]: max((V-R)², (Vc-R)²) = [max(0, .64), max(1, 1)]
+    assert loss.item() == pytest.approx(0.5 * (0.64 + 1.0) / 2)
+
+
+def test_token_rewards_put_the_score_on_the_last_token():
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    logps, ref = torch.tensor([[-1.0, -1.0, -1.0], [-2.0, 0.0, 0.0]]), torch.full((2, 3), -1.5)
+    rewards = token_rewards(torch.tensor([3.0, 5.0]), logps, ref, mask, kl_coef=0.1)
+    torch.testing.assert_close(rewards, torch.tensor([[-0.05, -0.05, 2.95], [5.05, 0.0, 0.0]]))
+
+
+def test_whiten_uses_only_masked_entries():
+    values, mask = torch.tensor([[1.0, 3.0, 100.0]]), torch.tensor([[1.0, 1.0, 0.0]])
+    torch.testing.assert_close(whiten(values, mask), torch.tensor([[-1.0, 1.0, 0.0]]), atol=1e-6, rtol=0)
+
+
+def test_kl_controller():
+    fixed = KLController(0.1)
+    fixed.update(kl=50.0, n=64)
+    assert fixed.coef == 0.1
+    adaptive = KLController(0.1, target=6.0, horizon=100)
+    adaptive.update(kl=12.0, n=10)  # error clipped to +0.2
+    assert adaptive.coef == pytest.approx(0.1 * 1.02)
+    adaptive.update(kl=6.0 * 0.95, n=10)  # error -0.05
+    assert adaptive.coef == pytest.approx(0.1 * 1.02 * (1 - 0.005))
+
+
+def _fit(config: str, tmp_path: Path, *overrides: str) -> tuple[Path, dict]:
+    run(["fit", "--config", config, f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false",
+         "--trainer.enable_model_summary=false", *overrides])  # fmt: skip
+    run_dir = tmp_path / "lightning_logs" / "version_0"
+    return run_dir, {tag: [v for _, v in points] for tag, points in read_scalars(run_dir).items()}
+
+
+def test_reward_model_learns_the_tiny_pairs_and_scores_as_a_reward(tmp_path, monkeypatch):
+    from dpo_lit.data.io import read_records
+    from dpo_lit.rewards import RewardModel
+
+    monkeypatch.chdir(ROOT)
+    run_dir, scalars = _fit("configs/reward/tiny.yaml", tmp_path)
+    assert scalars["val/accuracy"][-1] >= 0.9 and scalars["val/margin"][-1] > 0
+    assert scalars["val/loss"][-1] < scalars["val/loss"][0]
+    records = [r for r, _ in read_records("dpo_lit/assets/tiny_pairs_val.jsonl")]
+    reward = RewardModel(str(run_dir / "policy"))
+    prompts = [r["prompt"] for r in records]
+    chosen = reward(prompts, [r["chosen"] for r in records], [True] * len(records))
+    rejected = reward(prompts, [r["rejected"] for r in records], [True] * len(records))
+    assert (chosen > rejected).float().mean() >= 0.9
+
+
+def test_ppo_raises_the_rule_reward_and_logs_every_metric(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    _, scalars = _fit("configs/ppo/tiny.yaml", tmp_path)
+    names = ["reward", "kl", "kl_coef", "policy_loss", "value_loss", "clipfrac", "approx_kl", "entropy",
+             "response_length"]  # fmt: skip
+    for name in names:
+        values = scalars[f"train/{name}"]
+        assert values and all(math.isfinite(v) for v in values), name
+    reward = scalars["train/reward"]
+    fifth = len(reward) // 5
+    assert sum(reward[-fifth:]) / fifth > sum(reward[:fifth]) / fifth + 0.1
+    assert scalars["val/reward"][-1] > scalars["val/reward"][0]
+
+
+def test_ppo_at_zero_learning_rate_changes_nothing(tmp_path, monkeypatch):
+    from dpo_lit.cli import build_cli
+
+    monkeypatch.chdir(ROOT)
+    cli = build_cli("fit", ["configs/ppo/tiny.yaml"], {
+        "model.init_args.optimizer.init_args.lr": 0.0, "trainer.max_steps": 8, "trainer.limit_val_batches": 0,
+        "trainer.default_root_dir": str(tmp_path), "trainer.enable_progress_bar": False, "export.enabled": False,
+    })  # fmt: skip
+    before = {k: v.clone() for k, v in cli.model.policy.state_dict().items()}
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    after = cli.model.policy.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    frozen = cli.model.reference.frozen.state_dict()  # the frozen copy: never trained
+    assert all(torch.equal(before[k], frozen[k]) for k in before)
+    assert cli.trainer.callback_metrics["train/kl"].item() == 0.0
