@@ -6,6 +6,8 @@
     dpo-lit predict --config configs/generate/everyday_vader.yaml              # sample, score, pair
     dpo-lit predict --config configs/generate/everyday_vader.yaml --model.model_name runs/.../merged
     dpo-lit onpolicy --config configs/quickstart/pipeline.yaml                 # generate → fit → measure
+    dpo-lit fit --config configs/ppo/tiny.yaml                                 # PPO (model.class_path)
+    dpo-lit compare --config configs/compare/everyday_vader.yaml               # DPO vs PPO, measured
     dpo-lit plots runs/.../lightning_logs/version_0                            # PNGs of a run
 
 ``fit``/``validate``/``test`` are LightningCLI over :class:`~dpo_lit.module.PreferenceModule` and
@@ -37,13 +39,14 @@ from dpo_lit.errors import UserError
 from dpo_lit.module import PreferenceModule
 from dpo_lit.sampling.predict import GenerationModule, PromptDataModule, WritePairs
 
-USAGE = """usage: dpo-lit {fit,validate,test,predict,onpolicy,plots} [--config CONFIG ...] [--KEY VALUE ...]
+USAGE = """usage: dpo-lit {fit,validate,test,predict,onpolicy,compare,plots} [--config CONFIG ...] [--KEY VALUE ...]
 
-  fit        train the policy (PreferenceModule + PreferenceDataModule)
+  fit        train: DPO and its family by default; model.class_path picks SFT, a reward model or PPO
   validate   held-out preference metrics, sampled KL, capability table
   test       the same on the test data
   predict    sample k completions per prompt, score them, write preference pairs
   onpolicy   generate -> fit -> paired evaluation, for one or more rounds
+  compare    DPO and PPO from the same model on the same task, measured side by side
   plots      PNGs of a run's TensorBoard scalars
 
 dpo-lit SUBCOMMAND --help lists a subcommand's options; --config goes after the subcommand."""
@@ -141,8 +144,10 @@ def validation_report(trainer) -> str:
     return "\n".join(lines)
 
 
-def _arg(value: Any) -> str:
-    return value if isinstance(value, str) else json.dumps(value)
+def override_args(overrides: dict[str, Any] | None) -> list[str]:
+    """Dotted-key overrides as command-line arguments: ``{"data.train_files": ["a.jsonl"]}`` ->
+    ``['--data.train_files=["a.jsonl"]']`` (non-strings as JSON)."""
+    return [f"--{key}={value if isinstance(value, str) else json.dumps(value)}" for key, value in (overrides or {}).items()]
 
 
 def build_cli(
@@ -158,27 +163,29 @@ def build_cli(
         overrides: ``{"model.model_name": "...", "data.train_files": [...]}``.
     """
     args = [arg for path in configs for arg in ("--config", path)]
-    args += [f"--{key}={_arg(value)}" for key, value in (overrides or {}).items()]
+    args += override_args(overrides)
     if command == "predict":
         return GenerateCLI(GenerationModule, PromptDataModule, save_config_callback=None, args=args, run=False)
     return DPOLitCLI(args=args, run=False)
 
 
-def onpolicy(argv: Sequence[str]) -> None:
-    """``dpo-lit onpolicy``: the generate → fit → evaluate pipeline, configured by its own YAML."""
+def pipeline(command: str, argv: Sequence[str]) -> None:
+    """``dpo-lit onpolicy`` / ``dpo-lit compare``: a pipeline of jobs, configured by its own YAML."""
     # The pipeline prints one line per stage and its own progress bars: no per-job banners (devices,
     # seeds, model summaries) and no bars for loading or writing weights.
     from huggingface_hub.utils import disable_progress_bars
     from jsonargparse import CLI
     from transformers.utils.logging import disable_progress_bar
 
+    from dpo_lit.pipelines.compare import run_compare
     from dpo_lit.pipelines.onpolicy import run_pipeline
 
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
     disable_progress_bar()
     disable_progress_bars()
-    CLI(run_pipeline, args=list(argv), as_positional=False, prog="dpo-lit onpolicy")
+    function = {"onpolicy": run_pipeline, "compare": run_compare}[command]
+    CLI(function, args=list(argv), as_positional=False, prog=f"dpo-lit {command}")
 
 
 class _NoAdverts(logging.Filter):
@@ -210,8 +217,8 @@ def run(args: Sequence[str] | None = None) -> LightningCLI | None:
     if command in (None, "-h", "--help"):
         print(USAGE)
         return None
-    if command == "onpolicy":
-        return onpolicy(argv[1:])
+    if command in ("onpolicy", "compare"):
+        return pipeline(command, argv[1:])
     if command == "plots":
         from dpo_lit.pipelines.plots import main as plots
 

@@ -10,15 +10,17 @@ from dpo_lit.losses import DPOLoss, IPOLoss
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL_CONFIGS = sorted(p for folder in ("configs", "experiments") for p in (ROOT / folder).rglob("*.yaml"))
-PIPELINES = [p for p in ALL_CONFIGS if p.name.endswith("pipeline.yaml")]  # python -m dpo_lit.onpolicy
+PIPELINES = [p for p in ALL_CONFIGS if p.name.endswith("pipeline.yaml")]  # dpo-lit onpolicy
+COMPARES = [p for p in ALL_CONFIGS if p.parent.name == "compare"]  # dpo-lit compare
 GENERATE = [p for p in ALL_CONFIGS if p.parent.name == "generate"]  # dpo-lit predict
 RUN_CONFIGS = [
     p for p in ALL_CONFIGS
     if p.parent.name not in ("data", "trainer", "loss")  # fragments (loss: tests/test_loss_configs.py)
-    and p not in PIPELINES and p not in GENERATE
+    and p not in PIPELINES and p not in GENERATE and p not in COMPARES
 ]
 FRAGMENTS = sorted((ROOT / "configs" / "data").glob("*.yaml"))
-TINY = sorted(p for p in RUN_CONFIGS if p.name == "tiny.yaml")
+# Preference runs; the RLHF stages' tiny configs have their own tests (tests/test_rlhf.py, tests/test_sft.py).
+TINY = sorted(p for p in RUN_CONFIGS if p.name == "tiny.yaml" and p.parent.name not in ("sft", "reward", "ppo"))
 
 
 class ParseOnlyCLI(DPOLitCLI):
@@ -36,8 +38,13 @@ def parse(args: list[str]):
 def test_every_config_parses_and_points_at_real_files(path, monkeypatch):
     monkeypatch.chdir(ROOT)
     config = parse(["--config", str(path)])
-    assert config.model.init_args.model_name and config.data.init_args.tokenizer_name == config.model.init_args.model_name
-    for file in (config.data.init_args.train_files or []) + (config.data.init_args.val_files or []):
+    model, data = config.model.init_args, config.data.init_args
+    assert model.model_name and data.tokenizer_name == model.model_name
+    files = [v for k, v in vars(data).items() if k.endswith("_files") and v] + [
+        [v] for k, v in vars(data).items() if k.endswith("_file") and v
+    ]
+    assert files, f"{path.name}: no data files"
+    for file in sum(files, []):
         if not file.startswith("runs/"):  # runs/...: written by an earlier step (dpo-lit predict)
             assert Path(file).is_file(), f"{path.name}: data file {file} not found"
 
@@ -69,6 +76,23 @@ def test_pipeline_configs_parse(path, monkeypatch):
     config = parser.parse_args(["--config", str(path)])
     for key in ("generate_config", "train_config", "heldout_prompts"):
         assert Path(config[key]).is_file(), f"{path.name}: {key} {config[key]} not found"
+
+
+@pytest.mark.parametrize("path", COMPARES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_compare_configs_parse(path, monkeypatch):
+    from jsonargparse import ArgumentParser
+
+    from dpo_lit.pipelines.compare import run_compare
+
+    monkeypatch.chdir(ROOT)
+    parser = ArgumentParser()
+    parser.add_argument("--config", action="config")
+    parser.add_function_arguments(run_compare)
+    config = parser.parse_args(["--config", str(path)])
+    for key in ("generate_config", "dpo_config", "ppo_config", "heldout_prompts"):
+        assert Path(config[key]).is_file(), f"{path.name}: {key} {config[key]} not found"
+    ppo = parse(["--config", config.ppo_config]).model
+    assert ppo.class_path == "dpo_lit.rlhf.PPOModule" and ppo.init_args.model_name == config.model_name
 
 
 @pytest.mark.parametrize("path", FRAGMENTS, ids=lambda p: p.name)

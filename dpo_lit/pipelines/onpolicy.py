@@ -39,12 +39,17 @@ def score_samples(reward: Reward, prompts: Sequence[Prompt], samples: list[Sampl
 
 
 def compare_on_prompts(
-    reference, policy, tokenizer, prompts: list, reward: Reward, num_samples: int, max_new_tokens: int, seed: int
+    reference, policy, tokenizer, prompts: list, reward: Reward, num_samples: int, max_new_tokens: int, seed: int,
+    reference_samples: list[Sample] | None = None,
 ) -> dict:
-    """Paired comparison of two models on the same prompts and sampling seeds, plus sampled KL."""
+    """Paired comparison of two models on the same prompts and sampling seeds, plus sampled KL.
+
+    ``reference_samples`` (the reference's samples of an earlier call with the same prompts and
+    seed) saves sampling the reference again when several policies are compared with it.
+    """
     ids = encode_prompts(tokenizer, prompts)
     with tqdm(total=3, desc="evaluate", unit="pass", leave=True) as bar:
-        ref_samples = sample(reference, tokenizer, ids, num_samples, max_new_tokens, seed=seed)
+        ref_samples = reference_samples or sample(reference, tokenizer, ids, num_samples, max_new_tokens, seed=seed)
         bar.update()
         pol_samples = sample(policy, tokenizer, ids, num_samples, max_new_tokens, seed=seed)
         bar.update()
@@ -60,7 +65,7 @@ def compare_on_prompts(
     ]
     return {
         "reference": mean_se(ref_scores), "policy": mean_se(pol_scores), "gain": mean_se(gain),
-        "kl": (kl.mean, kl.stderr), "examples": examples,
+        "kl": (kl.mean, kl.stderr), "examples": examples, "reference_samples": ref_samples,
     }
 
 
