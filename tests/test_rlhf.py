@@ -171,3 +171,27 @@ def test_monitoring_callbacks_work_on_ppo_unchanged(tmp_path, monkeypatch):
     for task in ("wikitext", "arc_easy"):
         assert any(k.startswith(f"cap/{task}/") and k.endswith("_delta") for k in metrics), task
     assert metrics["val/kl"].item() > 0  # two batches of updates moved the policy
+
+
+def test_lora_reward_model_export_scores_as_in_training(tmp_path, monkeypatch):
+    """The merged LoRA export keeps the trained head: RewardModel reproduces the module's rewards."""
+    from dpo_lit.data.collate import pad_rows
+    from dpo_lit.data.prompts import encode_prompts
+    from dpo_lit.rewards import RewardModel
+    from dpo_lit.rlhf.reward_model import sequence_rewards
+
+    monkeypatch.chdir(ROOT)
+    cli = run(["fit", "--config", "configs/reward/tiny.yaml", "--model.lora.r=8", "--model.lora.alpha=16",
+               "--export.merge=true", "--trainer.max_epochs=2", f"--trainer.default_root_dir={tmp_path}",
+               "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"])  # fmt: skip
+    module = cli.model
+    prompts, completions = ["Hello, how are you?", "Can you help me?"], ["Very well, thank you!", "No."]
+    reward = RewardModel(str(tmp_path / "lightning_logs" / "version_0" / "merged"))
+    tokenizer = module.tokenizer
+    rows = [p + tokenizer(c, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            for p, c in zip(encode_prompts(tokenizer, prompts), completions)]  # fmt: skip
+    ids, mask, _ = pad_rows(rows, tokenizer.pad_token_id)
+    with torch.no_grad():
+        expected = sequence_rewards(module.reward_model.eval(), ids, mask)
+    torch.testing.assert_close(reward(prompts, completions, [True, True]), expected, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(expected, torch.zeros(2))
