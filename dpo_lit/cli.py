@@ -10,12 +10,14 @@
     dpo-lit compare --config configs/compare/everyday_vader.yaml               # DPO vs PPO, measured
     dpo-lit plots runs/.../lightning_logs/version_0                            # PNGs of a run
 
-``fit``/``validate``/``test`` are LightningCLI over :class:`~dpo_lit.module.PreferenceModule` and
-:class:`~dpo_lit.data.PreferenceDataModule`; ``predict`` runs
-:class:`~dpo_lit.sampling.predict.GenerationModule` over a prompt file instead (generation of
-on-policy pairs is its own model and data); ``onpolicy`` runs
-:func:`~dpo_lit.pipelines.onpolicy.run_pipeline`, which builds those jobs from their configs with
-:func:`build_cli`. A user's mistake (:class:`~dpo_lit.errors.UserError`) ends in one line and exit
+``fit``/``validate``/``test`` are LightningCLI in subclass mode: the config's ``model.class_path``
+and ``data.class_path`` pick the module and data module, :class:`~dpo_lit.module.PreferenceModule`
+and :class:`~dpo_lit.data.PreferenceDataModule` when it names none (the RLHF stages name
+:mod:`dpo_lit.rlhf`'s). ``predict`` runs :class:`~dpo_lit.sampling.predict.GenerationModule` over a
+prompt file instead (generation of on-policy pairs is its own model and data); ``onpolicy`` and
+``compare`` run :func:`~dpo_lit.pipelines.onpolicy.run_pipeline` and
+:func:`~dpo_lit.pipelines.compare.run_compare`, which build their jobs from their configs with
+:func:`build_cli` (or run them as child processes). A user's mistake (:class:`~dpo_lit.errors.UserError`) ends in one line and exit
 status 2; anything else keeps its traceback.
 """
 

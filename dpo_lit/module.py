@@ -46,15 +46,23 @@ class LoRASettings:
     extra: dict = field(default_factory=dict)
 
 
-def add_lora(model, lora: LoRASettings, task_type: str = "CAUSAL_LM"):
-    """``model`` wrapped by peft with a LoRA adapter (``SEQ_CLS`` also trains a classifier's head)."""
-    from peft import LoraConfig, get_peft_model
+def trainable(model, lora: LoRASettings | None, gradient_checkpointing: bool, task_type: str = "CAUSAL_LM"):
+    """A loaded model made ready to train: train mode (``from_pretrained`` returns eval mode and
+    Lightning keeps modules' modes), wrapped with a LoRA adapter when ``lora`` is set (peft;
+    ``SEQ_CLS`` also trains a classifier's head), activations recomputed in the backward pass
+    when ``gradient_checkpointing``."""
+    model.train()
+    if lora is not None:
+        from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-        target_modules=lora.target_modules, task_type=task_type, **lora.extra,
-    )
-    return get_peft_model(model, config)
+        config = LoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+            target_modules=lora.target_modules, task_type=task_type, **lora.extra,
+        )
+        model = get_peft_model(model, config)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
 
 
 def optimizer_and_schedule(module: LightningModule, params: list) -> dict:
@@ -132,17 +140,13 @@ class PreferenceModule(LightningModule):
             rank_zero_info(f"{type(self.loss).__name__} is reference-free: no reference model is used")
             reference = NoReference()
         self.policy = load_model(model_name, dtype=dtype, trust_remote_code=trust_remote_code)
-        self.policy.train()  # from_pretrained returns eval mode; Lightning keeps modules' modes
         self.reference = reference
         # Before the adapter: a copy is of the weights as loaded.
         reference.setup(
             self.policy, lora=lora is not None, paired=loss.data_mode == "paired", chunk=logps_chunk,
             options=reference_options(loss.logps_options),
         )
-        if lora is not None:
-            self.policy = add_lora(self.policy, lora)
-        if gradient_checkpointing:
-            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.policy = trainable(self.policy, lora, gradient_checkpointing)
         self.val_metrics = torch.nn.ModuleDict()
         self._tokenizer = None
 

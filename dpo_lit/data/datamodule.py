@@ -22,7 +22,40 @@ from dpo_lit.data.tokenize import TokenizedDataset, TruncationMode, tokenize_exa
 from dpo_lit.errors import ConfigError
 
 
-class PreferenceDataModule(LightningDataModule):
+class TokenizedSplits(LightningDataModule):
+    """What a data module of tokenized splits shares: its loaders.
+
+    A subclass sets ``train_dataset`` and ``val_dataset`` in ``setup()`` and has ``collator``,
+    ``batch_size``, ``eval_batch_size`` and ``num_workers``.
+    """
+
+    train_dataset: TokenizedDataset | None = None
+    val_dataset: TokenizedDataset | None = None
+
+    def _loader(self, dataset: TokenizedDataset | None, batch_size: int, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("call setup() before asking for a dataloader")
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            collate_fn=self.collator,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches of ``batch_size`` examples."""
+        return self._loader(self.train_dataset, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Validation batches of ``eval_batch_size`` examples in order (empty list: none)."""
+        if self.val_dataset is not None and not len(self.val_dataset):
+            return []
+        return self._loader(self.val_dataset, self.eval_batch_size, shuffle=False)
+
+
+class PreferenceDataModule(TokenizedSplits):
     """Preference pairs (or KTO's unpaired examples), tokenized in ``setup()``.
 
     Args:
@@ -157,28 +190,6 @@ class PreferenceDataModule(LightningDataModule):
             sources = self.train_files + ([f"{HUB_PREFIX}{self.hub_dataset}"] if self.hub_dataset else [])
             raise DataError(", ".join(sources), "no training examples left after skipping and dropping")
         self.train_dataset, self.val_dataset = train_dataset, val_dataset
-
-    def _loader(self, dataset: TokenizedDataset | None, batch_size: int, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("call setup() before asking for a dataloader")
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            collate_fn=self.collator,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches of ``batch_size`` examples."""
-        return self._loader(self.train_dataset, self.batch_size, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader | list:
-        """Validation batches of ``eval_batch_size`` examples in order (empty list: none)."""
-        if self.val_dataset is not None and not len(self.val_dataset):
-            return []
-        return self._loader(self.val_dataset, self.eval_batch_size, shuffle=False)
 
     def ordered_dataloader(self, split: Literal["train", "val"]) -> DataLoader:
         """Batches of ``split`` in dataset order with ``eval_batch_size`` (reference log-probs)."""

@@ -31,12 +31,11 @@ from functools import cached_property
 from typing import Literal
 
 import torch
-from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from dpo_lit.data import formats
 from dpo_lit.data.collate import pad_rows
+from dpo_lit.data.datamodule import TokenizedSplits
 from dpo_lit.data.errors import DataError, DataReport, OnBadRecord, describe
 from dpo_lit.data.formats import Record, UnpairedExample
 from dpo_lit.data.io import read_records
@@ -181,7 +180,7 @@ class SFTCollator:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-class SFTDataModule(LightningDataModule):
+class SFTDataModule(TokenizedSplits):
     """Demonstrations for supervised fine-tuning, tokenized in ``setup()``.
 
     Args:
@@ -250,6 +249,10 @@ class SFTDataModule(LightningDataModule):
         self.val_dataset: TokenizedDataset | None = None
 
     @cached_property
+    def collator(self) -> SFTCollator:
+        return SFTCollator(self.tokenizer.pad_token_id)
+
+    @cached_property
     def tokenizer(self) -> PreTrainedTokenizerBase:
         """The tokenizer named by ``tokenizer_name`` (loaded on first use)."""
         from dpo_lit.models import load_tokenizer
@@ -282,22 +285,3 @@ class SFTDataModule(LightningDataModule):
             reason = "no training examples left after skipping and dropping"
             raise DataError(", ".join(self.train_files), reason)
         self.train_dataset, self.val_dataset = train_dataset, val_dataset
-
-    def _loader(self, dataset: TokenizedDataset | None, batch_size: int, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("call setup() before asking for a dataloader")
-        return DataLoader(
-            dataset, batch_size=batch_size, shuffle=shuffle,
-            collate_fn=SFTCollator(self.tokenizer.pad_token_id),
-            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-        )  # fmt: skip
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches of ``batch_size`` examples."""
-        return self._loader(self.train_dataset, self.batch_size, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader | list:
-        """Validation batches of ``eval_batch_size`` examples in order (empty list: none)."""
-        if self.val_dataset is not None and not len(self.val_dataset):
-            return []
-        return self._loader(self.val_dataset, self.eval_batch_size, shuffle=False)

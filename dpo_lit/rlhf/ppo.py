@@ -45,7 +45,7 @@ from dpo_lit.data.prompts import prompt_text
 from dpo_lit.errors import ConfigError
 from dpo_lit.logps import completion_states, head_logits, selective_log_softmax
 from dpo_lit.models import evaluating, load_model, load_tokenizer
-from dpo_lit.module import LoRASettings, add_lora, optimizer_and_schedule
+from dpo_lit.module import LoRASettings, optimizer_and_schedule, trainable
 from dpo_lit.reference import SHORTCUTS
 from dpo_lit.rewards import Reward, VaderSentiment
 from dpo_lit.rlhf.objectives import (
@@ -180,13 +180,9 @@ class PPOModule(LightningModule):
         self.optimizer_factory = optimizer
         self.kl = KLController(kl_coef, target_kl, kl_horizon)
         self.policy = load_model(model_name, dtype=dtype, trust_remote_code=trust_remote_code)
-        self.policy.train()
         self.reference = SHORTCUTS["copy" if lora is None else "adapter"]()
         self.reference.setup(self.policy, lora=lora is not None, paired=True, chunk=1024)
-        if lora is not None:
-            self.policy = add_lora(self.policy, lora)
-        if gradient_checkpointing:
-            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.policy = trainable(self.policy, lora, gradient_checkpointing)
         self.value_head = nn.Linear(self.policy.config.hidden_size, 1)
         nn.init.zeros_(self.value_head.weight)  # values start at 0: the first advantages are the rewards
         nn.init.zeros_(self.value_head.bias)

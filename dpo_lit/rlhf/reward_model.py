@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from dpo_lit.errors import ConfigError
 from dpo_lit.models import load_tokenizer, resolve
-from dpo_lit.module import LoRASettings, add_lora, optimizer_and_schedule
+from dpo_lit.module import LoRASettings, optimizer_and_schedule, trainable
 
 
 def load_reward_model(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> nn.Module:
@@ -102,11 +102,7 @@ class RewardModule(LightningModule):
         self.save_hyperparameters(ignore=["optimizer"])
         self.optimizer_factory = optimizer
         self.reward_model = load_reward_model(model_name, getattr(torch, dtype), trust_remote_code)
-        self.reward_model.train()  # from_pretrained returns eval mode; Lightning keeps modules' modes
-        if lora is not None:
-            self.reward_model = add_lora(self.reward_model, lora, task_type="SEQ_CLS")
-        if gradient_checkpointing:
-            self.reward_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.reward_model = trainable(self.reward_model, lora, gradient_checkpointing, task_type="SEQ_CLS")
 
     @property
     def tokenizer(self):

@@ -20,7 +20,7 @@ from torchmetrics import MeanMetric
 
 from dpo_lit.data.sft import IGNORE_INDEX
 from dpo_lit.models import load_model, load_tokenizer
-from dpo_lit.module import LoRASettings, add_lora, optimizer_and_schedule
+from dpo_lit.module import LoRASettings, optimizer_and_schedule, trainable
 from dpo_lit.reference import NoReference
 
 
@@ -58,11 +58,7 @@ class SFTModule(LightningModule):
         self.save_hyperparameters(ignore=["optimizer"])
         self.optimizer_factory = optimizer
         self.policy = load_model(model_name, dtype=dtype, trust_remote_code=trust_remote_code)
-        self.policy.train()  # from_pretrained returns eval mode; Lightning keeps modules' modes
-        if lora is not None:
-            self.policy = add_lora(self.policy, lora)
-        if gradient_checkpointing:
-            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.policy = trainable(self.policy, lora, gradient_checkpointing)
         self.val_loss = MeanMetric()  # weighted by loss tokens: the token mean over the validation set
         self.reference = NoReference()  # SampleTable then shows the policy alone; SampledKL skips
         self._tokenizer = None
