@@ -8,6 +8,7 @@
     dpo-lit onpolicy --config configs/quickstart/pipeline.yaml                 # generate → fit → measure
     dpo-lit fit --config configs/ppo/tiny.yaml                                 # PPO (model.class_path)
     dpo-lit compare --config configs/compare/everyday_vader.yaml               # DPO vs PPO, measured
+    dpo-lit sweep --config configs/dpo/tiny.yaml --grid model.loss.init_args.beta=0.05,0.1,0.5 --out_dir D
     dpo-lit plots runs/.../lightning_logs/version_0                            # PNGs of a run
 
 ``fit``/``validate``/``test`` are LightningCLI in subclass mode: the config's ``model.class_path``
@@ -41,7 +42,7 @@ from dpo_lit.errors import UserError
 from dpo_lit.module import PreferenceModule
 from dpo_lit.sampling.predict import GenerationModule, PromptDataModule, WritePairs
 
-USAGE = """usage: dpo-lit {fit,validate,test,predict,onpolicy,compare,plots} [--config CONFIG ...] [--KEY VALUE ...]
+USAGE = """usage: dpo-lit {fit,validate,test,predict,onpolicy,compare,sweep,plots} [--config CONFIG ...] [--KEY VALUE ...]
 
   fit        train: DPO and its family by default; model.class_path picks SFT, a reward model or PPO
   validate   held-out preference metrics, sampled KL, capability table
@@ -49,6 +50,7 @@ USAGE = """usage: dpo-lit {fit,validate,test,predict,onpolicy,compare,plots} [--
   predict    sample k completions per prompt, score them, write preference pairs
   onpolicy   generate -> fit -> paired evaluation, for one or more rounds
   compare    DPO and PPO from the same model on the same task, measured side by side
+  sweep      a grid of overrides (e.g. beta), each point a run, summary.csv/png at the end
   plots      PNGs of a run's TensorBoard scalars
 
 dpo-lit SUBCOMMAND --help lists a subcommand's options; --config goes after the subcommand."""
@@ -221,6 +223,10 @@ def run(args: Sequence[str] | None = None) -> LightningCLI | None:
         return None
     if command in ("onpolicy", "compare"):
         return pipeline(command, argv[1:])
+    if command == "sweep":
+        from dpo_lit.pipelines.sweep import main as sweep
+
+        return sweep(argv[1:])
     if command == "plots":
         from dpo_lit.pipelines.plots import main as plots
 

@@ -1,0 +1,221 @@
+"""``dpo-lit sweep``: a grid of config overrides, each point a normal run, one table at the end.
+
+    dpo-lit sweep --config configs/dpo/tiny.yaml --grid model.loss.init_args.beta=0.05,0.1,0.5 --out_dir runs/sweep
+    dpo-lit sweep --config configs/dpo/tiny.yaml --grid model.loss=DPOLoss,IPOLoss --seeds 0,1 --out_dir runs/losses
+    dpo-lit sweep --command onpolicy --config configs/quickstart/pipeline.yaml \
+        --grid train_config=configs/quickstart/dpo.yaml --out_dir runs/beta
+
+Each point of the cartesian grid (times ``--seeds``) is the plain ``dpo-lit`` command it would be
+by hand, run in its own process into ``OUT_DIR/<point>/``; ``OUT_DIR/commands.txt`` lists those
+commands, so any scheduler (a SLURM array, a Ray job) can run the points on many machines and a
+later ``dpo-lit sweep`` call only gathers them. Points run one after another here.
+
+- **Resumable**: a point that finished has ``OUT_DIR/<point>/done.json`` and is skipped, as is a
+  point whose command finished outside the sweep (its fit exported the model, its pipeline wrote
+  ``report.json``); a point cut off is run again from the start.
+- **Shared work**: what the project caches on disk is computed once for all points: precomputed
+  reference log-probs (keyed by a hash of the weights, precision and tokenised data, so a β sweep
+  with ``reference: precomputed`` computes them for its first point only) and converted models
+  (``$DPO_LIT_CACHE``). Each point tokenises its data again (seconds for the configs here).
+- **Summary**: ``OUT_DIR/summary.csv`` has one row per point: the grid values, the seed, each
+  ``val/`` metric's final and best value (``cap/`` too; best is the lowest for losses, perplexities
+  and KL, the highest otherwise) from the run's TensorBoard log (for
+  ``onpolicy``, the report's reward, paired gain and KL), and the seconds the point took;
+  ``OUT_DIR/summary.png`` plots each metric against the first grid key, mean and range over seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import math
+import re
+import shlex
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dpo_lit.data.io import atomic_write, write_json
+from dpo_lit.errors import ConfigError
+from dpo_lit.pipelines.compare import run_stage
+
+
+@dataclass
+class Point:
+    """One run of the sweep: its overrides, seed and folder name."""
+
+    values: dict[str, Any]
+    seed: int
+
+    @property
+    def name(self) -> str:
+        parts = [f"{key.split('.')[-1]}={_short(value)}" for key, value in self.values.items()]
+        return re.sub(r"[^A-Za-z0-9_.=,-]", "_", ",".join([*parts, f"seed={self.seed}"]))
+
+
+def _short(value: Any) -> str:
+    """A value as a folder-name part: a file by its stem, a dotted class path by its class, else JSON."""
+    if isinstance(value, str):
+        return Path(value).stem if "/" in value else value.rsplit(".", 1)[-1]
+    return json.dumps(value)
+
+
+def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
+    """``["KEY=v1,v2", ...]`` -> ``{KEY: [v1, v2]}``; each value read as YAML (0.1 a number, DPOLoss a string)."""
+    grid: dict[str, list[Any]] = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or not key or not values:
+            raise ConfigError(f"--grid: expected KEY=v1,v2,..., got {item!r}")
+        if key in grid:
+            raise ConfigError(f"--grid: {key} given twice")
+        grid[key] = [yaml.safe_load(v) for v in values.split(",")]
+    return grid
+
+
+def grid_points(grid: dict[str, list[Any]], seeds: Sequence[int]) -> list[Point]:
+    """The cartesian product of the grid, each with every seed, in order."""
+    return [
+        Point(dict(zip(grid, combo)), seed) for combo in itertools.product(*grid.values()) for seed in seeds
+    ]
+
+
+def point_args(command: str, configs: Sequence[str], point: Point, out: Path) -> list[str]:
+    """The ``dpo-lit`` arguments of one point."""
+    args = [command, *(arg for config in configs for arg in ("--config", config))]
+    values = {key: v if isinstance(v, str) else json.dumps(v) for key, v in point.values.items()}
+    args += [f"--{key}={value}" for key, value in values.items()]
+    if command == "onpolicy":
+        return [*args, f"--seed={point.seed}", f"--out_dir={out}"]
+    return [*args, f"--seed_everything={point.seed}", f"--trainer.default_root_dir={out}"]
+
+
+def fit_metrics(out: Path) -> dict[str, float]:
+    """Final and best of every ``val/`` and ``cap/`` scalar of the newest run under ``out``."""
+    from dpo_lit.pipelines.plots import read_scalars
+
+    versions = sorted((out / "lightning_logs").glob("version_*"), key=lambda p: int(p.name.split("_")[-1]))
+    if not versions:
+        return {}
+    metrics: dict[str, float] = {}
+    for tag, points in read_scalars(versions[-1]).items():
+        if not tag.startswith(("val/", "cap/")) or not points:
+            continue
+        values = [v for _, v in points]
+        metrics[f"{tag}/final"] = values[-1]
+        last = tag.rsplit("/", 1)[-1]
+        lower_is_better = any(word in last for word in ("loss", "ppl", "perplexity")) or last == "kl"
+        metrics[f"{tag}/best"] = min(values) if lower_is_better else max(values)
+    return metrics
+
+
+def onpolicy_metrics(out: Path) -> dict[str, float]:
+    """The last round's held-out reward, paired gain and KL from the pipeline's report."""
+    rows = json.loads((out / "report.json").read_text())
+    last = rows[-1]
+    keys = ("policy_reward", "policy_reward_se", "paired_gain", "paired_gain_se", "kl", "kl_se")
+    return {key: last[key] for key in keys}
+
+
+def finished_elsewhere(folder: Path, command: str) -> bool:
+    """Whether a point's own command (run by hand or by a scheduler from commands.txt) completed:
+    a fit exported its model at the end, a pipeline wrote its report."""
+    if command == "onpolicy":
+        return (folder / "report.json").is_file()
+    return any(folder.glob("lightning_logs/version_*/policy"))
+
+
+def write_summary_csv(rows: list[dict[str, Any]], path: Path) -> Path:
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    with atomic_write(path) as tmp, tmp.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def write_summary_png(rows: list[dict[str, Any]], x_key: str, path: Path) -> Path:
+    """Each metric against the first grid key: the mean over seeds, with their range."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [k for k in rows[0] if k.endswith("/final") or k in ("policy_reward", "paired_gain", "kl")]
+    metrics = [m for m in metrics if all(isinstance(r.get(m), float) and math.isfinite(r[m]) for r in rows)]
+    xs = list(dict.fromkeys(r[x_key] for r in rows))
+    numeric = all(isinstance(x, (int, float)) for x in xs)
+    cols = min(3, max(1, len(metrics)))
+    fig, axes = plt.subplots(math.ceil(max(1, len(metrics)) / cols), cols, figsize=(4.5 * cols, 3.5 * math.ceil(max(1, len(metrics)) / cols)), squeeze=False)  # fmt: skip
+    for ax, metric in zip(axes.flat, metrics):
+        groups = [[r[metric] for r in rows if r[x_key] == x] for x in xs]
+        means = [sum(g) / len(g) for g in groups]
+        positions = xs if numeric else list(range(len(xs)))
+        ax.plot(positions, means, marker="o")
+        ax.fill_between(positions, [min(g) for g in groups], [max(g) for g in groups], alpha=0.2)
+        if numeric and min(xs) > 0 and max(xs) / min(xs) >= 10:
+            ax.set_xscale("log")
+        if not numeric:
+            ax.set_xticks(positions, [str(x) for x in xs], rotation=20)
+        ax.set(title=metric.removesuffix("/final"), xlabel=x_key.split(".")[-1])
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def run_sweep(
+    configs: Sequence[str], grid: dict[str, list[Any]], seeds: Sequence[int], out_dir: str, command: str = "fit"
+) -> list[dict[str, Any]]:
+    """Run every point not yet done, then write ``summary.csv`` and ``summary.png``."""
+    out = Path(out_dir)
+    points = grid_points(grid, seeds)
+    if len({p.name for p in points}) != len(points):
+        raise ConfigError("--grid: two points get the same folder name; use values that differ in their last part")
+    commands = [shlex.join(["dpo-lit", *point_args(command, configs, p, out / p.name)]) for p in points]
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out / "commands.txt") as tmp:
+        tmp.write_text("\n".join(commands) + "\n")
+    rows = []
+    for i, point in enumerate(points, 1):
+        folder, done = out / point.name, out / point.name / "done.json"
+        if done.is_file():
+            print(f"[{i}/{len(points)}] {point.name}: done before, skipped", flush=True)
+        elif finished_elsewhere(folder, command):
+            print(f"[{i}/{len(points)}] {point.name}: finished outside the sweep, gathered", flush=True)
+            write_json({"seconds": math.nan, "peak_rss_gb": math.nan}, done)
+        else:
+            print(f"[{i}/{len(points)}] {point.name}: {commands[i - 1]}", flush=True)
+            stage = run_stage(point_args(command, configs, point, folder))
+            write_json({"seconds": stage.seconds, "peak_rss_gb": stage.peak_rss_gb}, done)
+        record = json.loads(done.read_text())
+        metrics = onpolicy_metrics(folder) if command == "onpolicy" else fit_metrics(folder)
+        rows.append({**point.values, "seed": point.seed, **metrics, "seconds": record["seconds"],
+                     "peak_rss_gb": record["peak_rss_gb"]})  # fmt: skip
+    write_summary_csv(rows, out / "summary.csv")
+    write_summary_png(rows, next(iter(grid)), out / "summary.png")
+    print(f"summary: {out / 'summary.csv'}, {out / 'summary.png'}; commands: {out / 'commands.txt'}", flush=True)
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(prog="dpo-lit sweep", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", action="append", required=True, help="config file(s), stacked as by fit")
+    parser.add_argument("--grid", action="append", required=True, help="KEY=v1,v2,... (repeat for more keys)")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    parser.add_argument("--out_dir", required=True, help="one folder per point, commands.txt, summary.csv/png")
+    parser.add_argument("--command", default="fit", choices=["fit", "onpolicy"], help="what each point runs")
+    args = parser.parse_args(sys.argv[2:] if argv is None else argv)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        raise ConfigError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
+    return run_sweep(args.config, parse_grid(args.grid), seeds, args.out_dir, args.command)
