@@ -18,8 +18,9 @@ and :class:`~dpo_lit.data.PreferenceDataModule` when it names none (the RLHF sta
 prompt file instead (generation of on-policy pairs is its own model and data); ``onpolicy`` and
 ``compare`` run :func:`~dpo_lit.pipelines.onpolicy.run_pipeline` and
 :func:`~dpo_lit.pipelines.compare.run_compare`, which build their jobs from their configs with
-:func:`build_cli` (or run them as child processes). A user's mistake (:class:`~dpo_lit.errors.UserError`) ends in one line and exit
-status 2; anything else keeps its traceback.
+:func:`build_cli` (or run them as child processes); ``sweep`` runs a grid of such commands. A
+user's mistake (:class:`~dpo_lit.errors.UserError`) ends in one line and exit status 2; anything
+else keeps its traceback.
 """
 
 from __future__ import annotations
@@ -74,16 +75,16 @@ class DPOLitCLI(_ArgsFromCode):
     :class:`~dpo_lit.data.PreferenceDataModule` when a config names none (so DPO configs need no
     ``class_path``). The tokenizer always follows the model; the trained model is exported."""
 
+    DEFAULTS = {
+        "model": f"{PreferenceModule.__module__}.{PreferenceModule.__name__}",
+        "data": f"{PreferenceDataModule.__module__}.{PreferenceDataModule.__name__}",
+    }
+
     def __init__(self, **kwargs) -> None:
         super().__init__(
             LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
             save_config_kwargs={"overwrite": True}, **kwargs,
         )
-
-    DEFAULTS = {
-        "model": f"{PreferenceModule.__module__}.{PreferenceModule.__name__}",
-        "data": f"{PreferenceDataModule.__module__}.{PreferenceDataModule.__name__}",
-    }
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.set_defaults({key: {"class_path": path} for key, path in self.DEFAULTS.items()})
