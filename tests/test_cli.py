@@ -236,3 +236,16 @@ def test_reference_by_class_path_and_by_shortcut(tmp_path, monkeypatch):
     assert type(reference) is SyncedReference and reference.mixup_alpha == 0.5 and reference.last_step == 2
     copy = main(["fit", "--config", "configs/dpo/tiny.yaml", "--model.reference=copy", *common])
     assert type(copy.model.reference) is CopyReference
+
+
+def test_a_config_naming_another_module_gets_that_modules_defaults(monkeypatch):
+    """jsonargparse keeps the init_args a new class_path shares with the default class; the CLI
+    parses again so PPOModule's own defaults (constant schedule, no warm-up) hold."""
+    monkeypatch.chdir(ROOT)
+    ppo = parse(["--config", "configs/ppo/tiny.yaml"]).model
+    assert ppo.class_path == "dpo_lit.rlhf.PPOModule"
+    assert ppo.init_args.scheduler == "constant" and ppo.init_args.warmup_ratio == 0.0
+    dpo = parse(["--config", "configs/dpo/tiny.yaml"]).model.init_args
+    assert dpo.scheduler == "linear" and dpo.warmup_ratio == 0.1
+    overridden = parse(["--config", "configs/ppo/tiny.yaml", "--model.scheduler=cosine"]).model.init_args
+    assert overridden.scheduler == "cosine" and overridden.warmup_ratio == 0.0
