@@ -65,3 +65,11 @@ bench: venv $(TRL_STAMP)
 .PHONY: compare
 compare: venv
 	$(VENV)/bin/dpo-lit compare --config configs/compare/everyday_vader.yaml
+
+# make beta-ablation — the quickstart's on-policy task at five betas (experiments/beta_ablation/NOTES.md):
+# held-out reward, paired gain, sampled KL and capability deltas per beta, in runs/beta_ablation/summary.{csv,png}.
+# Resumable (finished points are skipped). About an hour on 2 CPU cores.
+.PHONY: beta-ablation
+beta-ablation: venv
+	$(VENV)/bin/dpo-lit sweep --command onpolicy --config experiments/beta_ablation/pipeline.yaml \
+		--grid beta=0.01,0.05,0.1,0.3,1.0 --out_dir runs/beta_ablation

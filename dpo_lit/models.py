@@ -52,6 +52,16 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DPO_LIT_CACHE", Path.home() / ".cache" / "dpo-lit"))
 
 
+def weights_hash(model: nn.Module) -> str:
+    """SHA-256 of every parameter and buffer, names included: the identity of a model's weights,
+    for caches that must not outlive them (whatever folder or alias the weights came from)."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def _materialise(target: Path, build: Callable[[Path], None]) -> Path:
     """Run ``build`` into a temporary folder beside ``target`` and rename it into place.
 

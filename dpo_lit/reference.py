@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 from dpo_lit.data.io import atomic_write
 from dpo_lit.errors import ConfigError
 from dpo_lit.logps import LogpsOptions, completion_logps
-from dpo_lit.models import cache_dir, evaluating
+from dpo_lit.models import cache_dir, evaluating, weights_hash
 
 ModelAndContext = tuple[nn.Module, Callable[[], ContextManager]]
 # split -> (dataset in index order, a function returning a loader over it in that order)
@@ -165,11 +165,7 @@ class PrecomputedReference(NoReference):
     def _key(self, policy: nn.Module, dataset: Dataset, precision: str) -> str:
         """Hash of the initial weights, how they are run (precision, chunking) and the token ids."""
         if self._weights_hash is None:  # hash the initial weights once, before any step changes them
-            h = hashlib.sha256()
-            for name, tensor in policy.state_dict().items():
-                h.update(name.encode())
-                h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-            self._weights_hash = h.hexdigest()
+            self._weights_hash = weights_hash(policy)
         h = hashlib.sha256(f"{self._weights_hash}|{precision}|{self.chunk}|{self.options!r}".encode())
         for example in dataset:
             for key in sorted(k for k in example if k.endswith("_ids")):

@@ -15,16 +15,22 @@ logs, ``report.json``, ``report.png``.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 import time
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from dpo_lit.callbacks.export import ExportPretrained
+from dpo_lit.data.io import atomic_write, write_json
 from dpo_lit.data.prompts import Prompt, encode_prompts, prompt_text, read_prompts
-from dpo_lit.models import load_model, load_tokenizer
+from dpo_lit.evaluation.evaluate import evaluate_task, load_task_data
+from dpo_lit.models import cache_dir, load_model, load_tokenizer, weights_hash
 from dpo_lit.pipelines.plots import plot_run
 from dpo_lit.pipelines.report import RoundReport, format_report, write_report_json, write_report_png
 from dpo_lit.rewards import Reward, VaderSentiment
@@ -69,25 +75,108 @@ def compare_on_prompts(
     }
 
 
-def generate_pairs(config: str, model: str, pairs: Path, seed: int, prompts_file: str | None) -> None:
-    """``dpo-lit predict`` with ``config``: sample from ``model``, write scored pairs to ``pairs``."""
+def _cached(kind: str, *parts: object) -> Path:
+    """The cache entry of an output of the starting model, named by a hash of everything it depends on."""
+    key = hashlib.sha256("\x00".join(str(part) for part in parts).encode()).hexdigest()[:24]
+    return cache_dir() / "onpolicy" / kind / key
+
+
+def _file_bytes(path: str | None) -> bytes:
+    return Path(path).read_bytes() if path and Path(path).is_file() else b""
+
+
+def reference_samples(
+    reference, weights: str, tokenizer, prompts: list, num_samples: int, max_new_tokens: int, seed: int
+) -> list[Sample]:
+    """The reference's evaluation samples, cached under its weights, the prompt ids and the sampling
+    settings: every policy of a sweep is compared with the very same reference answers."""
+    ids = encode_prompts(tokenizer, prompts)
+    path = _cached("reference_samples", weights, ids, num_samples, max_new_tokens, seed).with_suffix(".json")
+    if path.is_file():
+        return [Sample(**row) for row in json.loads(path.read_text())]
+    samples = sample(reference, tokenizer, ids, num_samples, max_new_tokens, seed=seed)
+    write_json([asdict(s) for s in samples], path)
+    return samples
+
+
+def capability_scores(
+    model, tokenizer, tasks: Sequence[str], limit: int | None, perplexity_tokens: int | None
+) -> dict[str, dict[str, float]]:
+    """``{task: {metric: value}}`` of ``model`` (see :mod:`dpo_lit.evaluation`), subsets seeded with 0."""
+    return {
+        data.name: evaluate_task(model, tokenizer, data, perplexity_tokens=perplexity_tokens)
+        for data in (load_task_data(task, limit=limit, seed=0) for task in tasks)
+    }
+
+
+def capability_deltas(
+    reference, weights: str, policy, tokenizer, tasks: Sequence[str], limit: int | None, perplexity_tokens: int | None
+) -> dict[str, dict[str, float]]:
+    """``{"task/metric": {"reference", "policy", "delta"}}``; the reference's scores are cached."""
+    if not tasks:
+        return {}
+    path = _cached("capabilities", weights, list(tasks), limit, perplexity_tokens).with_suffix(".json")
+    if path.is_file():
+        ref = json.loads(path.read_text())
+    else:
+        ref = capability_scores(reference, tokenizer, tasks, limit, perplexity_tokens)
+        write_json(ref, path)
+    pol = capability_scores(policy, tokenizer, tasks, limit, perplexity_tokens)
+    return {
+        f"{task}/{metric}": {"reference": ref[task][metric], "policy": value, "delta": value - ref[task][metric]}
+        for task, metrics in pol.items()
+        for metric, value in metrics.items()
+    }
+
+
+def generate_pairs(
+    config: str, model: str, pairs: Path, seed: int, prompts_file: str | None, weights: str | None = None
+) -> bool:
+    """``dpo-lit predict`` with ``config``: sample from ``model``, write scored pairs to ``pairs``.
+
+    With ``weights`` (the hash of ``model``'s weights) the pairs are cached under a key of the
+    weights, the resolved config and the prompt files' bytes, and a later call with the same key
+    copies them instead of sampling again (what a sweep's points share). Returns whether it did.
+    """
     from dpo_lit.cli import build_cli
 
     overrides = {"model.model_name": model, "output.path": str(pairs), "model.seed": seed}
     if prompts_file:
         overrides["data.prompts_file"] = prompts_file
     cli = build_cli("predict", [config], overrides)
+    cached = None
+    if weights is not None:
+        resolved = cli.config.clone()
+        resolved.output.path = None
+        resolved.model.model_name = None  # the weights stand for it
+        data = cli.config.data
+        cached = _cached(
+            "pairs", weights, cli.parser.dump(resolved, skip_check=True),
+            _file_bytes(data.prompts_file).hex(), _file_bytes(data.get("val_prompts_file")).hex(),
+        ).with_suffix(".jsonl")  # fmt: skip
+        if cached.is_file():
+            pairs.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(cached, pairs)
+            return True
     cli.trainer.predict(cli.model, datamodule=cli.datamodule, return_predictions=False)
+    if cached is not None:
+        with atomic_write(cached) as tmp:
+            shutil.copyfile(pairs, tmp)
+    return False
 
 
-def train(config: str, model: str, pairs: Path, root: Path, seed: int) -> Path:
-    """``dpo-lit fit`` with ``config`` on ``pairs``, starting from ``model``; returns the run folder."""
+def train(config: str, model: str, pairs: Path, root: Path, seed: int, beta: float | None = None) -> Path:
+    """``dpo-lit fit`` with ``config`` on ``pairs``, starting from ``model`` (with the loss's
+    ``beta`` replaced unless None); returns the run folder."""
     from dpo_lit.cli import build_cli
 
-    cli = build_cli("fit", [config], {
+    overrides = {
         "model.model_name": model, "data.train_files": [str(pairs)], "trainer.default_root_dir": str(root),
         "seed_everything": seed, "trainer.enable_model_summary": False,
-    })  # fmt: skip
+    }  # fmt: skip
+    if beta is not None:
+        overrides["model.loss.init_args.beta"] = beta
+    cli = build_cli("fit", [config], overrides)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     return ExportPretrained.run_dir(cli.trainer)
 
@@ -105,6 +194,10 @@ def run_pipeline(
     eval_max_new_tokens: int = 48,
     eval_seed: int = 1234,
     seed: int = 0,
+    beta: float | None = None,
+    capability_tasks: Sequence[str] = (),
+    capability_limit: int | None = 200,
+    perplexity_tokens: int | None = 4096,
 ) -> list[RoundReport]:
     """Generate → fit → evaluate, ``rounds`` times.
 
@@ -121,6 +214,15 @@ def run_pipeline(
         eval_max_new_tokens: length of the evaluation samples.
         eval_seed: sampling seed of the evaluation (the same for reference and policy).
         seed: seed of generation and training (round r uses seed + r).
+        beta: the DPO loss's beta (None: the train config's).
+        capability_tasks: evaluation tasks (``wikitext``, ``arc_easy``, ..., see
+            :mod:`dpo_lit.evaluation`) scored on the policy and the reference after every round.
+        capability_limit: items per multiple-choice task (a subset seeded with 0; None: all).
+        perplexity_tokens: tokens of a perplexity task's text scored (None: all).
+
+    What depends only on the starting model is cached (``$DPO_LIT_CACHE/onpolicy``) and shared by
+    every run with the same settings, e.g. the points of a beta sweep: round 1's pairs, the
+    reference's evaluation samples and its capability scores.
     """
     reward = reward or VaderSentiment()
     out = Path(out_dir)
@@ -128,23 +230,34 @@ def run_pipeline(
     source = f"{len(read_prompts(train_prompts))} prompts of {train_prompts}" if train_prompts else generate_config
     tokenizer = load_tokenizer(model_name)
     reference = load_model(model_name)
+    weights = weights_hash(reference)
+    for task in capability_tasks:  # a missing task file fails here, before an hour of work
+        load_task_data(task, limit=1)
     reports, current = [], model_name
     for r in range(1, rounds + 1):
         head = f"[round {r}/{rounds}]"
         t0 = time.time()
         pairs = out / f"round{r}" / "pairs.jsonl"
         print(f"{head} generate: answers to the training prompts ({source}) → {pairs}", flush=True)
-        generate_pairs(generate_config, current, pairs, seed + r, train_prompts)
+        if generate_pairs(generate_config, current, pairs, seed + r, train_prompts, weights if r == 1 else None):
+            print(f"{head} generate: the same pairs were made before (same model, config, prompts, seed): copied",
+                  flush=True)  # fmt: skip
         t1 = time.time()
         print(f"{head} train: DPO on {sum(1 for _ in pairs.open())} pairs ({train_config})", flush=True)
-        run_dir = train(train_config, current, pairs, out / f"round{r}", seed + r)
+        run_dir = train(train_config, current, pairs, out / f"round{r}", seed + r, beta)
         plot_run(run_dir)  # training curves: <run_dir>/plots/*.png
         current = str(run_dir / "merged")
         t2 = time.time()
         print(f"{head} evaluate: {len(prompts)} held-out prompts × {eval_samples} samples, reference and policy",
               flush=True)
+        policy = load_model(current)
+        ref_samples = reference_samples(reference, weights, tokenizer, prompts, eval_samples, eval_max_new_tokens,
+                                        eval_seed)  # fmt: skip
         result = compare_on_prompts(
-            reference, load_model(current), tokenizer, prompts, reward, eval_samples, eval_max_new_tokens, eval_seed
+            reference, policy, tokenizer, prompts, reward, eval_samples, eval_max_new_tokens, eval_seed, ref_samples
+        )
+        capabilities = capability_deltas(
+            reference, weights, policy, tokenizer, capability_tasks, capability_limit, perplexity_tokens
         )
         t3 = time.time()
         reports.append(RoundReport(
@@ -152,7 +265,7 @@ def run_pipeline(
             reference_reward=result["reference"][0], reference_reward_se=result["reference"][1],
             policy_reward=result["policy"][0], policy_reward_se=result["policy"][1],
             paired_gain=result["gain"][0], paired_gain_se=result["gain"][1],
-            kl=result["kl"][0], kl_se=result["kl"][1], examples=result["examples"],
+            kl=result["kl"][0], kl_se=result["kl"][1], examples=result["examples"], capabilities=capabilities,
             seconds={"generate": t1 - t0, "train": t2 - t1, "evaluate": t3 - t2},
         ))  # fmt: skip
         write_report_json(reports, out / "report.json")

@@ -25,6 +25,7 @@ class RoundReport:
     kl_se: float
     seconds: dict[str, float] = field(default_factory=dict)
     examples: list[dict[str, str]] = field(default_factory=list)
+    capabilities: dict[str, dict[str, float]] = field(default_factory=dict)  # "task/metric" -> reference, policy, delta
 
 
 def format_report(reports: list[RoundReport], run_dir: Path | None = None) -> str:
@@ -39,6 +40,10 @@ def format_report(reports: list[RoundReport], run_dir: Path | None = None) -> st
             f"{x.policy_reward:>8.3f} ± {x.policy_reward_se:.3f} {x.paired_gain:>+8.3f} ± {x.paired_gain_se:.3f} "
             f"{x.kl:>9.2f} ± {x.kl_se:.2f}"
         )
+    if reports[-1].capabilities:
+        lines += ["", f"{'capability':<22} {'reference':>10} {'policy':>10} {'delta':>9}"]
+        for name, v in reports[-1].capabilities.items():
+            lines.append(f"{name:<22} {v['reference']:>10.4g} {v['policy']:>10.4g} {v['delta']:>+9.3g}")
     for ex in reports[-1].examples:
         lines += ["", f"prompt:    {ex['prompt']}", f"reference: {ex['reference']!r}", f"policy:    {ex['policy']!r}"]
     if run_dir is not None:

@@ -2,8 +2,8 @@
 
     dpo-lit sweep --config configs/dpo/tiny.yaml --grid model.loss.init_args.beta=0.05,0.1,0.5 --out_dir runs/sweep
     dpo-lit sweep --config configs/dpo/tiny.yaml --grid model.loss=DPOLoss,IPOLoss --seeds 0,1 --out_dir runs/losses
-    dpo-lit sweep --command onpolicy --config configs/quickstart/pipeline.yaml \
-        --grid train_config=configs/quickstart/dpo.yaml --out_dir runs/beta
+    dpo-lit sweep --command onpolicy --config experiments/beta_ablation/pipeline.yaml \
+        --grid beta=0.01,0.05,0.1,0.3,1.0 --out_dir runs/beta_ablation
 
 Each point of the cartesian grid (times ``--seeds``) is the plain ``dpo-lit`` command it would be
 by hand, run in its own process into ``OUT_DIR/<point>/``; ``OUT_DIR/commands.txt`` lists those
@@ -15,13 +15,16 @@ later ``dpo-lit sweep`` call only gathers them. Points run one after another her
   ``report.json``); a point cut off is run again from the start.
 - **Shared work**: what the project caches on disk is computed once for all points: precomputed
   reference log-probs (keyed by a hash of the weights, precision and tokenised data, so a β sweep
-  with ``reference: precomputed`` computes them for its first point only) and converted models
-  (``$DPO_LIT_CACHE``). Each point tokenises its data again (seconds for the configs here).
+  with ``reference: precomputed`` computes them for its first point only), converted models and,
+  for ``onpolicy``, what depends only on the starting model: round 1's pairs, the reference's
+  evaluation samples and capability scores (``$DPO_LIT_CACHE``). Each point tokenises its data again
+  (seconds for the configs here).
 - **Summary**: ``OUT_DIR/summary.csv`` has one row per point: the grid values, the seed, each
   ``val/`` metric's final and best value (``cap/`` too; best is the lowest for losses, perplexities
   and KL, the highest otherwise) from the run's TensorBoard log (for
-  ``onpolicy``, the report's reward, paired gain and KL), and the seconds the point took;
-  ``OUT_DIR/summary.png`` plots each metric against the first grid key, mean and range over seeds.
+  ``onpolicy``, the report's reward, paired gain, KL and capability deltas), and the seconds the
+  point took; ``OUT_DIR/summary.png`` plots each metric against the first grid key, mean and range
+  over seeds (and, for ``onpolicy``, reward against KL).
 """
 
 from __future__ import annotations
@@ -120,7 +123,12 @@ def onpolicy_metrics(out: Path) -> dict[str, float]:
     rows = json.loads((out / "report.json").read_text())
     last = rows[-1]
     keys = ("policy_reward", "policy_reward_se", "paired_gain", "paired_gain_se", "kl", "kl_se")
-    return {key: last[key] for key in keys}
+    capabilities = {
+        f"cap/{name}{suffix}": values[part]
+        for name, values in last.get("capabilities", {}).items()
+        for part, suffix in (("policy", ""), ("delta", "_delta"))
+    }
+    return {**{key: last[key] for key in keys}, **capabilities}
 
 
 def finished_elsewhere(folder: Path, command: str) -> bool:
@@ -141,18 +149,22 @@ def write_summary_csv(rows: list[dict[str, Any]], path: Path) -> Path:
 
 
 def write_summary_png(rows: list[dict[str, Any]], x_key: str, path: Path) -> Path:
-    """Each metric against the first grid key: the mean over seeds, with their range."""
+    """Each metric against the first grid key: the mean over seeds, with their range; an on-policy
+    sweep's held-out reward against its KL as well, each point labelled with its value."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [k for k in rows[0] if k.endswith("/final") or k in ("policy_reward", "paired_gain", "kl")]
+    metrics = [k for k in rows[0] if k.endswith(("/final", "_delta")) or k in ("policy_reward", "paired_gain", "kl")]
     metrics = [m for m in metrics if all(isinstance(r.get(m), float) and math.isfinite(r[m]) for r in rows)]
     xs = list(dict.fromkeys(r[x_key] for r in rows))
     numeric = all(isinstance(x, (int, float)) for x in xs)
-    cols = min(3, max(1, len(metrics)))
-    fig, axes = plt.subplots(math.ceil(max(1, len(metrics)) / cols), cols, figsize=(4.5 * cols, 3.5 * math.ceil(max(1, len(metrics)) / cols)), squeeze=False)  # fmt: skip
+    frontier = "kl" in metrics and "policy_reward" in metrics  # an on-policy sweep: reward against KL too
+    panels = len(metrics) + frontier
+    cols = min(3, max(1, panels))
+    lines = math.ceil(max(1, panels) / cols)
+    fig, axes = plt.subplots(lines, cols, figsize=(4.5 * cols, 3.5 * lines), squeeze=False)
     for ax, metric in zip(axes.flat, metrics):
         groups = [[r[metric] for r in rows if r[x_key] == x] for x in xs]
         means = [sum(g) / len(g) for g in groups]
@@ -164,7 +176,13 @@ def write_summary_png(rows: list[dict[str, Any]], x_key: str, path: Path) -> Pat
         if not numeric:
             ax.set_xticks(positions, [str(x) for x in xs], rotation=20)
         ax.set(title=metric.removesuffix("/final"), xlabel=x_key.split(".")[-1])
-    for ax in list(axes.flat)[len(metrics):]:
+    if frontier:
+        ax = axes.flat[len(metrics)]
+        ax.scatter([r["kl"] for r in rows], [r["policy_reward"] for r in rows])
+        for r in rows:
+            ax.annotate(f"{x_key.split('.')[-1]}={r[x_key]}", (r["kl"], r["policy_reward"]), fontsize=7)
+        ax.set(title="held-out reward against KL", xlabel="KL(π‖π_ref), nats", ylabel="reward")
+    for ax in list(axes.flat)[panels:]:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
