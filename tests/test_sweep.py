@@ -48,3 +48,39 @@ def test_tiny_beta_sweep_writes_a_summary_and_resumes(tmp_path, monkeypatch):
     assert time.time() - start < first / 3
     assert len(list((out / "beta=0.05,seed=0" / "lightning_logs").glob("version_*"))) == 1
     assert list(csv.DictReader((out / "summary.csv").open())) == rows
+
+
+def test_tiny_onpolicy_beta_sweep_shares_the_starting_models_work(tmp_path, monkeypatch, capfd, shared_data):
+    """Every point trains on the same pairs and is compared with the same reference samples and
+    capability scores, computed by the first point only; beta reaches each point's training."""
+    import json
+
+    import yaml
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("DPO_LIT_CACHE", str(tmp_path / "cache"))
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("{rounds: 1, capability_tasks: [wikitext, arc_easy], capability_limit: 8, perplexity_tokens: 128}")
+    out = tmp_path / "sweep"
+    run(["sweep", "--command", "onpolicy", "--config", "configs/quickstart/tiny_pipeline.yaml", "--config", str(extra),
+         "--grid", "beta=0.05,0.5", "--out_dir", str(out)])  # fmt: skip
+    console = capfd.readouterr().out
+    assert console.count("the same pairs were made before") == 1
+    first, second = out / "beta=0.05,seed=0", out / "beta=0.5,seed=0"
+    assert (first / "round1/pairs.jsonl").read_bytes() == (second / "round1/pairs.jsonl").read_bytes()
+    for folder, beta in ((first, 0.05), (second, 0.5)):
+        config = yaml.safe_load((folder / "round1/lightning_logs/version_0/config.yaml").read_text())
+        assert config["model"]["init_args"]["loss"]["init_args"]["beta"] == beta
+    reports = [json.loads((folder / "report.json").read_text())[0] for folder in (first, second)]
+    assert reports[0]["reference_reward"] == reports[1]["reference_reward"]
+    assert reports[0]["kl"] != reports[1]["kl"]  # different policies
+    for report in reports:
+        caps = report["capabilities"]
+        assert {"wikitext/ppl", "arc_easy/acc", "arc_easy/acc_norm"} <= set(caps)
+        for values in caps.values():
+            assert values["delta"] == pytest.approx(values["policy"] - values["reference"])
+    assert reports[0]["capabilities"]["wikitext/ppl"]["reference"] == reports[1]["capabilities"]["wikitext/ppl"]["reference"]
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    assert [float(r["beta"]) for r in rows] == [0.05, 0.5]
+    assert float(rows[1]["cap/wikitext/ppl_delta"]) == pytest.approx(reports[1]["capabilities"]["wikitext/ppl"]["delta"])
+    assert {"policy_reward", "paired_gain", "kl"} <= set(rows[0])
