@@ -28,21 +28,25 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from lightning import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
-from dpo_lit.callbacks import ExportPretrained
+from dpo_lit.callbacks import EpochsFromSteps, ExportPretrained, LastCheckpoint
 from dpo_lit.data import PreferenceDataModule
-from dpo_lit.errors import UserError
+from dpo_lit.errors import ConfigError, UserError
 from dpo_lit.module import PreferenceModule
 from dpo_lit.sampling.predict import GenerationModule, PromptDataModule, WritePairs
 
+SUBCOMMANDS = ("fit", "validate", "test", "predict", "onpolicy", "compare", "sweep", "plots")
 USAGE = """usage: dpo-lit {fit,validate,test,predict,onpolicy,compare,sweep,plots} [--config CONFIG ...] [--KEY VALUE ...]
 
   fit        train: DPO and its family by default; model.class_path picks SFT, a reward model or PPO
@@ -65,8 +69,32 @@ class _ArgsFromCode(LightningCLI):
     purpose while ``sys.argv`` holds the pipeline's.
     """
 
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        kwargs.setdefault("exit_on_error", False)  # a bad option ends in one line (parse_arguments), not the usage
+        return super().init_parser(**kwargs)
+
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
-        self.config = parser.parse_object(args) if isinstance(args, dict) else parser.parse_args(args)
+        from jsonargparse import ArgumentError
+
+        try:
+            self.config = parser.parse_object(args) if isinstance(args, dict) else parser.parse_args(args)
+        except ArgumentError as error:
+            raise ConfigError(argument_error_line(str(error))) from None
+
+
+def argument_error_line(message: str) -> str:
+    """jsonargparse's multi-line report of a bad option as one line: the key and what is wrong,
+    without the list of union subtypes tried and the value's repr."""
+    noise = ("Does not validate against any of", "Subtypes:", "Errors:", "Expected a <class 'NoneType'>",
+             "Given value type:")  # fmt: skip
+    parts = [
+        line.strip(" -") for line in message.splitlines()
+        if line.strip() and not line.strip(" -").startswith(noise)
+        and not (line.strip().startswith("Given value:") and len(line) > 80)  # a whole config section
+    ]  # fmt: skip
+    line = re.sub(r"""(?:Parser key|Key) "([^"]+)":""", r"\1:", " ".join(parts))
+    line = re.sub(r"Problem with given class_path '[^']+': ", "", line)
+    return f"{line} (--help lists the options)"
 
 
 class DPOLitCLI(_ArgsFromCode):
@@ -83,8 +111,10 @@ class DPOLitCLI(_ArgsFromCode):
     def __init__(self, **kwargs) -> None:
         super().__init__(
             LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-            save_config_kwargs={"overwrite": True}, **kwargs,
-        )
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={"callbacks": [LastCheckpoint(), EpochsFromSteps()]},  # always there, whatever the config
+            **kwargs,
+        )  # fmt: skip
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.set_defaults({key: {"class_path": path} for key, path in self.DEFAULTS.items()})
@@ -110,9 +140,35 @@ class DPOLitCLI(_ArgsFromCode):
 
     def before_fit(self) -> None:
         warn_slow_bf16(self.trainer)
+        self._find_last_checkpoint()
+
+    def before_validate(self) -> None:
+        self._find_last_checkpoint()
+        self.config_init[self.subcommand]["verbose"] = False  # after_validate prints the metrics, once
+
+    def before_test(self) -> None:
+        self._find_last_checkpoint()
 
     def after_validate(self) -> None:
         print(validation_report(self.trainer))
+
+    def _find_last_checkpoint(self) -> None:
+        """``--ckpt_path last``: the newest ``last*.ckpt`` of any earlier run under the trainer's
+        ``default_root_dir`` (Lightning looks only in this run's new, empty version folder). A fit
+        with none starts from the beginning and says so; validate and test stop."""
+        kwargs = self.config_init[self.subcommand]
+        if kwargs.get("ckpt_path") != "last":
+            return
+        root = Path(self.trainer.default_root_dir)
+        found = sorted(root.glob("**/last*.ckpt"), key=lambda path: path.stat().st_mtime)
+        if found:
+            kwargs["ckpt_path"] = str(found[-1])
+            rank_zero_info(f"ckpt_path=last: {found[-1]}")
+        elif self.subcommand == "fit":
+            kwargs["ckpt_path"] = None
+            rank_zero_info(f"ckpt_path=last: no last.ckpt under {root} yet; training from the start")
+        else:
+            raise ConfigError(f"ckpt_path: no last.ckpt under {root} (trainer.default_root_dir); give a checkpoint path")
 
 
 def warn_slow_bf16(trainer) -> None:
@@ -190,7 +246,12 @@ def pipeline(command: str, argv: Sequence[str]) -> None:
     disable_progress_bar()
     disable_progress_bars()
     function = {"onpolicy": run_pipeline, "compare": run_compare}[command]
-    CLI(function, args=list(argv), as_positional=False, prog=f"dpo-lit {command}")
+    from jsonargparse import ArgumentError
+
+    try:
+        CLI(function, args=list(argv), as_positional=False, prog=f"dpo-lit {command}", exit_on_error=False)
+    except ArgumentError as error:
+        raise ConfigError(argument_error_line(str(error))) from None
 
 
 class _NoAdverts(logging.Filter):
@@ -222,6 +283,12 @@ def run(args: Sequence[str] | None = None) -> LightningCLI | None:
     if command in (None, "-h", "--help"):
         print(USAGE)
         return None
+    if command not in SUBCOMMANDS:
+        named = next((arg for arg in argv if arg in SUBCOMMANDS), None)
+        if named:  # `dpo-lit --config X fit`: the order some CLIs take
+            rest = " ".join(arg for arg in argv if arg != named)
+            raise ConfigError(f"the subcommand comes first, then its options: dpo-lit {named} {rest}")
+        raise ConfigError(f"unknown subcommand {command!r}; one of {', '.join(SUBCOMMANDS)} (dpo-lit --help)")
     if command in ("onpolicy", "compare"):
         return pipeline(command, argv[1:])
     if command == "sweep":
@@ -244,13 +311,28 @@ def main() -> None:
     ``dpo-lit: error: ...`` with exit status 2; ``DPO_LIT_DEBUG=1`` shows the traceback instead.
     """
     quiet()
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # the user's own modules (a CallableReward's fn), as `python -m` does
     try:
         run()
-    except UserError as error:
-        if os.environ.get("DPO_LIT_DEBUG"):
+    except Exception as error:
+        mistake = user_error(error)
+        if mistake is None or os.environ.get("DPO_LIT_DEBUG"):
             raise
-        print(f"dpo-lit: error: {error}", file=sys.stderr)
+        print(f"dpo-lit: error: {mistake}", file=sys.stderr)
         sys.exit(2)
+
+
+def user_error(error: BaseException) -> UserError | None:
+    """``error`` or the user's mistake it was raised from: jsonargparse wraps what a class raises
+    while it is instantiated from a config ("Does not validate against any of the Union subtypes")."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, UserError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from dpo_lit.errors import MissingFileError
+from dpo_lit.errors import MissingFileError, UserError
 
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
 TINY_ALIAS = "tiny-random-llama"
@@ -185,9 +185,37 @@ def resolve(name: str) -> str:
         return str(_materialise(cache_dir() / _gguf_cache_name(path), lambda d: convert_gguf(path, d)))
     if path.is_dir():
         return str(path)
-    if name.startswith((".", "/", "~")) or name.endswith((".json", ".safetensors", ".bin")):
-        raise MissingFileError(f"model path not found: {name}")
+    if name.startswith((".", "/", "~")) or name.endswith((".json", ".safetensors", ".bin")) or name.count("/") > 1:
+        raise MissingFileError(f"model folder not found: {name} (a Hub name has the form 'org/model')")
     return name
+
+
+@contextlib.contextmanager
+def _loading(name: str) -> Iterator[None]:
+    """A model or tokenizer that cannot be loaded ends in one line naming it and what to do."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        yield
+    except UserError:
+        raise
+    except (OSError, ValueError) as error:
+        if Path(name).expanduser().is_dir():  # e.g. no config.json, or one without model_type
+            raise MissingFileError(f"model folder {name}: {str(error).splitlines()[0]}") from None
+        if not isinstance(error, (OSError, HFValidationError)):
+            raise
+        aliases = f"{SMOLLM2_ALIAS}, {TINY_ALIAS}"
+        if constants.HF_HUB_OFFLINE:
+            how = (
+                "it is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; download it once where there is "
+                f"network (huggingface-cli download {name}) or give a local folder"
+            )
+        else:
+            how = "the Hugging Face Hub has no such model or cannot be reached"
+        raise MissingFileError(
+            f"model_name {name!r}: not a local folder, not an alias ({aliases}), and {how}"
+        ) from None
 
 
 @functools.lru_cache(maxsize=8)
@@ -197,7 +225,8 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     Loaded once per process and name: the data module, the module and every callback share the
     same object, so none of them may change it.
     """
-    tokenizer = AutoTokenizer.from_pretrained(resolve(name))
+    with _loading(name):
+        tokenizer = AutoTokenizer.from_pretrained(resolve(name))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
@@ -210,9 +239,10 @@ def load_model(
     """A causal LM from safetensors weights (pickled ``.bin`` checkpoints are refused)."""
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    return AutoModelForCausalLM.from_pretrained(
-        resolve(name), dtype=dtype or torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
-    )
+    with _loading(name):
+        return AutoModelForCausalLM.from_pretrained(
+            resolve(name), dtype=dtype or torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
 
 
 @contextlib.contextmanager

@@ -1,5 +1,8 @@
 """The CLI: every shipped YAML parses, the tiny ones train, losses swap on the command line."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -202,9 +205,6 @@ def test_validate_prints_preference_kl_and_capability_tables(tmp_path, monkeypat
 
 def test_console_shows_no_adverts_or_library_deprecations(tmp_path):
     """A fit from the console: no Lightning "Tip" adverts, no deprecation warnings from inside libraries."""
-    import subprocess
-    import sys
-
     done = subprocess.run(
         [sys.executable, "-m", "dpo_lit", "fit", "--config", "configs/dpo/tiny.yaml", "--trainer.max_steps=2",
          "--trainer.limit_val_batches=1", f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false",
@@ -249,3 +249,66 @@ def test_a_config_naming_another_module_gets_that_modules_defaults(monkeypatch):
     assert dpo.scheduler == "linear" and dpo.warmup_ratio == 0.1
     overridden = parse(["--config", "configs/ppo/tiny.yaml", "--model.scheduler=cosine"]).model.init_args
     assert overridden.scheduler == "cosine" and overridden.warmup_ratio == 0.0
+
+
+def _console(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """``dpo-lit`` as a user runs it, offline."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "dpo_lit", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env=env)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--model.loss=KTOLoss"], "set --data.mode unpaired"),
+        (["--model.model_name=smollm2-135m"], "not an alias (smollm2-135m-instruct, tiny-random-llama)"),
+        (["--model.model_name=runs/no/such/merged"], "model folder not found: runs/no/such/merged"),
+        (["--model.model_name=HuggingFaceTB/SmolLM2-360M-Instruct"], "huggingface-cli download"),
+        (["--model.betaa=3"], "model: Option 'betaa' is not accepted"),
+        (["--trainer.max_stepz=3"], "unrecognized arguments: --trainer.max_stepz"),
+    ],
+    ids=["kto-on-pairs", "mistyped-alias", "missing-folder", "offline-hub-name", "bad-option", "bad-trainer-option"],
+)
+def test_a_users_mistake_ends_in_one_line(args, expected, tmp_path):
+    done = _console("fit", "--config", "configs/dpo/tiny.yaml", f"--trainer.default_root_dir={tmp_path}", *args)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "usage:" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("dpo-lit: error: ")]
+    assert len(errors) == 1 and expected in errors[0], done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1] == errors[0]
+
+
+def test_config_before_the_subcommand_says_where_it_goes():
+    done = _console("--config", "configs/dpo/tiny.yaml", "fit")
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        "dpo-lit: error: the subcommand comes first, then its options: dpo-lit fit --config configs/dpo/tiny.yaml"
+    )
+
+
+def test_a_short_run_leaves_last_ckpt_and_ckpt_path_last_resumes_it(tmp_path, monkeypatch):
+    """2 steps of a 6-batch epoch, no validation due: fit still ends with last.ckpt (at step 2), the
+    progress bar's epoch count comes from max_steps, and --ckpt_path last finds the checkpoint."""
+    import torch
+
+    from dpo_lit.errors import ConfigError
+
+    monkeypatch.chdir(ROOT)
+    common = ["--config", "configs/dpo/tiny.yaml", f"--trainer.default_root_dir={tmp_path}",
+              "--trainer.enable_progress_bar=false", "--trainer.max_epochs=-1", "--trainer.val_check_interval=50",
+              "--trainer.check_val_every_n_epoch=null"]  # fmt: skip
+    first = main(["fit", *common, "--trainer.max_steps=2"])
+    last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == 2
+    assert first.trainer.max_epochs == 1  # not -1: the bar shows "Epoch 0/0"
+    resumed = main(["fit", *common, "--trainer.max_steps=4", "--ckpt_path=last"])
+    assert resumed.trainer.ckpt_path == str(last) and resumed.trainer.global_step == 4
+    assert torch.load(tmp_path / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt", weights_only=False)[
+        "global_step"
+    ] == 4
+    validated = main(["validate", *common, "--trainer.limit_val_batches=1", "--ckpt_path=last"])
+    assert validated.trainer.ckpt_path.endswith("version_1/checkpoints/last.ckpt")
+    with pytest.raises(ConfigError, match="no last.ckpt under"):
+        main(["validate", *common[:1], "configs/dpo/tiny.yaml", f"--trainer.default_root_dir={tmp_path / 'none'}",
+              "--ckpt_path=last"])  # fmt: skip

@@ -1,9 +1,18 @@
-"""Lightning callbacks: export, monitoring and evaluation. The module computes; these log and save."""
+"""Lightning callbacks: export, checkpoints, monitoring and evaluation. The module computes; these log and save."""
 
 from dpo_lit.callbacks.capability import CapabilityEval
+from dpo_lit.callbacks.checkpoint import EpochsFromSteps, LastCheckpoint
 from dpo_lit.callbacks.export import ExportPretrained
 from dpo_lit.callbacks.health import TrainingHealth
 from dpo_lit.callbacks.kl import SampledKL
 from dpo_lit.callbacks.samples import SampleTable
 
-__all__ = ["CapabilityEval", "ExportPretrained", "SampleTable", "SampledKL", "TrainingHealth"]
+__all__ = [
+    "CapabilityEval",
+    "EpochsFromSteps",
+    "ExportPretrained",
+    "LastCheckpoint",
+    "SampleTable",
+    "SampledKL",
+    "TrainingHealth",
+]
