@@ -9,6 +9,7 @@ returns is logged as ``split/name``; callbacks do the rest of the monitoring.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -202,10 +203,34 @@ class PreferenceModule(LightningModule):
 
     # ---- hooks -----------------------------------------------------------------------------
 
+    def _planned(self, split: str, n: int) -> list[int] | None:
+        """The examples of ``split`` this run will use, when the trainer's limits say (None: all).
+
+        Training: ``max_steps`` x ``accumulate_grad_batches`` batches, at most ``limit_train_batches``
+        of each epoch, in the data module's order; validation: the first ``limit_val_batches``.
+        A run of 2 steps on 1000 pairs so computes reference log-probs for a few dozen.
+        """
+        trainer, datamodule = self.trainer, self.trainer.datamodule
+        if trainer.world_size > 1:
+            return None  # each rank's share is the distributed sampler's business
+        if split == "val":
+            limit, size = trainer.limit_val_batches, datamodule.eval_batch_size
+            batches = limit if isinstance(limit, int) else math.ceil(limit * math.ceil(n / size))
+            return list(range(min(n, batches * size)))
+        if trainer.max_steps is None or trainer.max_steps < 0 or not hasattr(datamodule, "train_indices"):
+            return None
+        limit = trainer.limit_train_batches
+        per_epoch = limit if isinstance(limit, int) else math.ceil(limit * math.ceil(n / datamodule.batch_size))
+        return datamodule.train_indices(trainer.max_steps * trainer.accumulate_grad_batches, per_epoch)
+
     def _prepare_reference(self, splits: list[str]) -> None:
         datamodule = self.trainer.datamodule
         data = {
-            split: (dataset, lambda split=split: datamodule.ordered_dataloader(split))
+            split: (
+                dataset,
+                lambda indices, split=split: datamodule.ordered_dataloader(split, indices),
+                self._planned(split, len(dataset)),
+            )
             for split in splits
             if (dataset := getattr(datamodule, f"{split}_dataset", None))
         }
@@ -213,6 +238,14 @@ class PreferenceModule(LightningModule):
         self.reference.prepare(
             self.policy, data, self.device, trainer.precision_plugin.forward_context, str(trainer.precision)
         )
+
+    def setup(self, stage: str) -> None:
+        mode = getattr(self.trainer.datamodule, "mode", None)
+        if mode is not None and mode != self.loss.data_mode:
+            raise ConfigError(
+                f"data.mode: {type(self.loss).__name__} trains on {self.loss.data_mode} examples but data.mode is "
+                f"{mode}; set --data.mode {self.loss.data_mode}"
+            )
 
     def on_fit_start(self) -> None:
         self._prepare_reference(["train", "val"])

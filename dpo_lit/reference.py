@@ -27,14 +27,15 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager as ContextManager
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from dpo_lit.data.io import atomic_write
 from dpo_lit.errors import ConfigError
@@ -42,8 +43,9 @@ from dpo_lit.logps import LogpsOptions, completion_logps
 from dpo_lit.models import cache_dir, evaluating, weights_hash
 
 ModelAndContext = tuple[nn.Module, Callable[[], ContextManager]]
-# split -> (dataset in index order, a function returning a loader over it in that order)
-SplitData = Mapping[str, tuple[Dataset, Callable[[], DataLoader]]]
+# split -> (dataset in index order, a function returning a loader over the given examples (None: all)
+# in that order, the examples the run will use (None: all or not known))
+SplitData = Mapping[str, tuple[Dataset, Callable[[Sequence[int] | None], DataLoader], Sequence[int] | None]]
 
 
 def row_logps(model: nn.Module, batch: dict, chunk: int, options: LogpsOptions | None = None) -> Tensor:
@@ -159,6 +161,8 @@ class PrecomputedReference(NoReference):
                 "completion with another prompt in the batch); use copy or adapter"
             )
         super().setup(policy, lora=lora, paired=paired, chunk=chunk, options=options)
+        self.lora = lora
+        self.stepped = False
         self.tables: dict[str, Tensor] = {}
         self._weights_hash: str | None = None
 
@@ -176,36 +180,52 @@ class PrecomputedReference(NoReference):
     def prepare(
         self, policy: nn.Module, data: SplitData, device: torch.device, context: Callable, precision: str = ""
     ) -> None:
-        for split, (dataset, loader) in data.items():
-            if split in self.tables or not dataset:
+        """Fill the table of each split for the examples the run will use (all when not known),
+        reading what an earlier run with the same weights and data computed from the cache."""
+        for split, (dataset, loader, needed) in data.items():
+            if not dataset:
                 continue
             path = cache_dir() / "ref_logps" / f"{self._key(policy, dataset, precision)}.pt"
-            if path.exists():
-                rank_zero_info(f"Reference log-probs for {split} ({len(dataset)} pairs) read from {path}")
-                self.tables[split] = torch.load(path)
+            table = self.tables.get(split)
+            if table is None:
+                table = torch.load(path) if path.exists() else torch.full((len(dataset), 2), float("nan"))
+            self.tables[split] = table
+            wanted = range(len(dataset)) if needed is None else needed
+            missing = [i for i in wanted if torch.isnan(table[i]).any()]
+            if not missing:
                 continue
+            if self.stepped and not self.lora:
+                raise RuntimeError(
+                    f"reference log-probs of {len(missing)} {split} examples are needed after training started"
+                )
             with context():
-                self.tables[split] = self._compute(policy, loader(), len(dataset), device)
+                self._compute(policy, loader(missing), table, device, f"reference log-probs ({split})")
             with atomic_write(path) as tmp:
-                torch.save(self.tables[split], tmp)
-            rank_zero_info(f"Reference log-probs for {split} ({len(dataset)} pairs) cached in {path}")
+                torch.save(table, tmp)
+            done = int((~torch.isnan(table).any(-1)).sum())
+            rank_zero_info(
+                f"Reference log-probs for {len(missing)} {split} pairs computed ({done} of {len(dataset)} "
+                f"cached in {path})"
+            )
 
     @torch.no_grad()
-    def _compute(self, policy: nn.Module, loader: DataLoader, n: int, device: torch.device) -> Tensor:
-        table = torch.full((n, 2), float("nan"))  # (N, [chosen, rejected])
+    def _compute(self, policy: nn.Module, loader: DataLoader, table: Tensor, device: torch.device, desc: str) -> None:
         # fork_rng: iterating a DataLoader draws from the global RNG, which would make the training
         # shuffle depend on whether the table was computed now or read from the cache.
         with torch.random.fork_rng(devices=[]), initial_policy(policy), evaluating(policy):
-            for batch in loader:
+            for batch in tqdm(loader, desc=desc, unit="batch", disable=rank_zero_only.rank != 0, leave=False):
                 batch = {k: v.to(device) for k, v in batch.items()}
                 rows = row_logps(policy, batch, self.chunk, self.options).float().cpu()
                 table[batch["index"].cpu()] = rows.view(2, -1).T  # rows: B chosen then B rejected
-        if torch.isnan(table).any():
-            raise RuntimeError("precomputing reference log-probs left examples without a value")
-        return table
+
+    def after_step(self, policy: nn.Module, step: int) -> None:
+        self.stepped = True  # full fine-tuning: the initial weights, hence new reference values, are gone
 
     def logps(self, policy: nn.Module, batch: dict, split: str) -> Tensor:
         table = self.tables[split].to(batch["index"].device)[batch["index"]]  # (B, 2)
+        if torch.isnan(table).any():
+            raise RuntimeError(f"{split} examples without precomputed reference log-probs: the run used batches "
+                               "it did not plan for")  # fmt: skip
         return torch.cat([table[:, 0], table[:, 1]])
 
     def model(self, policy: nn.Module) -> ModelAndContext | None:

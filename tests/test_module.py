@@ -91,7 +91,7 @@ def test_reference_is_not_saved_in_checkpoints(tmp_path):
     assert isinstance(module.reference, CopyReference)
 
 
-def test_precomputed_reference_matches_copy_and_is_reused(tmp_path, monkeypatch):
+def test_precomputed_reference_matches_copy_covers_what_the_run_uses_and_is_reused(tmp_path, monkeypatch):
     monkeypatch.setenv("DPO_LIT_CACHE", str(tmp_path / "cache"))
     data = make_data()
     module = PreferenceModule(TINY_ALIAS, reference="precomputed", optimizer=adam())
@@ -99,17 +99,33 @@ def test_precomputed_reference_matches_copy_and_is_reused(tmp_path, monkeypatch)
     assert isinstance(module.reference, PrecomputedReference)
     files = list((tmp_path / "cache" / "ref_logps").glob("*.pt"))
     assert len(files) == 2  # train and val
+    # one step of 4 pairs, one validation batch: only those examples were computed
+    computed = {split: (~torch.isnan(t).any(-1)).nonzero().flatten().tolist() for split, t in module.reference.tables.items()}
+    assert computed["train"] == data.train_indices(1) and len(computed["train"]) == 4 < len(data.train_dataset)
+    assert computed["val"] == list(range(min(data.eval_batch_size, len(data.val_dataset))))
     copy = PreferenceModule(TINY_ALIAS, reference="copy")
-    batch = next(iter(data.ordered_dataloader("train")))
+    batch = next(iter(data.ordered_dataloader("train", computed["train"])))
     expected = copy.reference.logps(copy.policy, batch, "train")
     torch.testing.assert_close(module.reference.logps(module.policy, batch, "train"), expected)
 
-    def no_recompute(*args, **kwargs):
-        raise AssertionError("reference log-probs were recomputed instead of read from the cache")
-
+    # a longer run reads those from the cache and computes only the examples it adds
     again = PreferenceModule(TINY_ALIAS, reference="precomputed", optimizer=adam())
-    monkeypatch.setattr(again.reference, "_compute", no_recompute)
-    fit(again, make_data(), tmp_path, steps=1, limit_val_batches=1)
+    compute, sizes = again.reference._compute, []
+
+    def counted(policy, loader, *args):
+        sizes.append(len(loader.dataset))
+        return compute(policy, loader, *args)
+
+    monkeypatch.setattr(again.reference, "_compute", counted)
+    data = make_data()
+    fit(again, data, tmp_path, steps=3, limit_val_batches=1)
+    assert sizes == [len(set(data.train_indices(3)) - set(computed["train"]))]
+
+    # a run that uses a batch it did not plan for stops (never a NaN reference)
+    table = again.reference.tables["train"]
+    table[data.train_indices(1)[0]] = float("nan")
+    with pytest.raises(RuntimeError, match="without precomputed reference"):
+        again.reference.logps(again.policy, next(iter(data.ordered_dataloader("train", data.train_indices(1)))), "train")
 
 
 def test_precomputing_leaves_the_global_rng_alone(tmp_path, monkeypatch):
@@ -120,6 +136,7 @@ def test_precomputing_leaves_the_global_rng_alone(tmp_path, monkeypatch):
     fit(module, make_data(), tmp_path, steps=1)
     monkeypatch.setenv("DPO_LIT_CACHE", str(tmp_path / "second"))  # nothing cached: compute again
     module.reference.tables.clear()
+    module.reference.stepped = False  # as before the first step: full fine-tuning may compute then only
     state = torch.random.get_rng_state()
     module._prepare_reference(["train", "val"])
     assert set(module.reference.tables) == {"train", "val"}

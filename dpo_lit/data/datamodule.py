@@ -6,11 +6,15 @@ linked from the model's name. See :mod:`dpo_lit.data.collate` for the batch cont
 
 from __future__ import annotations
 
+import math
+import os
+from collections.abc import Iterator, Sequence
 from functools import cached_property
 from typing import Literal
 
+import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler, Subset
 from transformers import PreTrainedTokenizerBase
 
 from dpo_lit.data.collate import PreferenceCollator
@@ -22,30 +26,55 @@ from dpo_lit.data.tokenize import TokenizedDataset, TruncationMode, tokenize_exa
 from dpo_lit.errors import ConfigError
 
 
+class EpochShuffle(Sampler[int]):
+    """A permutation of ``range(n)`` per epoch, drawn from a generator seeded with ``(seed, epoch)``.
+
+    The order depends on nothing else (not the global RNG, not what ran before), so a resumed
+    run sees the batches an uninterrupted one would, and the batches a run will use are known
+    before it starts (:meth:`TokenizedSplits.train_indices`). Lightning calls ``set_epoch``.
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def order(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(hash((self.seed, epoch)))  # ints hash the same in every process
+        return torch.randperm(self.n, generator=generator).tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order(self.epoch))
+
+    def __len__(self) -> int:
+        return self.n
+
+
 class TokenizedSplits(LightningDataModule):
     """What a data module of tokenized splits shares: its loaders.
 
     A subclass sets ``train_dataset`` and ``val_dataset`` in ``setup()`` and has ``collator``,
-    ``batch_size``, ``eval_batch_size`` and ``num_workers``.
+    ``batch_size``, ``eval_batch_size``, ``num_workers`` and ``seed``.
     """
 
     train_dataset: TokenizedDataset | None = None
     val_dataset: TokenizedDataset | None = None
 
-    def _loader(self, dataset: TokenizedDataset | None, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: TokenizedDataset | Subset | None, batch_size: int, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError("call setup() before asking for a dataloader")
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
+            sampler=EpochShuffle(len(dataset), self.shuffle_seed) if shuffle else None,
             collate_fn=self.collator,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches of ``batch_size`` examples."""
+        """Training batches of ``batch_size`` examples, shuffled per epoch (:class:`EpochShuffle`)."""
         return self._loader(self.train_dataset, self.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader | list:
@@ -53,6 +82,26 @@ class TokenizedSplits(LightningDataModule):
         if self.val_dataset is not None and not len(self.val_dataset):
             return []
         return self._loader(self.val_dataset, self.eval_batch_size, shuffle=False)
+
+    @property
+    def shuffle_seed(self) -> int:
+        """The training order's seed: the data's ``seed`` and the run's (``seed_everything``), so
+        runs that differ in either see their examples in another order."""
+        return hash((self.seed, int(os.environ.get("PL_GLOBAL_SEED", 0))))
+
+    def train_indices(self, batches: int, per_epoch: int | None = None) -> list[int]:
+        """The examples of the first ``batches`` training batches, epoch after epoch (at most
+        ``per_epoch`` batches of each), as :meth:`train_dataloader` will yield them."""
+        n = len(self.train_dataset)
+        per_epoch = min(per_epoch or math.inf, math.ceil(n / self.batch_size))
+        sampler, indices, epoch = EpochShuffle(n, self.shuffle_seed), [], 0
+        while batches > 0 and per_epoch > 0:
+            take = min(batches, per_epoch)
+            indices += sampler.order(epoch)[: take * self.batch_size]
+            batches, epoch = batches - take, epoch + 1
+            if len(set(indices)) == n:
+                break
+        return sorted(set(indices))
 
 
 class PreferenceDataModule(TokenizedSplits):
@@ -191,9 +240,11 @@ class PreferenceDataModule(TokenizedSplits):
             raise DataError(", ".join(sources), "no training examples left after skipping and dropping")
         self.train_dataset, self.val_dataset = train_dataset, val_dataset
 
-    def ordered_dataloader(self, split: Literal["train", "val"]) -> DataLoader:
-        """Batches of ``split`` in dataset order with ``eval_batch_size`` (reference log-probs)."""
+    def ordered_dataloader(self, split: Literal["train", "val"], indices: Sequence[int] | None = None) -> DataLoader:
+        """Batches of ``split`` (only ``indices``, if given) in dataset order with ``eval_batch_size``
+        (reference log-probs)."""
         datasets = {"train": self.train_dataset, "val": self.val_dataset}
         if split not in datasets:
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-        return self._loader(datasets[split], self.eval_batch_size, shuffle=False)
+        dataset = datasets[split] if indices is None else Subset(datasets[split], list(indices))
+        return self._loader(dataset, self.eval_batch_size, shuffle=False)
