@@ -75,8 +75,18 @@ def test_the_latest_run_below_a_folder_is_read(tmp_path):
 def test_command_line_prints_the_files(tmp_path, capsys):
     full_run(tmp_path)
     main([str(tmp_path), "--out", str(tmp_path / "png")])
-    printed = capsys.readouterr().out.split()
-    assert len(printed) == 6 and all(Path(p).is_file() for p in printed)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"run: {tmp_path}"
+    assert len(lines[1:]) == 6 and all(Path(p).is_file() for p in lines[1:])
+
+
+def test_a_validate_run_after_fit_does_not_hide_the_fit_run(tmp_path):
+    """fit, then validate (its own version folder with only val/ points): plots draw the fit run."""
+    fitted = write_run(tmp_path / "version_0", {"train/loss": [(1, 0.7), (2, 0.6)], "val/loss": [(2, 0.65)]})
+    os.utime(next(fitted.iterdir()), (1, 1))
+    validated = write_run(tmp_path / "version_1", {"val/loss": [(0, 0.65)]})
+    assert find_event_dir(tmp_path) == fitted
+    assert find_event_dir(validated) == validated
 
 
 def test_command_line_without_events_ends_in_one_line(tmp_path, capsys):

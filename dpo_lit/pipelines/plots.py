@@ -30,12 +30,18 @@ SMOOTH_ABOVE = 50  # curves with more points are drawn faint, with a moving aver
 
 def find_event_dir(run_dir: str | Path) -> Path:
     """The folder of TensorBoard event files under ``run_dir`` (itself or below; with several
-    runs below it, the one written last)."""
+    runs below it, the newest that trained: a ``validate`` after ``fit`` adds a version folder
+    with only its ``val/`` points; the newest of all when none trained)."""
     run_dir = Path(run_dir)
     files = sorted(run_dir.rglob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
     if not files:
         raise MissingFileError(f"no TensorBoard event files under {run_dir}")
-    return files[-1].parent
+    folders = list(dict.fromkeys(f.parent for f in reversed(files)))  # newest first
+    if len(folders) > 1:
+        for folder in folders:
+            if any(tag.startswith("train/") for tag in read_scalars(folder)):
+                return folder
+    return folders[0]
 
 
 def read_scalars(run_dir: str | Path) -> Scalars:
@@ -43,7 +49,9 @@ def read_scalars(run_dir: str | Path) -> Scalars:
     wins when a tag was written twice at one step)."""
     from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
 
-    accumulator = EventAccumulator(str(find_event_dir(run_dir)), size_guidance={SCALARS: 0})
+    run_dir = Path(run_dir)
+    event_dir = run_dir if any(run_dir.glob("events.out.tfevents.*")) else find_event_dir(run_dir)
+    accumulator = EventAccumulator(str(event_dir), size_guidance={SCALARS: 0})
     accumulator.Reload()
     scalars: Scalars = {}
     for tag in accumulator.Tags()[SCALARS]:
@@ -234,6 +242,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         paths = plot_run(args.run_dir, args.out)
     except FileNotFoundError as error:
         parser.exit(2, f"dpo-lit plots: error: {error}\n")
+    print(f"run: {find_event_dir(args.run_dir)}")
     for path in paths:
         print(path)
 

@@ -148,6 +148,7 @@ class WritePairs(BasePredictionWriter):
         for out in outputs:
             for key, value in vars(out["stats"]).items():
                 setattr(stats, key, getattr(stats, key) + value)
+        replaced = Path(self.path).exists()
         path = write_jsonl(rows, self.path)
         summary = {
             "pairs": len(rows), **vars(stats), "samples": len(finished),
@@ -156,7 +157,8 @@ class WritePairs(BasePredictionWriter):
         }
         write_json(summary, Path(path).with_suffix(".summary.json"))
         rank_zero_info(
-            f"Wrote {len(rows)} pairs from {stats.prompts} prompts to {path} (reward {summary['reward_mean']:.3f} "
+            f"{'Replaced' if replaced else 'Wrote'} {len(rows)} pairs from {stats.prompts} prompts to {path} (reward {summary['reward_mean']:.3f} "
             f"± {summary['reward_std']:.3f} over {len(finished)} samples, {summary['finished_fraction']:.0%} "
             f"ended with EOS; skipped: {stats.ties} ties, {stats.under_margin} under the margin)"
+            + (" — the file held an earlier run's pairs; --output.path writes elsewhere" if replaced else "")
         )
