@@ -8,9 +8,11 @@ init_args: {mixup_alpha: 0.6, sync_steps: 64}}``); the names ``copy``, ``adapter
   kept outside the module's parameter tree: never trained, never in the optimizer, not saved.
 - :class:`AdapterReference` (``adapter``): the policy itself with its LoRA adapter switched off:
   no second copy of the weights in memory.
-- :class:`PrecomputedReference` (``precomputed``): every example's reference log-probs computed
-  once, before training, from the initial policy; cached on disk under a hash of the weights, the
-  precision they run in and the tokenised data (later runs reuse the file); looked up by index.
+- :class:`PrecomputedReference` (``precomputed``): the reference log-probs of the examples the
+  run will use (all, unless ``max_steps`` and the ``limit_*_batches`` say fewer), computed before
+  training from the initial policy, with a progress bar; cached on disk per example under a hash
+  of the weights, the precision they run in and the tokenised data (later runs reuse them and
+  compute only what they add); looked up by index.
 - :class:`NoReference` (``none``): reference-free losses (SimPO, ORPO, SFT).
 - :class:`SyncedReference`: TR-DPO (Gorbatovski et al. 2024): a copy that every ``sync_steps``
   optimizer steps moves towards the policy, ``ref ← α·policy + (1 − α)·ref``.
@@ -150,7 +152,7 @@ class AdapterReference(NoReference):
 
 
 class PrecomputedReference(NoReference):
-    """Reference log-probs computed once per example before training and cached on disk."""
+    """Reference log-probs computed before training for the examples the run will use, cached on disk."""
 
     def setup(
         self, policy: nn.Module, *, lora: bool, paired: bool, chunk: int, options: LogpsOptions | None = None
