@@ -136,3 +136,43 @@ def test_hub_source_loads_a_local_dataset_folder(tmp_path: Path, monkeypatch: py
     write_jsonl(folder / "train.jsonl", ROWS)
     examples = read_examples([f"hub:{folder}"])
     assert [e.chosen for e in examples] == ["Hello!", "Yes,\nplease."]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".jsonl.gz"])
+def test_bytes_that_are_not_utf8_name_file_and_line(tmp_path: Path, suffix: str) -> None:
+    good = [json.dumps(r) for r in ROWS]
+    if suffix == ".csv":
+        data = b"prompt,chosen,rejected\nHi?,Hello!,Go away.\ncaf\xe9,a,b\n"
+    elif suffix == ".json":
+        data = ("[\n" + good[0] + ",\n").encode() + b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}]\n'
+    else:
+        data = ("\n".join(good) + "\n").encode() + b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n'
+    path = tmp_path / f"latin1{suffix}"
+    path.write_bytes(gzip.compress(data) if suffix.endswith(".gz") else data)
+    with pytest.raises(DataError, match="not UTF-8 text") as info:
+        list(read_records(str(path)))
+    assert info.value.source == f"{path}:3"
+
+
+def test_truncated_or_corrupt_gzip_names_the_file_and_where_it_broke_off(tmp_path: Path) -> None:
+    rows = [{"prompt": f"p{i}", "chosen": "yes " * 20, "rejected": "no"} for i in range(3000)]
+    data = gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode())
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match="truncated or corrupt gzip") as info:
+        list(read_records(str(cut)))
+    line = int(info.value.source.rsplit(":", 1)[1])
+    assert info.value.source.startswith(f"{cut}:") and 1 < line < 3000
+    plain = tmp_path / "plain.jsonl.gz"
+    plain.write_text(json.dumps(ROWS[0]) + "\n")  # named .gz, not compressed
+    with pytest.raises(DataError, match="truncated or corrupt gzip"):
+        list(read_records(str(plain)))
+
+
+def test_byte_order_marks_and_windows_line_ends_are_read(tmp_path: Path) -> None:
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes(("\ufeff" + "\r\n".join(json.dumps(r) for r in ROWS) + "\r\n").encode())
+    assert [record for record, _ in read_records(str(jsonl))] == ROWS
+    table = tmp_path / "bom.csv"
+    table.write_bytes("\ufeffprompt,chosen,rejected\r\nHi?,Hello!,Go away.\r\n".encode())
+    assert [record for record, _ in read_records(str(table))] == [ROWS[0]]

@@ -21,10 +21,10 @@ from __future__ import annotations
 import contextlib
 import csv
 import gzip
-import io
 import json
 import os
 import tempfile
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -37,10 +37,35 @@ SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 Record = dict[str, Any]
 
 
-def _open_text(path: Path) -> IO[str]:
-    if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
-    return path.open(encoding="utf-8", newline="")
+def _open_bytes(path: Path) -> IO[bytes]:
+    return gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")
+
+
+def _not_utf8(location: str, error: UnicodeDecodeError) -> DataError:
+    byte = error.object[error.start]
+    return DataError(location, f"not UTF-8 text ({error.reason}, byte 0x{byte:02x}); save the file as UTF-8")
+
+
+def _text_lines(path: Path, name: str) -> Iterator[str]:
+    """The file's lines as text, line endings kept; a line that is not UTF-8 raises a DataError
+    naming it. A byte-order mark (as some Windows editors write) is skipped."""
+    with _open_bytes(path) as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                yield raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise _not_utf8(f"{name}:{number}", e) from None
+
+
+def _text(path: Path, name: str) -> str:
+    """The whole file as text (see :func:`_text_lines`)."""
+    with _open_bytes(path) as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise _not_utf8(f"{name}:{line}", e) from None
 
 
 def _kind(path: Path) -> str:
@@ -61,26 +86,24 @@ def _check_record(record: object, location: str) -> Record:
 
 def read_jsonl(path: Path, name: str, report: DataReport) -> Iterator[tuple[Record, str]]:
     """Records of a JSON-lines file; a malformed line goes to ``report`` (which raises or counts)."""
-    with _open_text(path) as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            location = f"{name}:{number}"
-            try:
-                yield _check_record(json.loads(line), location), location
-            except json.JSONDecodeError as e:
-                report.bad_record(DataError(location, f"malformed JSON: {e.msg} (column {e.colno})"))
-            except DataError as e:
-                report.bad_record(e)
+    for number, line in enumerate(_text_lines(path, name), start=1):
+        if not line.strip():
+            continue
+        location = f"{name}:{number}"
+        try:
+            yield _check_record(json.loads(line), location), location
+        except json.JSONDecodeError as e:
+            report.bad_record(DataError(location, f"malformed JSON: {e.msg} (column {e.colno})"))
+        except DataError as e:
+            report.bad_record(e)
 
 
 def read_json(path: Path, name: str, report: DataReport) -> Iterator[tuple[Record, str]]:
     """Records of a JSON file holding a list of objects (or ``{"data": [...]}``)."""
-    with _open_text(path) as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{name}:{e.lineno}", f"malformed JSON: {e.msg} (column {e.colno})") from None
+    try:
+        data = json.loads(_text(path, name))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{name}:{e.lineno}", f"malformed JSON: {e.msg} (column {e.colno})") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
@@ -95,19 +118,18 @@ def read_json(path: Path, name: str, report: DataReport) -> Iterator[tuple[Recor
 
 def read_csv(path: Path, name: str, report: DataReport) -> Iterator[tuple[Record, str]]:
     """Records of a CSV file with a header row; every value is a string."""
-    with _open_text(path) as f:
-        reader = csv.DictReader(f)
-        start = 2  # line 1 is the header
-        try:
-            for row in reader:
-                location = f"{name}:{start}"
-                start = reader.line_num + 1
-                if None in row:
-                    report.bad_record(DataError(location, "more values than header columns"))
-                    continue
-                yield dict(row), location
-        except csv.Error as e:
-            raise DataError(f"{name}:{reader.line_num}", f"malformed CSV: {e}") from None
+    reader = csv.DictReader(_text_lines(path, name))
+    start = 2  # line 1 is the header
+    try:
+        for row in reader:
+            location = f"{name}:{start}"
+            start = reader.line_num + 1
+            if None in row:
+                report.bad_record(DataError(location, "more values than header columns"))
+                continue
+            yield dict(row), location
+    except csv.Error as e:
+        raise DataError(f"{name}:{reader.line_num}", f"malformed CSV: {e}") from None
 
 
 def read_parquet(path: Path, name: str, report: DataReport) -> Iterator[tuple[Record, str]]:
@@ -156,7 +178,22 @@ def read_records(
     if not path.is_file():
         raise DataError(source, f"file not found (relative paths start at {Path.cwd()})")
     reader = {".jsonl": read_jsonl, ".json": read_json, ".csv": read_csv, ".parquet": read_parquet}
-    yield from reader[_kind(path)](path, source, report)
+    last = None  # the location of the last record read, to say where an unreadable file broke off
+    try:
+        for record, location in reader[_kind(path)](path, source, report):
+            last = location
+            yield record, location
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise DataError(_after(source, last), f"truncated or corrupt gzip file ({e})") from None
+    except OSError as e:  # pyarrow's errors for a corrupt Parquet file are OSErrors too
+        raise DataError(_after(source, last), f"unreadable file ({e})") from None
+
+
+def _after(source: str, last: str | None) -> str:
+    """Where a file broke off: the line after the last record read (``path:N``), or the path."""
+    if last is not None and last.startswith(f"{source}:") and last[len(source) + 1 :].isdigit():
+        return f"{source}:{int(last[len(source) + 1 :]) + 1}"
+    return f"{source} (after {last})" if last else source
 
 
 @contextlib.contextmanager
