@@ -301,6 +301,7 @@ def test_a_short_run_leaves_last_ckpt_and_ckpt_path_last_resumes_it(tmp_path, mo
     first = main(["fit", *common, "--trainer.max_steps=2"])
     last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=False)["global_step"] == 2
+    assert [path.name for path in last.parent.glob("last*.ckpt")] == ["last.ckpt"]  # one, not last-v1 beside it
     assert first.trainer.max_epochs == 1  # not -1: the bar shows "Epoch 0/0"
     resumed = main(["fit", *common, "--trainer.max_steps=4", "--ckpt_path=last"])
     assert resumed.trainer.ckpt_path == str(last) and resumed.trainer.global_step == 4
