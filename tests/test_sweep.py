@@ -65,7 +65,7 @@ def test_tiny_onpolicy_beta_sweep_shares_the_starting_models_work(tmp_path, monk
     run(["sweep", "--command", "onpolicy", "--config", "configs/quickstart/tiny_pipeline.yaml", "--config", str(extra),
          "--grid", "beta=0.05,0.5", "--out_dir", str(out)])  # fmt: skip
     console = capfd.readouterr().out
-    assert console.count("the same pairs were made before") == 1
+    assert console.count("copied from the cache: an earlier run made these pairs") == 1
     first, second = out / "beta=0.05,seed=0", out / "beta=0.5,seed=0"
     assert (first / "round1/pairs.jsonl").read_bytes() == (second / "round1/pairs.jsonl").read_bytes()
     for folder, beta in ((first, 0.05), (second, 0.5)):

@@ -240,7 +240,7 @@ def run_pipeline(
         pairs = out / f"round{r}" / "pairs.jsonl"
         print(f"{head} generate: answers to the training prompts ({source}) → {pairs}", flush=True)
         if generate_pairs(generate_config, current, pairs, seed + r, train_prompts, weights if r == 1 else None):
-            print(f"{head} generate: the same pairs were made before (same model, config, prompts, seed): copied",
+            print("  copied from the cache: an earlier run made these pairs (same weights, config, prompts, seed)",
                   flush=True)  # fmt: skip
         t1 = time.time()
         print(f"{head} train: DPO on {sum(1 for _ in pairs.open())} pairs ({train_config})", flush=True)
