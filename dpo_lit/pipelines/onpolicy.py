@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from dpo_lit.callbacks.export import ExportPretrained
 from dpo_lit.data.io import atomic_write, write_json
 from dpo_lit.data.prompts import Prompt, encode_prompts, prompt_text, read_prompts
-from dpo_lit.evaluation.evaluate import evaluate_task, load_task_data
+from dpo_lit.evaluation.evaluate import TaskData, evaluate_task, load_task_data
 from dpo_lit.models import cache_dir, load_model, load_tokenizer, weights_hash
 from dpo_lit.pipelines.plots import plot_run
 from dpo_lit.pipelines.report import RoundReport, format_report, write_report_json, write_report_png
@@ -100,28 +100,28 @@ def reference_samples(
 
 
 def capability_scores(
-    model, tokenizer, tasks: Sequence[str], limit: int | None, perplexity_tokens: int | None
+    model, tokenizer, tasks: Sequence[TaskData], perplexity_tokens: int | None
 ) -> dict[str, dict[str, float]]:
-    """``{task: {metric: value}}`` of ``model`` (see :mod:`dpo_lit.evaluation`), subsets seeded with 0."""
-    return {
-        data.name: evaluate_task(model, tokenizer, data, perplexity_tokens=perplexity_tokens)
-        for data in (load_task_data(task, limit=limit, seed=0) for task in tasks)
-    }
+    """``{task: {metric: value}}`` of ``model`` (see :mod:`dpo_lit.evaluation`)."""
+    return {task.name: evaluate_task(model, tokenizer, task, perplexity_tokens=perplexity_tokens) for task in tasks}
 
 
 def capability_deltas(
-    reference, weights: str, policy, tokenizer, tasks: Sequence[str], limit: int | None, perplexity_tokens: int | None
+    reference, weights: str, policy, tokenizer, tasks: Sequence[TaskData], limit: int | None,
+    perplexity_tokens: int | None,
 ) -> dict[str, dict[str, float]]:
-    """``{"task/metric": {"reference", "policy", "delta"}}``; the reference's scores are cached."""
+    """``{"task/metric": {"reference", "policy", "delta"}}`` on ``tasks`` (loaded with ``limit``
+    items); the reference's scores are cached."""
     if not tasks:
         return {}
-    path = _cached("capabilities", weights, list(tasks), limit, perplexity_tokens).with_suffix(".json")
+    path = _cached("capabilities", weights, [task.name for task in tasks], limit, perplexity_tokens)
+    path = path.with_suffix(".json")
     if path.is_file():
         ref = json.loads(path.read_text())
     else:
-        ref = capability_scores(reference, tokenizer, tasks, limit, perplexity_tokens)
+        ref = capability_scores(reference, tokenizer, tasks, perplexity_tokens)
         write_json(ref, path)
-    pol = capability_scores(policy, tokenizer, tasks, limit, perplexity_tokens)
+    pol = capability_scores(policy, tokenizer, tasks, perplexity_tokens)
     return {
         f"{task}/{metric}": {"reference": ref[task][metric], "policy": value, "delta": value - ref[task][metric]}
         for task, metrics in pol.items()
@@ -231,8 +231,8 @@ def run_pipeline(
     tokenizer = load_tokenizer(model_name)
     reference = load_model(model_name)
     weights = weights_hash(reference)
-    for task in capability_tasks:  # a missing task file fails here, before an hour of work
-        load_task_data(task, limit=1)
+    # loaded once, here: a missing task file fails before an hour of work
+    tasks = [load_task_data(task, limit=capability_limit, seed=0) for task in capability_tasks]
     reports, current = [], model_name
     for r in range(1, rounds + 1):
         head = f"[round {r}/{rounds}]"
@@ -257,7 +257,7 @@ def run_pipeline(
             reference, policy, tokenizer, prompts, reward, eval_samples, eval_max_new_tokens, eval_seed, ref_samples
         )
         capabilities = capability_deltas(
-            reference, weights, policy, tokenizer, capability_tasks, capability_limit, perplexity_tokens
+            reference, weights, policy, tokenizer, tasks, capability_limit, perplexity_tokens
         )
         t3 = time.time()
         reports.append(RoundReport(
