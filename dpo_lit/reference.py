@@ -31,6 +31,7 @@ import copy
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager as ContextManager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -166,6 +167,7 @@ class PrecomputedReference(NoReference):
         self.lora = lora
         self.stepped = False
         self.tables: dict[str, Tensor] = {}
+        self.paths: dict[str, Path] = {}  # split -> its cache file
         self._weights_hash: str | None = None
 
     def _key(self, policy: nn.Module, dataset: Dataset, precision: str) -> str:
@@ -187,13 +189,15 @@ class PrecomputedReference(NoReference):
         for split, (dataset, loader, needed) in data.items():
             if not dataset:
                 continue
-            path = cache_dir() / "ref_logps" / f"{self._key(policy, dataset, precision)}.pt"
+            if split not in self.paths:  # hashing the split's token ids once per run, not per validation
+                self.paths[split] = cache_dir() / "ref_logps" / f"{self._key(policy, dataset, precision)}.pt"
+            path = self.paths[split]
             table = self.tables.get(split)
             if table is None:
                 table = torch.load(path) if path.exists() else torch.full((len(dataset), 2), float("nan"))
             self.tables[split] = table
-            wanted = range(len(dataset)) if needed is None else needed
-            missing = [i for i in wanted if torch.isnan(table[i]).any()]
+            wanted = torch.arange(len(dataset)) if needed is None else torch.as_tensor(list(needed), dtype=torch.long)
+            missing = wanted[torch.isnan(table[wanted]).any(-1)].tolist()
             if not missing:
                 continue
             if self.stepped and not self.lora:

@@ -136,6 +136,7 @@ def test_precomputing_leaves_the_global_rng_alone(tmp_path, monkeypatch):
     fit(module, make_data(), tmp_path, steps=1)
     monkeypatch.setenv("DPO_LIT_CACHE", str(tmp_path / "second"))  # nothing cached: compute again
     module.reference.tables.clear()
+    module.reference.paths.clear()  # the cache moved: find the (absent) file again
     module.reference.stepped = False  # as before the first step: full fine-tuning may compute then only
     state = torch.random.get_rng_state()
     module._prepare_reference(["train", "val"])
