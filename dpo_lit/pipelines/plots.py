@@ -239,10 +239,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="where to write the PNGs (default: <event dir>/plots)")
     args = parser.parse_args(argv)
     try:
-        paths = plot_run(args.run_dir, args.out)
+        event_dir = find_event_dir(args.run_dir)  # chosen once: with several runs, it reads their scalars
+        paths = plot_run(event_dir, args.out)
     except FileNotFoundError as error:
         parser.exit(2, f"dpo-lit plots: error: {error}\n")
-    print(f"run: {find_event_dir(args.run_dir)}")
+    print(f"run: {event_dir}")
     for path in paths:
         print(path)
 
