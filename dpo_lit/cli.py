@@ -25,6 +25,7 @@ else keeps its traceback.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -330,9 +331,17 @@ def user_error(error: BaseException) -> UserError | None:
     while error is not None and id(error) not in seen:
         if isinstance(error, UserError):
             return error
+        if isinstance(error, OSError) and error.errno in FILE_ERRNOS and error.filename:
+            return UserError(f"{error.filename}: {error.strerror}")  # e.g. a log folder in a read-only place
         seen.add(id(error))
         error = error.__cause__ or error.__context__
     return None
+
+
+# What a file or folder named in the config can meet that the user must fix: no permission, a
+# read-only file system, a full disk or quota, a path through a file, a missing one.
+FILE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR,
+               errno.ENOENT}  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -35,3 +35,11 @@ class DataError(UserError, ValueError):
 
 class MissingFileError(UserError, FileNotFoundError):
     """A file or folder the configuration names does not exist; the message names it."""
+
+
+class OutputError(UserError, OSError):
+    """A file that cannot be written (a full disk, a folder without write permission); the
+    message names it and says why."""
+
+    def __init__(self, path, error: OSError) -> None:
+        super().__init__(f"{path}: cannot write: {error.strerror or error}")

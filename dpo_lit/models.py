@@ -117,7 +117,8 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerBase:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    # alphabet() is a set's order, which changes with PYTHONHASHSEED: sorted, every build has the same ids
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
@@ -177,7 +178,8 @@ def resolve(name: str) -> str:
     if name == SMOLLM2_ALIAS:
         return str(_materialise(cache_dir() / SMOLLM2_ALIAS, lambda d: convert_gguf(smollm2_gguf_path(), d)))
     if name == TINY_ALIAS:
-        return str(_materialise(cache_dir() / TINY_ALIAS, _build_tiny))
+        # "-v2": builds before the vocabulary was sorted differ from one another
+        return str(_materialise(cache_dir() / f"{TINY_ALIAS}-v2", _build_tiny))
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():

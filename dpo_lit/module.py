@@ -211,10 +211,8 @@ class PreferenceModule(LightningModule):
         A run of 2 steps on 1000 pairs so computes reference log-probs for a few dozen.
         """
         trainer, datamodule = self.trainer, self.trainer.datamodule
-        if trainer.world_size > 1:
-            return None  # each rank's share is the distributed sampler's business
-        if split == "val":
-            limit, size = trainer.limit_val_batches, datamodule.eval_batch_size
+        if split == "val":  # under DDP, each rank's first batches of a DistributedSampler over the split
+            limit, size = trainer.limit_val_batches, datamodule.eval_batch_size * trainer.world_size
             batches = limit if isinstance(limit, int) else math.ceil(limit * math.ceil(n / size))
             return list(range(min(n, batches * size)))
         if trainer.max_steps is None or trainer.max_steps < 0 or not hasattr(datamodule, "train_indices"):
@@ -236,7 +234,8 @@ class PreferenceModule(LightningModule):
         }
         trainer = self.trainer
         self.reference.prepare(
-            self.policy, data, self.device, trainer.precision_plugin.forward_context, str(trainer.precision)
+            self.policy, data, self.device, trainer.precision_plugin.forward_context, str(trainer.precision),
+            trainer.strategy.broadcast,
         )
 
     def setup(self, stage: str) -> None:

@@ -84,10 +84,12 @@ class NoReference:
         self.options = options
 
     def prepare(
-        self, policy: nn.Module, data: SplitData, device: torch.device, context: Callable, precision: str = ""
+        self, policy: nn.Module, data: SplitData, device: torch.device, context: Callable, precision: str = "",
+        broadcast: Callable[[Any], Any] = lambda value: value,
     ) -> None:
-        """When fit or validate starts, on the module's device; ``context()`` is the precision context
-        and ``precision`` its name (``32-true``, ``bf16-mixed``, ...)."""
+        """When fit or validate starts, on the module's device, in every process; ``context()`` is
+        the precision context and ``precision`` its name (``32-true``, ``bf16-mixed``, ...);
+        ``broadcast(value)`` returns rank 0's ``value`` in every process (the strategy's)."""
 
     def logps(self, policy: nn.Module, batch: dict, split: str) -> Tensor | None:
         """Reference log-probs of the batch's rows, (2B,), or None."""
@@ -122,7 +124,8 @@ class CopyReference(NoReference):
         self.frozen = copy.deepcopy(policy).requires_grad_(False).eval()
 
     def prepare(
-        self, policy: nn.Module, data: SplitData, device: torch.device, context: Callable, precision: str = ""
+        self, policy: nn.Module, data: SplitData, device: torch.device, context: Callable, precision: str = "",
+        broadcast: Callable[[Any], Any] = lambda value: value,
     ) -> None:
         self.frozen.to(device)
 
@@ -182,37 +185,48 @@ class PrecomputedReference(NoReference):
         return h.hexdigest()[:24]
 
     def prepare(
-        self, policy: nn.Module, data: SplitData, device: torch.device, context: Callable, precision: str = ""
+        self, policy: nn.Module, data: SplitData, device: torch.device, context: Callable, precision: str = "",
+        broadcast: Callable[[Any], Any] = lambda value: value,
     ) -> None:
         """Fill the table of each split for the examples the run will use (all when not known),
-        reading what an earlier run with the same weights and data computed from the cache."""
+        reading what an earlier run with the same weights and data computed from the cache.
+
+        With several processes, rank 0 alone computes and writes the cache, and every rank then
+        takes rank 0's table: computed once, never by two processes at once."""
         for split, (dataset, loader, needed) in data.items():
             if not dataset:
                 continue
             if split not in self.paths:  # hashing the split's token ids once per run, not per validation
                 self.paths[split] = cache_dir() / "ref_logps" / f"{self._key(policy, dataset, precision)}.pt"
-            path = self.paths[split]
             table = self.tables.get(split)
-            if table is None:
-                table = torch.load(path) if path.exists() else torch.full((len(dataset), 2), float("nan"))
-            self.tables[split] = table
-            wanted = torch.arange(len(dataset)) if needed is None else torch.as_tensor(list(needed), dtype=torch.long)
-            missing = wanted[torch.isnan(table[wanted]).any(-1)].tolist()
-            if not missing:
-                continue
-            if self.stepped and not self.lora:
-                raise RuntimeError(
-                    f"reference log-probs of {len(missing)} {split} examples are needed after training started"
-                )
-            with context():
-                self._compute(policy, loader(missing), table, device, f"reference log-probs ({split})")
-            with atomic_write(path) as tmp:
-                torch.save(table, tmp)
-            done = int((~torch.isnan(table).any(-1)).sum())
-            rank_zero_info(
-                f"Reference log-probs for {len(missing)} {split} pairs computed ({done} of {len(dataset)} "
-                f"cached in {path})"
+            if rank_zero_only.rank == 0:
+                table = self._fill(policy, split, dataset, loader, needed, table, device, context)
+            self.tables[split] = broadcast(table)
+
+    def _fill(
+        self, policy: nn.Module, split: str, dataset: Dataset, loader: Callable, needed: Sequence[int] | None,
+        table: Tensor | None, device: torch.device, context: Callable,
+    ) -> Tensor:
+        path = self.paths[split]
+        if table is None:
+            table = torch.load(path) if path.exists() else torch.full((len(dataset), 2), float("nan"))
+        wanted = torch.arange(len(dataset)) if needed is None else torch.as_tensor(list(needed), dtype=torch.long)
+        missing = wanted[torch.isnan(table[wanted]).any(-1)].tolist()
+        if not missing:
+            return table
+        if self.stepped and not self.lora:
+            raise RuntimeError(
+                f"reference log-probs of {len(missing)} {split} examples are needed after training started"
             )
+        with context():
+            self._compute(policy, loader(missing), table, device, f"reference log-probs ({split})")
+        with atomic_write(path) as tmp:
+            torch.save(table, tmp)
+        done = int((~torch.isnan(table).any(-1)).sum())
+        rank_zero_info(
+            f"Reference log-probs for {len(missing)} {split} pairs computed ({done} of {len(dataset)} cached in {path})"
+        )
+        return table
 
     @torch.no_grad()
     def _compute(self, policy: nn.Module, loader: DataLoader, table: Tensor, device: torch.device, desc: str) -> None:

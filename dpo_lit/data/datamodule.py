@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import cached_property
 from typing import Literal
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Sampler, Subset
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 from transformers import PreTrainedTokenizerBase
 
 from dpo_lit.data.collate import PreferenceCollator
@@ -26,29 +26,82 @@ from dpo_lit.data.tokenize import TokenizedDataset, TruncationMode, tokenize_exa
 from dpo_lit.errors import ConfigError
 
 
-class EpochShuffle(Sampler[int]):
-    """A permutation of ``range(n)`` per epoch, drawn from a generator seeded with ``(seed, epoch)``.
+class EpochShuffle(DistributedSampler):
+    """A permutation of ``range(n)`` per epoch, drawn from a generator seeded with ``(seed, epoch)``,
+    cut into global batches of ``batch_size`` x ``num_replicas`` examples; each rank takes its
+    contiguous share of every global batch.
 
-    The order depends on nothing else (not the global RNG, not what ran before), so a resumed
-    run sees the batches an uninterrupted one would, and the batches a run will use are known
-    before it starts (:meth:`TokenizedSplits.train_indices`). Lightning calls ``set_epoch``.
+    The order depends on nothing else (not the global RNG, not what ran before, not the number of
+    processes), so a resumed run sees the batches an uninterrupted one would, the batches a run
+    will use are known before it starts (:meth:`TokenizedSplits.train_indices`), and 2 processes
+    with ``batch_size`` 4 train on the global batches 1 process with ``batch_size`` 8 does: the
+    gradients DDP averages are those of the same 8 examples. (A last global batch that does not
+    split evenly is padded with its own first examples, as ``DistributedSampler`` pads.) It is a
+    ``DistributedSampler`` so that Lightning leaves it in place under DDP; Lightning calls
+    ``set_epoch``. :meth:`resume` skips what a checkpointed run had already trained on.
     """
 
-    def __init__(self, n: int, seed: int) -> None:
-        self.n, self.seed, self.epoch = n, seed, 0
+    def __init__(self, n: int, seed: int, batch_size: int = 1, num_replicas: int = 1, rank: int = 0) -> None:
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} outside 0..{num_replicas - 1}")
+        self.n, self.seed, self.batch_size = n, seed, batch_size
+        self.num_replicas, self.rank, self.epoch = num_replicas, rank, 0
+        self.skip: tuple[int, int] = (-1, 0)  # (epoch, global examples of it already trained on)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def resume(self, epoch: int, batches: int) -> None:
+        """Start ``epoch`` after its first ``batches`` (per-rank) batches, as a checkpoint saved then left it."""
+        self.skip = (epoch, batches * self.batch_size * self.num_replicas)
+
     def order(self, epoch: int) -> list[int]:
+        """The epoch's global order (every rank's examples, batch after batch)."""
         generator = torch.Generator().manual_seed(hash((self.seed, epoch)))  # ints hash the same in every process
         return torch.randperm(self.n, generator=generator).tolist()
 
+    def _share(self, order: list[int]) -> list[int]:
+        size, share = self.batch_size * self.num_replicas, []
+        for start in range(0, len(order), size):
+            batch = order[start : start + size]
+            per_rank = -(-len(batch) // self.num_replicas)
+            batch += batch[: per_rank * self.num_replicas - len(batch)]
+            share += batch[self.rank * per_rank : (self.rank + 1) * per_rank]
+        return share
+
     def __iter__(self) -> Iterator[int]:
-        return iter(self.order(self.epoch))
+        order = self.order(self.epoch)
+        if self.skip[0] == self.epoch:
+            order = order[self.skip[1] :]
+        return iter(self._share(order))
 
     def __len__(self) -> int:
-        return self.n
+        return len(self._share(list(range(self.n))))
+
+
+class ResumableLoader(DataLoader):
+    """The training loader: Lightning saves its ``state_dict()`` in every checkpoint and gives it
+    back to ``load_state_dict`` on resume, so a run resumed mid-epoch trains on the rest of that
+    epoch (not its first batches again). ``position`` says (epoch, batches of it trained on), or
+    None outside a trainer."""
+
+    def __init__(self, *args, position: Callable[[], tuple[int, int] | None], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.position = position
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, batches = self.position() or (self.sampler.epoch, 0)
+        return {"epoch": epoch, "batches": batches}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.resume(state["epoch"], state["batches"])
+
+    def __iter__(self):
+        # The epoch from the trainer, not the one Lightning passed to set_epoch: after a resume at
+        # an epoch's end Lightning's counter runs one ahead of ``current_epoch``.
+        if (position := self.position()) is not None:
+            self.sampler.set_epoch(position[0])
+        return super().__iter__()
 
 
 class TokenizedSplits(LightningDataModule):
@@ -64,14 +117,20 @@ class TokenizedSplits(LightningDataModule):
     def _loader(self, dataset: TokenizedDataset | Subset | None, batch_size: int, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError("call setup() before asking for a dataloader")
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            sampler=EpochShuffle(len(dataset), self.shuffle_seed) if shuffle else None,
-            collate_fn=self.collator,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        kwargs = dict(batch_size=batch_size, collate_fn=self.collator, num_workers=self.num_workers,
+                      persistent_workers=self.num_workers > 0)  # fmt: skip
+        if not shuffle:
+            return DataLoader(dataset, **kwargs)
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = EpochShuffle(len(dataset), self.shuffle_seed, batch_size, world, rank)
+        return ResumableLoader(dataset, sampler=sampler, position=self._position, **kwargs)
+
+    def _position(self) -> tuple[int, int] | None:
+        """The epoch training is in and the batches of it trained on (None: no trainer)."""
+        if (trainer := self.trainer) is None:
+            return None
+        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def train_dataloader(self) -> DataLoader:
         """Training batches of ``batch_size`` examples, shuffled per epoch (:class:`EpochShuffle`)."""
@@ -91,13 +150,15 @@ class TokenizedSplits(LightningDataModule):
 
     def train_indices(self, batches: int, per_epoch: int | None = None) -> list[int]:
         """The examples of the first ``batches`` training batches, epoch after epoch (at most
-        ``per_epoch`` batches of each), as :meth:`train_dataloader` will yield them."""
+        ``per_epoch`` batches of each), as :meth:`train_dataloader` will yield them to all ranks."""
         n = len(self.train_dataset)
-        per_epoch = min(per_epoch or math.inf, math.ceil(n / self.batch_size))
+        world = self.trainer.world_size if self.trainer is not None else 1
+        size = self.batch_size * world
+        per_epoch = min(per_epoch or math.inf, math.ceil(n / size))
         sampler, indices, epoch = EpochShuffle(n, self.shuffle_seed), [], 0
         while batches > 0 and per_epoch > 0:
             take = min(batches, per_epoch)
-            indices += sampler.order(epoch)[: take * self.batch_size]
+            indices += sampler.order(epoch)[: take * size]
             batches, epoch = batches - take, epoch + 1
             if len(set(indices)) == n:
                 break
