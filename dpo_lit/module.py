@@ -235,7 +235,7 @@ class PreferenceModule(LightningModule):
         trainer = self.trainer
         self.reference.prepare(
             self.policy, data, self.device, trainer.precision_plugin.forward_context, str(trainer.precision),
-            trainer.strategy.broadcast,
+            trainer.strategy,
         )
 
     def setup(self, stage: str) -> None:

@@ -32,7 +32,7 @@ import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager as ContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
@@ -46,6 +46,29 @@ from dpo_lit.logps import LogpsOptions, completion_logps
 from dpo_lit.models import cache_dir, evaluating, weights_hash
 
 ModelAndContext = tuple[nn.Module, Callable[[], ContextManager]]
+
+
+class Processes(Protocol):
+    """What a reference needs of the run's processes (a Lightning ``Strategy`` has it all)."""
+
+    global_rank: int
+    world_size: int
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any: ...
+
+    def all_gather(self, tensor: Tensor) -> Tensor: ...
+
+
+class OneProcess:
+    """A run of one process."""
+
+    global_rank, world_size = 0, 1
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        return obj
+
+    def all_gather(self, tensor: Tensor) -> Tensor:
+        return tensor.unsqueeze(0)
 # split -> (dataset in index order, a function returning a loader over the given examples (None: all)
 # in that order, the examples the run will use (None: all or not known))
 SplitData = Mapping[str, tuple[Dataset, Callable[[Sequence[int] | None], DataLoader], Sequence[int] | None]]
@@ -85,11 +108,11 @@ class NoReference:
 
     def prepare(
         self, policy: nn.Module, data: SplitData, device: torch.device, context: Callable, precision: str = "",
-        broadcast: Callable[[Any], Any] = lambda value: value,
+        processes: Processes | None = None,
     ) -> None:
         """When fit or validate starts, on the module's device, in every process; ``context()`` is
         the precision context and ``precision`` its name (``32-true``, ``bf16-mixed``, ...);
-        ``broadcast(value)`` returns rank 0's ``value`` in every process (the strategy's)."""
+        ``processes`` the run's processes (the trainer's strategy; None: one)."""
 
     def logps(self, policy: nn.Module, batch: dict, split: str) -> Tensor | None:
         """Reference log-probs of the batch's rows, (2B,), or None."""
@@ -125,7 +148,7 @@ class CopyReference(NoReference):
 
     def prepare(
         self, policy: nn.Module, data: SplitData, device: torch.device, context: Callable, precision: str = "",
-        broadcast: Callable[[Any], Any] = lambda value: value,
+        processes: Processes | None = None,
     ) -> None:
         self.frozen.to(device)
 
@@ -186,47 +209,51 @@ class PrecomputedReference(NoReference):
 
     def prepare(
         self, policy: nn.Module, data: SplitData, device: torch.device, context: Callable, precision: str = "",
-        broadcast: Callable[[Any], Any] = lambda value: value,
+        processes: Processes | None = None,
     ) -> None:
         """Fill the table of each split for the examples the run will use (all when not known),
         reading what an earlier run with the same weights and data computed from the cache.
 
-        With several processes, rank 0 alone computes and writes the cache, and every rank then
-        takes rank 0's table: computed once, never by two processes at once."""
+        With several processes, each computes an equal share of what is missing (every rank runs
+        the same number of forward passes, as FSDP's and DeepSpeed's sharded weights need), the
+        shares are gathered into every rank's table, and rank 0 alone writes the cache: every
+        example computed once, by one process."""
+        processes = processes or OneProcess()
         for split, (dataset, loader, needed) in data.items():
             if not dataset:
                 continue
             if split not in self.paths:  # hashing the split's token ids once per run, not per validation
                 self.paths[split] = cache_dir() / "ref_logps" / f"{self._key(policy, dataset, precision)}.pt"
+            path = self.paths[split]
             table = self.tables.get(split)
-            if rank_zero_only.rank == 0:
-                table = self._fill(policy, split, dataset, loader, needed, table, device, context)
-            self.tables[split] = broadcast(table)
-
-    def _fill(
-        self, policy: nn.Module, split: str, dataset: Dataset, loader: Callable, needed: Sequence[int] | None,
-        table: Tensor | None, device: torch.device, context: Callable,
-    ) -> Tensor:
-        path = self.paths[split]
-        if table is None:
-            table = torch.load(path) if path.exists() else torch.full((len(dataset), 2), float("nan"))
-        wanted = torch.arange(len(dataset)) if needed is None else torch.as_tensor(list(needed), dtype=torch.long)
-        missing = wanted[torch.isnan(table[wanted]).any(-1)].tolist()
-        if not missing:
-            return table
-        if self.stepped and not self.lora:
-            raise RuntimeError(
-                f"reference log-probs of {len(missing)} {split} examples are needed after training started"
+            if table is None:
+                table = torch.load(path) if path.exists() else torch.full((len(dataset), 2), float("nan"))
+            wanted = torch.arange(len(dataset)) if needed is None else torch.as_tensor(list(needed), dtype=torch.long)
+            missing = processes.broadcast(wanted[torch.isnan(table[wanted]).any(-1)].tolist())  # rank 0's view
+            self.tables[split] = table
+            if not missing:
+                continue
+            if self.stepped and not self.lora:
+                raise RuntimeError(
+                    f"reference log-probs of {len(missing)} {split} examples are needed after training started"
+                )
+            rank, world = processes.global_rank, processes.world_size
+            share = missing[rank::world]
+            share += missing[: -(-len(missing) // world) - len(share)]  # equal shares: pad with repeats
+            with context():
+                self._compute(policy, loader(share), table, device, f"reference log-probs ({split})")
+            if world > 1:  # every rank's rows, each from the rank whose share it was
+                gathered = processes.all_gather(table[missing].to(device)).cpu()  # (world, len(missing), 2)
+                position = torch.arange(len(missing))
+                table[missing] = gathered[position % world, position]
+            if processes.global_rank == 0:
+                with atomic_write(path) as tmp:
+                    torch.save(table, tmp)
+            done = int((~torch.isnan(table).any(-1)).sum())
+            rank_zero_info(
+                f"Reference log-probs for {len(missing)} {split} pairs computed ({done} of {len(dataset)} "
+                f"cached in {path})"
             )
-        with context():
-            self._compute(policy, loader(missing), table, device, f"reference log-probs ({split})")
-        with atomic_write(path) as tmp:
-            torch.save(table, tmp)
-        done = int((~torch.isnan(table).any(-1)).sum())
-        rank_zero_info(
-            f"Reference log-probs for {len(missing)} {split} pairs computed ({done} of {len(dataset)} cached in {path})"
-        )
-        return table
 
     @torch.no_grad()
     def _compute(self, policy: nn.Module, loader: DataLoader, table: Tensor, device: torch.device, desc: str) -> None:

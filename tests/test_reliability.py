@@ -93,7 +93,7 @@ def test_a_sigkilled_run_resumes_to_the_uninterrupted_weights(tmp_path, straight
 def test_two_ddp_processes_train_as_one_at_the_same_global_batch(tmp_path, reference):
     """12 steps with 2 gloo processes of batch 4 against 1 process of batch 8: each rank trains on
     its half of the same global batches, so the weights agree to float rounding; the precomputed
-    reference is computed once, by rank 0, and read by both."""
+    reference is computed once (each rank its share of the examples), and cached once."""
     common = [*TINY, "--trainer.max_steps=12", f"--model.reference={reference}"]
     one = dpo_lit("fit", *common, "--data.batch_size=8", f"--trainer.default_root_dir={tmp_path / 'one'}",
                   env={"DPO_LIT_CACHE": str(tmp_path / "cache-one")})  # fmt: skip
