@@ -112,6 +112,15 @@ def test_data_fragments_parse(path, monkeypatch):
     assert all(Path(f).is_file() for f in config.data.init_args.train_files)
 
 
+@pytest.mark.parametrize(
+    "name, strategy", [("cpu", "auto"), ("ddp", "ddp"), ("fsdp", "FSDPStrategy"), ("deepspeed", "deepspeed_stage_2")]
+)
+def test_trainer_fragments_parse(name, strategy, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    trainer = parse(["--config", "configs/dpo/tiny.yaml", "--trainer", f"configs/trainer/{name}.yaml"]).trainer
+    assert strategy in str(trainer.strategy)
+
+
 @pytest.mark.parametrize("path", TINY, ids=lambda p: str(p.relative_to(ROOT)))
 def test_tiny_configs_fit_a_few_steps(path, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)

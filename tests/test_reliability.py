@@ -89,8 +89,11 @@ def test_a_sigkilled_run_resumes_to_the_uninterrupted_weights(tmp_path, straight
     assert max_difference(straight, resumed_weights) == 0.0
 
 
-@pytest.mark.parametrize("reference", ["copy", "precomputed"])
-def test_two_ddp_processes_train_as_one_at_the_same_global_batch(tmp_path, reference):
+@pytest.mark.parametrize(
+    "reference, ddp",
+    [("copy", ["--trainer.strategy=ddp", "--trainer.devices=2"]), ("precomputed", ["--trainer", "configs/trainer/ddp.yaml"])],
+)
+def test_two_ddp_processes_train_as_one_at_the_same_global_batch(tmp_path, reference, ddp):
     """12 steps with 2 gloo processes of batch 4 against 1 process of batch 8: each rank trains on
     its half of the same global batches, so the weights agree to float rounding; the precomputed
     reference is computed once (each rank its share of the examples), and cached once."""
@@ -98,7 +101,7 @@ def test_two_ddp_processes_train_as_one_at_the_same_global_batch(tmp_path, refer
     one = dpo_lit("fit", *common, "--data.batch_size=8", f"--trainer.default_root_dir={tmp_path / 'one'}",
                   env={"DPO_LIT_CACHE": str(tmp_path / "cache-one")})  # fmt: skip
     assert one.returncode == 0, one.stderr[-2000:]
-    two = dpo_lit("fit", *common, "--data.batch_size=4", "--trainer.strategy=ddp", "--trainer.devices=2",
+    two = dpo_lit("fit", *common, "--data.batch_size=4", *ddp,
                   f"--trainer.default_root_dir={tmp_path / 'two'}", env={"DPO_LIT_CACHE": str(tmp_path / "cache-two")})  # fmt: skip
     assert two.returncode == 0, two.stderr[-2000:]
     a, b = policy_weights(tmp_path / "one"), policy_weights(tmp_path / "two")
