@@ -41,7 +41,7 @@ from lightning import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from dpo_lit.callbacks import EpochsFromSteps, ExportPretrained, LastCheckpoint
+from dpo_lit.callbacks import EpochsFromSteps, ExportPretrained, LastCheckpoint, NonFiniteGuard
 from dpo_lit.data import PreferenceDataModule
 from dpo_lit.errors import ConfigError, UserError
 from dpo_lit.module import PreferenceModule
@@ -113,7 +113,7 @@ class DPOLitCLI(_ArgsFromCode):
         super().__init__(
             LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
-            trainer_defaults={"callbacks": [LastCheckpoint(), EpochsFromSteps()]},  # always there, whatever the config
+            trainer_defaults={"callbacks": [LastCheckpoint(), EpochsFromSteps(), NonFiniteGuard()]},  # whatever the config
             **kwargs,
         )  # fmt: skip
 

@@ -1,5 +1,6 @@
 """Runs that end early end well: a SIGKILLed run resumes to the exact weights of an uninterrupted
-one, 2 DDP processes train as 1 at the same global batch, a checkpoint is whole or not written."""
+one, 2 DDP processes train as 1 at the same global batch, a checkpoint is whole or not written, a
+non-finite loss skips its step instead of poisoning the weights."""
 
 import os
 import signal
@@ -9,9 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning import Callback, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
 
 from dpo_lit.callbacks.checkpoint import AtomicCheckpointIO
+from dpo_lit.callbacks.guard import NonFiniteError, NonFiniteGuard
+from dpo_lit.data import PreferenceDataModule
 from dpo_lit.errors import OutputError
+from dpo_lit.models import TINY_ALIAS
+from dpo_lit.module import PreferenceModule
+from dpo_lit.pipelines.plots import find_event_dir, read_scalars
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--config", "configs/dpo/tiny.yaml", "--trainer.enable_progress_bar=false", "--trainer.max_epochs=-1"]
@@ -137,3 +145,66 @@ def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == f"dpo-lit: error: {tmp_path / 'a_file' / 'runs'}: Not a directory"
     assert "Traceback" not in done.stderr
+
+
+class NaNLossAt(PreferenceModule):
+    """The tiny DPO module whose loss is NaN at the given optimizer steps (a NaN injected into the
+    real loss, so the backward pass spreads it to every gradient as a diverging run would)."""
+
+    def __init__(self, nan_steps: set[int], **kwargs) -> None:
+        super().__init__(TINY_ALIAS, **kwargs)
+        self.nan_steps = nan_steps
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if self.global_step in self.nan_steps else loss
+
+
+class WeightsPerStep(Callback):
+    def __init__(self) -> None:
+        self.before: list[torch.Tensor] = []
+        self.after: list[torch.Tensor] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.before.append(torch.cat([p.detach().flatten().clone() for p in pl_module.policy.parameters()]))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.after.append(torch.cat([p.detach().flatten().clone() for p in pl_module.policy.parameters()]))
+
+
+def fit_with_nans(tmp_path: Path, nan_steps: set[int], steps: int, guard: NonFiniteGuard) -> tuple[Trainer, WeightsPerStep]:
+    module = NaNLossAt(nan_steps, optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3), warmup_ratio=0.0)
+    data = PreferenceDataModule(
+        tokenizer_name=TINY_ALIAS, train_files=["dpo_lit/assets/tiny_pairs.jsonl"], val_fraction=0.0, batch_size=8,
+        max_length=256, max_prompt_length=128,
+    )  # fmt: skip
+    probe = WeightsPerStep()
+    trainer = Trainer(
+        max_steps=steps, accelerator="cpu", logger=TensorBoardLogger(tmp_path), enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1, callbacks=[guard, probe],
+    )  # fmt: skip
+    trainer.fit(module, datamodule=data)
+    return trainer, probe
+
+
+def test_a_nan_loss_skips_the_step_and_training_goes_on(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    guard = NonFiniteGuard()
+    with pytest.warns(UserWarning, match=r"step 2: non-finite loss or gradient, optimizer step skipped \(records "
+                      r"dpo_lit/assets/tiny_pairs.jsonl:\d+"):  # fmt: skip
+        trainer, probe = fit_with_nans(tmp_path, {2}, steps=5, guard=guard)
+    assert trainer.global_step == 5 and guard.skipped == 1
+    assert torch.equal(probe.before[2], probe.after[2])  # the NaN step changed nothing
+    assert all(not torch.equal(b, a) for i, (b, a) in enumerate(zip(probe.before, probe.after)) if i != 2)
+    assert torch.isfinite(probe.after[-1]).all()
+    state = next(iter(trainer.optimizers[0].state.values()))
+    assert int(state["step"]) == 4  # Adam's own step count passed over the skipped one
+    scalars = read_scalars(find_event_dir(tmp_path))["train/skipped_steps"]
+    assert [value for _, value in scalars] == [0.0, 0.0, 1.0, 1.0, 1.0]
+
+
+def test_nan_steps_in_a_row_stop_the_run_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(NonFiniteError, match=r"^training stopped at step 3: 2 optimizer steps in a row had a non-finite "
+                       r"loss or gradient \(last batch: records dpo_lit/assets/tiny_pairs.jsonl:\d+"):  # fmt: skip
+        fit_with_nans(tmp_path, {2, 3, 4}, steps=6, guard=NonFiniteGuard(max_in_a_row=2))

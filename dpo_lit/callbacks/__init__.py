@@ -3,6 +3,7 @@
 from dpo_lit.callbacks.capability import CapabilityEval
 from dpo_lit.callbacks.checkpoint import EpochsFromSteps, LastCheckpoint
 from dpo_lit.callbacks.export import ExportPretrained
+from dpo_lit.callbacks.guard import NonFiniteGuard
 from dpo_lit.callbacks.health import TrainingHealth
 from dpo_lit.callbacks.kl import SampledKL
 from dpo_lit.callbacks.samples import SampleTable
@@ -12,6 +13,7 @@ __all__ = [
     "EpochsFromSteps",
     "ExportPretrained",
     "LastCheckpoint",
+    "NonFiniteGuard",
     "SampleTable",
     "SampledKL",
     "TrainingHealth",
