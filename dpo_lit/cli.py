@@ -38,6 +38,7 @@ from typing import Any, Literal
 
 import torch
 from lightning import LightningDataModule, LightningModule
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -331,6 +332,8 @@ def user_error(error: BaseException) -> UserError | None:
     while error is not None and id(error) not in seen:
         if isinstance(error, UserError):
             return error
+        if isinstance(error, MisconfigurationException):  # Lightning's check of a trainer setting
+            return UserError(f"trainer: {error}".replace("\n", " "))
         if isinstance(error, OSError) and error.errno in FILE_ERRNOS and error.filename:
             return UserError(f"{error.filename}: {error.strerror}")  # e.g. a log folder in a read-only place
         seen.add(id(error))

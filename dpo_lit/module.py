@@ -10,6 +10,7 @@ returns is logged as ``split/name``; callbacks do the rest of the monitoring.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -46,6 +47,14 @@ class LoRASettings:
     target_modules: str | list[str] = "all-linear"
     extra: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ConfigError(f"model.lora.r: the rank must be at least 1, got {self.r}")
+        if self.alpha <= 0:
+            raise ConfigError(f"model.lora.alpha: must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.lora.dropout: must be in [0, 1), got {self.dropout}")
+
 
 def trainable(model, lora: LoRASettings | None, gradient_checkpointing: bool, task_type: str = "CAUSAL_LM"):
     """A loaded model made ready to train: train mode (``from_pretrained`` returns eval mode and
@@ -60,10 +69,28 @@ def trainable(model, lora: LoRASettings | None, gradient_checkpointing: bool, ta
             r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
             target_modules=lora.target_modules, task_type=task_type, **lora.extra,
         )
+        if lora.target_modules != "all-linear":
+            check_targets(model, lora.target_modules)
         model = get_peft_model(model, config)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def check_targets(model, targets: str | list[str]) -> None:
+    """LoRA target modules that name no module of ``model`` (a typo, another architecture's names)
+    are a ConfigError listing the linear layers it has; peft would go on while one name matches."""
+    modules = [name for name, _ in model.named_modules()]
+    if isinstance(targets, str):  # peft takes a string for a regular expression over the full names
+        missing = [] if any(re.fullmatch(targets, name) for name in modules) else [targets]
+    else:
+        missing = [target for target in targets if target not in {name.rsplit(".", 1)[-1] for name in modules}]
+    if missing:
+        linear = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+        raise ConfigError(
+            f"model.lora.target_modules: {', '.join(missing)} not in {type(model).__name__}; its linear layers are "
+            f"{', '.join(sorted(linear))} (or use all-linear)"
+        )
 
 
 def optimizer_and_schedule(module: LightningModule, params: list) -> dict:

@@ -276,8 +276,17 @@ def _console(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
         (["--model.model_name=HuggingFaceTB/SmolLM2-360M-Instruct"], "huggingface-cli download"),
         (["--model.betaa=3"], "model: Option 'betaa' is not accepted"),
         (["--trainer.max_stepz=3"], "unrecognized arguments: --trainer.max_stepz"),
+        (["--model.loss.beta=0"], "model.loss.init_args.beta: DPOLoss's beta must be > 0, got 0.0"),
+        (["--model.loss=NoSuchLoss"], "model: loss: Expected a path but NoSuchLoss either not accessible"),
+        (["--model.lora.target_modules=[qq_proj]"], "model.lora.target_modules: qq_proj not in LlamaForCausalLM; "
+                                                    "its linear layers are down_proj, gate_proj, k_proj"),
+        (["--data.max_prompt_length=256"], "data.max_prompt_length: max_prompt_length (256) must be below max_length"),
+        (["--data.batch_size=0"], "data.batch_size: must be at least 1, got 0"),
+        (["--trainer.max_steps=-5"], "trainer: `max_steps` must be a non-negative integer or -1"),
     ],
-    ids=["kto-on-pairs", "mistyped-alias", "missing-folder", "offline-hub-name", "bad-option", "bad-trainer-option"],
+    ids=["kto-on-pairs", "mistyped-alias", "missing-folder", "offline-hub-name", "bad-option", "bad-trainer-option",
+         "beta-0", "unknown-loss", "lora-targets-absent", "prompt-not-below-max-length", "batch-size-0",
+         "bad-trainer-value"],
 )
 def test_a_users_mistake_ends_in_one_line(args, expected, tmp_path):
     done = _console("fit", "--config", "configs/dpo/tiny.yaml", f"--trainer.default_root_dir={tmp_path}", *args)

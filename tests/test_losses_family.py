@@ -13,6 +13,7 @@ import torch
 from test_losses import log_sigmoid, per_element, random_pair
 from torch.testing import assert_close
 
+from dpo_lit.errors import ConfigError
 from dpo_lit.losses import (
     AOTLoss,
     AOTPairLoss,
@@ -323,7 +324,7 @@ def test_needs_reference_and_validates_beta(cls):
     logps.ref_chosen = logps.ref_rejected = None
     with pytest.raises(ValueError, match=f"{cls.__name__} needs reference log-probs"):
         cls()(logps)
-    with pytest.raises(ValueError, match=f"{cls.__name__}: beta must be > 0"):
+    with pytest.raises(ConfigError, match=rf"^model.loss.init_args.beta: {cls.__name__}'s beta must be > 0"):
         cls(beta=0.0)
 
 

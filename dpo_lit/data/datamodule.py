@@ -233,6 +233,11 @@ class PreferenceDataModule(TokenizedSplits):
             )
         if not 0.0 <= val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction: must be in [0, 1), got {val_fraction}")
+        for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size), ("max_length", max_length),
+                           ("max_prompt_length", max_prompt_length), ("max_examples", max_examples),
+                           ("pad_to_multiple_of", pad_to_multiple_of)):  # fmt: skip
+            if value is not None and value < 1:
+                raise ConfigError(f"data.{key}: must be at least 1, got {value}")
         self.save_hyperparameters()
         self.tokenizer_name = tokenizer_name
         self.train_files, self.val_files = list(train_files or []), list(val_files or [])

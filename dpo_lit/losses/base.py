@@ -14,7 +14,11 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from dpo_lit.errors import ConfigError
 from dpo_lit.logps import LogpsOptions
+
+# Where a loss's arguments sit in a run's config: the prefix of a bad value's key in its error.
+KEY = "model.loss.init_args."
 
 
 @dataclass
@@ -126,9 +130,9 @@ def check_reference(logps: PairLogps, name: str) -> None:
 
 
 def check_beta(name: str, beta: float) -> None:
-    """Raise a ValueError naming the loss unless ``beta > 0``."""
+    """Raise a ConfigError naming the key and the loss unless ``beta > 0``."""
     if beta <= 0:
-        raise ValueError(f"{name}: beta must be > 0, got {beta}")
+        raise ConfigError(f"{KEY}beta: {name}'s beta must be > 0, got {beta}")
 
 
 def margin(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor) -> Tensor:

@@ -6,9 +6,10 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from dpo_lit.errors import ConfigError
 from dpo_lit.logps import LogpsOptions
 
-from .base import LossOutput, PairLogps, PreferenceLoss, UnpairedLogps
+from .base import KEY, LossOutput, PairLogps, PreferenceLoss, UnpairedLogps
 
 
 class CombinedLoss(PreferenceLoss):
@@ -33,14 +34,14 @@ class CombinedLoss(PreferenceLoss):
     def __init__(self, losses: list[PreferenceLoss], weights: list[float] | None = None) -> None:
         super().__init__()
         if not losses:
-            raise ValueError("CombinedLoss: losses must not be empty")
+            raise ConfigError(f"{KEY}losses: CombinedLoss needs at least one loss")
         weights = [1.0] * len(losses) if weights is None else list(weights)
         if len(weights) != len(losses):
-            raise ValueError(f"CombinedLoss: got {len(losses)} losses but {len(weights)} weights")
+            raise ConfigError(f"{KEY}weights: CombinedLoss got {len(losses)} losses but {len(weights)} weights")
         modes = {loss.data_mode for loss in losses}
         if len(modes) > 1:
             names = ", ".join(f"{type(loss).__name__}={loss.data_mode}" for loss in losses)
-            raise ValueError(f"CombinedLoss: all losses must share a data_mode, got {names}")
+            raise ConfigError(f"{KEY}losses: CombinedLoss's losses must share a data_mode, got {names}")
         if {loss.logps_options for loss in losses[1:]} - {None, losses[0].logps_options}:
             raise ValueError(
                 "CombinedLoss: only its first part may ask for extra log-probs (WPOLoss, LDDPOLoss); "

@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import LossOutput, PairLogps, PreferenceLoss, check_beta, log_ratio_output, margin
+from dpo_lit.errors import ConfigError
+
+from .base import KEY, LossOutput, PairLogps, PreferenceLoss, check_beta, log_ratio_output, margin
 
 
 def discopop_loss(
@@ -51,7 +53,7 @@ class DiscoPOPLoss(PreferenceLoss):
         super().__init__()
         check_beta(type(self).__name__, beta)
         if tau <= 0:
-            raise ValueError(f"{type(self).__name__}: tau must be > 0, got {tau}")
+            raise ConfigError(f"{KEY}tau: {type(self).__name__}'s tau must be > 0, got {tau}")
         self.beta = beta
         self.tau = tau
 

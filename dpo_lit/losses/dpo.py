@@ -5,13 +5,15 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import LossOutput, PairLogps, PreferenceLoss, check_beta, log_ratios, margin, pairwise_output
+from dpo_lit.errors import ConfigError
+
+from .base import KEY, LossOutput, PairLogps, PreferenceLoss, check_beta, log_ratios, margin, pairwise_output
 
 
 def _check_smoothing(name: str, label_smoothing: float) -> None:
     if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(
-            f"{name}: label_smoothing must satisfy 0 <= label_smoothing < 0.5, got {label_smoothing}"
+        raise ConfigError(
+            f"{KEY}label_smoothing: {name}'s label_smoothing must satisfy 0 <= label_smoothing < 0.5, got {label_smoothing}"
         )
 
 

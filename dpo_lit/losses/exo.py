@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import LossOutput, PairLogps, PreferenceLoss, check_beta, log_ratio_output, margin
+from dpo_lit.errors import ConfigError
+
+from .base import KEY, LossOutput, PairLogps, PreferenceLoss, check_beta, log_ratio_output, margin
 
 
 def exo_loss(
@@ -53,7 +55,7 @@ class EXOLoss(PreferenceLoss):
         super().__init__()
         check_beta(type(self).__name__, beta)
         if not 0.0 < epsilon < 0.5:
-            raise ValueError(f"{type(self).__name__}: epsilon must satisfy 0 < epsilon < 0.5, got {epsilon}")
+            raise ConfigError(f"{KEY}epsilon: {type(self).__name__}'s epsilon must satisfy 0 < epsilon < 0.5, got {epsilon}")
         self.beta = beta
         self.epsilon = epsilon
 

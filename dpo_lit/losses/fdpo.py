@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import LossOutput, PairLogps, PreferenceLoss, check_beta, log_ratio_output
+from dpo_lit.errors import ConfigError
+
+from .base import KEY, LossOutput, PairLogps, PreferenceLoss, check_beta, log_ratio_output
 
 Divergence = Literal["reverse_kl", "forward_kl", "js", "alpha"]
 
@@ -79,9 +81,9 @@ class FDPOLoss(PreferenceLoss):
         name = type(self).__name__
         check_beta(name, beta)
         if divergence not in SCORES:
-            raise ValueError(f"{name}: divergence must be one of {', '.join(SCORES)}, got {divergence!r}")
+            raise ConfigError(f"{KEY}divergence: {name}'s divergence must be one of {', '.join(SCORES)}, got {divergence!r}")
         if not 0.0 < alpha < 1.0:
-            raise ValueError(f"{name}: alpha must satisfy 0 < alpha < 1, got {alpha}")
+            raise ConfigError(f"{KEY}alpha: {name}'s alpha must satisfy 0 < alpha < 1, got {alpha}")
         self.beta = beta
         self.divergence = divergence
         self.alpha = alpha

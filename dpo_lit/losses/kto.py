@@ -7,7 +7,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import LossOutput, PreferenceLoss, UnpairedLogps, check_beta, reference_error, split_halves
+from dpo_lit.errors import ConfigError
+
+from .base import KEY, LossOutput, PreferenceLoss, UnpairedLogps, check_beta, reference_error, split_halves
 
 
 def kto_reference_point(policy_kl: Tensor, ref_kl: Tensor) -> Tensor:
@@ -64,7 +66,10 @@ class KTOLoss(PreferenceLoss):
         super().__init__()
         check_beta("KTOLoss", beta)
         if desirable_weight < 0 or undesirable_weight < 0:
-            raise ValueError(f"KTOLoss: weights must be >= 0, got {desirable_weight}, {undesirable_weight}")
+            raise ConfigError(
+                f"{KEY}desirable_weight/undesirable_weight: KTOLoss's weights must be >= 0, got "
+                f"{desirable_weight}, {undesirable_weight}"
+            )
         self.beta = beta
         self.desirable_weight = desirable_weight
         self.undesirable_weight = undesirable_weight

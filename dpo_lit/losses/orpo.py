@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import LossOutput, PairLogps, PreferenceLoss, average, pairwise_output
+from dpo_lit.errors import ConfigError
+
+from .base import KEY, LossOutput, PairLogps, PreferenceLoss, average, pairwise_output
 
 # Average log-probs are clamped to at most this before log(1 - exp(a)); see log1mexp.
 MAX_AVG_LOGP = -1e-6
@@ -63,7 +65,7 @@ class ORPOLoss(PreferenceLoss):
     def __init__(self, lam: float = 0.1) -> None:
         super().__init__()
         if lam < 0:
-            raise ValueError(f"ORPOLoss: lam must be >= 0, got {lam}")
+            raise ConfigError(f"{KEY}lam: ORPOLoss's lam must be >= 0, got {lam}")
         self.lam = lam
 
     def forward(self, logps: PairLogps) -> LossOutput:

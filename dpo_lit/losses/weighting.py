@@ -12,9 +12,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dpo_lit.errors import ConfigError
 from dpo_lit.logps import LogpsOptions
 
-from .base import LossOutput, PairLogps, PreferenceLoss, average, split_halves
+from .base import KEY, LossOutput, PairLogps, PreferenceLoss, average, split_halves
 
 
 def wpo_weights(
@@ -119,7 +120,7 @@ class LDDPOLoss(_PairWrapper):
     def __init__(self, loss: PreferenceLoss, alpha: float = 0.5) -> None:
         super().__init__(loss)
         if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"LDDPOLoss: alpha must satisfy 0 <= alpha <= 1, got {alpha}")
+            raise ConfigError(f"{KEY}alpha: LDDPOLoss's alpha must satisfy 0 <= alpha <= 1, got {alpha}")
         self.alpha = alpha
 
     @property
