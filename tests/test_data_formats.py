@@ -190,6 +190,22 @@ BAD_RECORDS = {
         {**UNPAIRED, "label": "maybe"},
         "field 'label': expected a boolean, got a string",
     ),
+    "unknown role": (
+        CONV,
+        {**CONV, "prompt": [{"role": "narrator", "content": "Once"}, user("Hi")]},
+        "field 'prompt[0].role': unknown role 'narrator'; expected one of system, user, assistant, tool (a chat "
+        "template with more roles: list them in data.extra_roles)",
+    ),
+    "completion ends with the user": (
+        CONV,
+        {**CONV, "chosen": [assistant("Hello!"), user("And?")]},
+        "field 'chosen[1].role': a completion must end with an assistant turn, not 'user'",
+    ),
+    "openai output not the assistant's": (
+        OPENAI,
+        {**OPENAI, "non_preferred_output": [user("B")]},
+        "field 'non_preferred_output[0].role': a completion must end with an assistant turn, not 'user'",
+    ),
 }
 
 
@@ -209,3 +225,12 @@ def test_bad_record_raises_naming_file_line_and_field(tmp_path: Path, case: str)
     with pytest.warns(DataWarning, match=pattern) as record:
         report.warn(1024, 512)
     assert len(record) == 1
+
+
+def test_extra_roles_are_accepted_when_listed(tmp_path: Path) -> None:
+    record = {**CONV, "prompt": [{"role": "ipython", "content": "ran: 2"}, user("Hi")]}
+    path = write(tmp_path, [record], "roles.jsonl")
+    with pytest.raises(DataError, match="unknown role 'ipython'"):
+        read_examples([path])
+    [example] = read_examples([path], extra_roles=["ipython"])
+    assert example.prompt[0] == {"role": "ipython", "content": "ran: 2"}

@@ -208,3 +208,49 @@ def test_nan_steps_in_a_row_stop_the_run_in_one_line(tmp_path, monkeypatch):
     with pytest.raises(NonFiniteError, match=r"^training stopped at step 3: 2 optimizer steps in a row had a non-finite "
                        r"loss or gradient \(last batch: records dpo_lit/assets/tiny_pairs.jsonl:\d+"):  # fmt: skip
         fit_with_nans(tmp_path, {2, 3, 4}, steps=6, guard=NonFiniteGuard(max_in_a_row=2))
+
+
+def _bad_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    """One file per kind of bad data a user meets, each with its 3rd record (or byte) to blame,
+    and what the one line must say after ``PATH:``."""
+    import gzip
+    import json
+
+    good = [json.dumps({"prompt": "Hi", "chosen": "Hello there!", "rejected": "Go away."})] * 2
+    conv = {"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "Hello!"}],
+            "rejected": [{"role": "assistant", "content": "Bye."}]}  # fmt: skip
+    cases = {
+        "not-utf8": (b"\n".join(line.encode() for line in good) + b'\n{"prompt": "caf\xe9"}\n', "jsonl", "3: "),
+        "unknown-role": ("\n".join([json.dumps(conv)] * 2 + [json.dumps(
+            {**conv, "prompt": [{"role": "narrator", "content": "Once"}]})]), "jsonl",
+            "3: field 'prompt[0].role': unknown role 'narrator'"),  # fmt: skip
+        "completion-not-assistant": ("\n".join([json.dumps(conv)] * 2 + [json.dumps(
+            {**conv, "chosen": [{"role": "user", "content": "?"}]})]), "jsonl",
+            "3: field 'chosen[0].role': a completion must end with an assistant turn"),  # fmt: skip
+        "token-id-outside-vocab": ("\n".join(json.dumps({"prompt_ids": [1, 2], "chosen_ids": [3, i], "rejected_ids": [5]})
+                                             for i in (4, 6, 100000)), "jsonl",
+                                   "3: field 'chosen_ids': token id 100000 is outside the tokenizer's vocabulary"),  # fmt: skip
+        "empty-file": ("", "jsonl", " no training examples"),
+    }
+    files = {}
+    for name, (content, suffix, expected) in cases.items():
+        path = tmp_path / f"{name}.{suffix}"
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        files[name] = (path, expected)
+    truncated = tmp_path / "truncated.jsonl.gz"
+    truncated.write_bytes(gzip.compress(("\n".join(good * 50) + "\n").encode())[:-40])
+    files["truncated-gz"] = (truncated, ":")
+    return files
+
+
+@pytest.mark.parametrize(
+    "case", ["not-utf8", "truncated-gz", "unknown-role", "completion-not-assistant", "token-id-outside-vocab", "empty-file"]
+)
+def test_bad_data_ends_dpo_lit_fit_in_one_line_naming_file_and_line(tmp_path, case):
+    path, expected = _bad_files(tmp_path)[case]
+    done = dpo_lit("fit", *TINY, "--trainer.max_steps=1", f"--trainer.default_root_dir={tmp_path / 'runs'}",
+                   f"--data.train_files=[{path}]", "--data.val_fraction=0")  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"dpo-lit: error: {path}") and expected in last, last

@@ -197,6 +197,8 @@ class PreferenceDataModule(TokenizedSplits):
             ``skip`` counts bad records and reports them once setup ends.
         max_examples: Keep at most this many examples per split (after the shuffle), for short runs.
         assistant_marker: Where implicit-prompt transcripts' prompts end (HH-RLHF's marker).
+        extra_roles: Message roles to accept beside system, user, assistant and tool, for chat
+            templates that define more (any other role is a bad record).
     """
 
     def __init__(
@@ -223,6 +225,7 @@ class PreferenceDataModule(TokenizedSplits):
         on_bad_record: Literal["error", "skip"] = "error",
         max_examples: int | None = None,
         assistant_marker: str = "\n\nAssistant:",
+        extra_roles: list[str] | None = None,
     ) -> None:
         super().__init__()
         if not train_files and not hub_dataset:
@@ -253,6 +256,7 @@ class PreferenceDataModule(TokenizedSplits):
         self.num_workers, self.pad_to_multiple_of = num_workers, pad_to_multiple_of
         self.on_bad_record: OnBadRecord = on_bad_record
         self.max_examples, self.assistant_marker = max_examples, assistant_marker
+        self.extra_roles = list(extra_roles or [])
         self.train_dataset: TokenizedDataset | None = None
         self.val_dataset: TokenizedDataset | None = None
 
@@ -279,6 +283,7 @@ class PreferenceDataModule(TokenizedSplits):
             self.hub_config,
             hub_split or self.hub_train_split,
             self.hub_data_dir,
+            self.extra_roles,
         )
 
     def _tokenize(self, examples: list[Example], report: DataReport) -> TokenizedDataset:

@@ -20,7 +20,7 @@ field: a wrong record raises :class:`~dpo_lit.data.errors.DataError` ``path:line
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -95,7 +95,8 @@ def _string(value: Any, name: str, source: str, allow_empty: bool = False) -> st
 
 
 def _messages(value: Any, name: str, source: str, completion: bool = False) -> Messages:
-    """Validate a list of ``{"role", "content"}`` messages; completions need non-empty content."""
+    """Validate a list of ``{"role", "content"}`` messages; completions need non-empty content
+    and must end with the assistant's turn (what is trained on is the assistant's answer)."""
     if not isinstance(value, list) or not value:
         raise DataError(
             source, f"field '{name}': expected a non-empty list of messages, got {describe(value)}"
@@ -108,7 +109,31 @@ def _messages(value: Any, name: str, source: str, completion: bool = False) -> M
         _string(_get_field(message, "role", f"{name}[{i}]", source), f"{name}[{i}].role", source)
         content = _get_field(message, "content", f"{name}[{i}]", source)
         _string(content, f"{name}[{i}].content", source, allow_empty=not completion)
+    if completion and value[-1]["role"] != "assistant":
+        raise DataError(
+            source, f"field '{name}[{len(value) - 1}].role': a completion must end with an assistant turn, "
+            f"not {value[-1]['role']!r}"
+        )
     return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def check_roles(example: Example, extra_roles: Sequence[str] = ()) -> Example:
+    """``example`` if every message's role is one of :data:`ROLES` or ``extra_roles`` (roles a
+    chat template defines beyond those, e.g. ``ipython``); a DataError naming the field otherwise."""
+    allowed = (*ROLES, *extra_roles)
+    fields = ("prompt", "completion") if isinstance(example, UnpairedExample) else ("prompt", "chosen", "rejected")
+    for name in fields:
+        value = getattr(example, name)
+        for i, message in enumerate(value if isinstance(value, list) else []):
+            if message["role"] not in allowed:
+                raise DataError(
+                    example.source, f"field '{name}[{i}].role': unknown role {message['role']!r}; expected one of "
+                    f"{', '.join(allowed)} (a chat template with more roles: list them in data.extra_roles)"
+                )
+    return example
 
 
 def _get_field(message: Record, key: str, name: str, source: str) -> Any:

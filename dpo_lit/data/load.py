@@ -13,7 +13,7 @@ from typing import Literal
 from transformers import PreTrainedTokenizerBase
 
 from dpo_lit.data.errors import DataError, DataReport, OnBadRecord
-from dpo_lit.data.formats import Example, Format, as_unpaired, detect_format, parse_record
+from dpo_lit.data.formats import Example, Format, as_unpaired, check_roles, detect_format, parse_record
 from dpo_lit.data.io import read_records
 from dpo_lit.data.tokenize import TokenizedExample, TruncationMode, tokenize_examples
 from dpo_lit.errors import ConfigError
@@ -34,6 +34,7 @@ def read_examples(
     hub_config: str | None = None,
     hub_split: str = "train",
     hub_data_dir: str | None = None,
+    extra_roles: Sequence[str] = (),
 ) -> list[Example]:
     """Canonical examples of every source in order; the format is detected per source.
 
@@ -48,6 +49,7 @@ def read_examples(
         hub_config: Configuration name of ``hub:`` datasets.
         hub_split: Split of ``hub:`` datasets.
         hub_data_dir: ``data_dir`` of ``hub:`` datasets (``harmless-base`` for HH-RLHF).
+        extra_roles: Message roles accepted beside system, user, assistant and tool.
     """
     report = report if report is not None else DataReport()
     examples: list[Example] = []
@@ -59,7 +61,7 @@ def read_examples(
             if fmt == "unpaired" and mode == "paired":
                 raise DataError(source, UNPAIRED_IN_PAIRED_MODE)
             try:
-                examples.append(parse_record(record, fmt, location, assistant_marker))
+                examples.append(check_roles(parse_record(record, fmt, location, assistant_marker), extra_roles))
             except DataError as error:
                 report.bad_record(error)
     return examples
@@ -105,6 +107,7 @@ def load_examples(
     hub_split: str = "train",
     hub_data_dir: str | None = None,
     max_examples: int | None = None,
+    extra_roles: Sequence[str] = (),
 ) -> list[TokenizedExample]:
     """Read, parse and tokenize every source in file order; skipped and dropped counts are warned.
 
@@ -117,7 +120,7 @@ def load_examples(
         tokenizer = load_tokenizer(tokenizer)
     report = DataReport(on_bad_record)
     examples = read_examples(
-        sources, format, mode, report, assistant_marker, hub_config, hub_split, hub_data_dir
+        sources, format, mode, report, assistant_marker, hub_config, hub_split, hub_data_dir, extra_roles
     )
     examples = prepare(examples, mode, max_examples)
     tokenized = tokenize_examples(examples, tokenizer, max_length, max_prompt_length, truncation_mode, report)

@@ -144,8 +144,10 @@ def read_sft_examples(
     text_field: str = "text",
     report: DataReport | None = None,
     assistant_marker: str = "\n\nAssistant:",
+    extra_roles: Sequence[str] = (),
 ) -> list[UnpairedExample]:
-    """Examples of every local file in order; the format is detected per file."""
+    """Examples of every local file in order; the format is detected per file; message roles
+    beyond system, user, assistant, tool and ``extra_roles`` are bad records."""
     report = report if report is not None else DataReport()
     examples = []
     for source in sources:
@@ -154,7 +156,8 @@ def read_sft_examples(
             if fmt == "auto":
                 fmt = detect_sft_format(record, text_field, location)
             try:
-                examples.append(parse_sft_record(record, fmt, location, text_field, assistant_marker))
+                example = parse_sft_record(record, fmt, location, text_field, assistant_marker)
+                examples.append(formats.check_roles(example, extra_roles))
             except DataError as error:
                 report.bad_record(error)
     return examples
@@ -204,6 +207,7 @@ class SFTDataModule(TokenizedSplits):
         on_bad_record: ``error`` stops at the first bad record, naming file, line and field;
             ``skip`` counts bad records and reports them once setup ends.
         assistant_marker: Where implicit-prompt transcripts' prompts end (HH-RLHF's marker).
+        extra_roles: Message roles to accept beside system, user, assistant and tool.
     """
 
     def __init__(
@@ -223,6 +227,7 @@ class SFTDataModule(TokenizedSplits):
         max_examples: int | None = None,
         on_bad_record: Literal["error", "skip"] = "error",
         assistant_marker: str = "\n\nAssistant:",
+        extra_roles: list[str] | None = None,
     ) -> None:
         super().__init__()
         if not train_files:
@@ -244,7 +249,7 @@ class SFTDataModule(TokenizedSplits):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers, self.max_examples = num_workers, max_examples
         self.on_bad_record: OnBadRecord = on_bad_record
-        self.assistant_marker = assistant_marker
+        self.assistant_marker, self.extra_roles = assistant_marker, list(extra_roles or [])
         self.train_dataset: TokenizedDataset | None = None
         self.val_dataset: TokenizedDataset | None = None
 
@@ -260,7 +265,7 @@ class SFTDataModule(TokenizedSplits):
         return load_tokenizer(self.tokenizer_name)
 
     def _read(self, files: list[str], report: DataReport) -> list[UnpairedExample]:
-        return read_sft_examples(files, self.format, self.text_field, report, self.assistant_marker)
+        return read_sft_examples(files, self.format, self.text_field, report, self.assistant_marker, self.extra_roles)
 
     def _tokenize(self, examples: list[UnpairedExample], report: DataReport) -> TokenizedDataset:
         examples = examples[: self.max_examples] if self.max_examples is not None else examples
