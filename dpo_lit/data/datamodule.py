@@ -47,6 +47,7 @@ class EpochShuffle(DistributedSampler):
         self.n, self.seed, self.batch_size = n, seed, batch_size
         self.num_replicas, self.rank, self.epoch = num_replicas, rank, 0
         self.skip: tuple[int, int] = (-1, 0)  # (epoch, global examples of it already trained on)
+        self.shuffle, self.drop_last = True, False  # what a DistributedSampler is asked
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
