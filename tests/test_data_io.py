@@ -176,3 +176,14 @@ def test_byte_order_marks_and_windows_line_ends_are_read(tmp_path: Path) -> None
     table = tmp_path / "bom.csv"
     table.write_bytes("\ufeffprompt,chosen,rejected\r\nHi?,Hello!,Go away.\r\n".encode())
     assert [record for record, _ in read_records(str(table))] == [ROWS[0]]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_a_very_long_line_is_one_record(tmp_path: Path, suffix: str) -> None:
+    """A 20 MB answer on one line (CSV's default field limit is 128 KB) is read whole, and the
+    line after it keeps its number."""
+    rows = [{**ROWS[0], "chosen": "word " * 4_000_000}, ROWS[1]]
+    path = write_jsonl(tmp_path / "long.jsonl", rows) if suffix == ".jsonl" else write_csv(tmp_path / "long.csv", rows)
+    records = list(read_records(str(path)))
+    assert [record for record, _ in records] == rows
+    assert records[1][1] == f"{path}:{2 if suffix == '.jsonl' else 3}"

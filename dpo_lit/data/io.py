@@ -117,7 +117,9 @@ def read_json(path: Path, name: str, report: DataReport) -> Iterator[tuple[Recor
 
 
 def read_csv(path: Path, name: str, report: DataReport) -> Iterator[tuple[Record, str]]:
-    """Records of a CSV file with a header row; every value is a string."""
+    """Records of a CSV file with a header row; every value is a string, of any length (the csv
+    module refuses fields over 128 KB unless told otherwise: a long answer is not a bad record)."""
+    csv.field_size_limit(2**31 - 1)
     reader = csv.DictReader(_text_lines(path, name))
     start = 2  # line 1 is the header
     try:
