@@ -39,6 +39,7 @@ class Spec:
     seed: int = 0
     lora_r: int = 16
     lora_alpha: int = 32
+    packing: str = "prefix"  # dpo-lit's model.packing (TRL's rows are always padded)
 
     @property
     def total_steps(self) -> int:

@@ -65,7 +65,7 @@ def build(spec: Spec, clock: StepClock):
         spec.model_path, loss=DPOLoss(beta=spec.beta), reference=spec.reference,
         lora=lora if spec.variant == "lora" else None,
         optimizer=partial(torch.optim.AdamW, lr=spec.lr, weight_decay=0.0),
-        schedule="constant", warmup_ratio=0.0, gradient_checkpointing=False,
+        scheduler="constant", warmup_ratio=0.0, gradient_checkpointing=False, packing=spec.packing,
     )
     clock.timings["load_s"] = time.perf_counter() - t0
     trainer = Trainer(

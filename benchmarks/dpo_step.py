@@ -43,6 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast")
     p.add_argument("--full-reference", choices=["precomputed", "copy"], default="precomputed",
                    help="reference of the full fine-tuning variant (LoRA always disables its adapter)")
+    p.add_argument("--packing", choices=["prefix", "rows", "none"], default="prefix",
+                   help="dpo-lit's model.packing: rows packed without padding, prompts computed once (prefix)")
     p.add_argument("--batch-size", type=int, default=4, help="pairs per step (2x rows)")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--max-prompt-length", type=int, default=384)
@@ -150,7 +152,7 @@ def settings_line(args: argparse.Namespace, lr: float) -> str:
         f"batch {args.batch_size} pairs = {2 * args.batch_size} rows | max_length {args.max_length} | "
         f"max_prompt_length {args.max_prompt_length} (dpo-lit; TRL 1.16 has none, pairs picked so neither "
         f"truncates) | threads {args.threads} | AdamW lr {lr:g} constant, clip 1.0 | beta {args.beta} | "
-        f"seed {args.seed} | {args.warmup} warm-up + {args.steps} timed steps"
+        f"seed {args.seed} | {args.warmup} warm-up + {args.steps} timed steps | dpo-lit packing {args.packing}"
     )
 
 
@@ -207,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
             pairs_json=str(strings), out_dir=str(workdir / impl), reference=reference, steps=args.steps,
             warmup=args.warmup, batch_size=args.batch_size, max_length=args.max_length,
             max_prompt_length=args.max_prompt_length, beta=args.beta, lr=lr, bf16=args.bf16,
-            threads=args.threads, seed=args.seed,
+            threads=args.threads, seed=args.seed, packing=args.packing,
         )
         results.append({**run_side(spec, sys.executable if impl == "dpo-lit" else args.trl_python),
                         "spec": asdict(spec)})

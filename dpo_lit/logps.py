@@ -17,10 +17,13 @@ WPO's aligned log-probs); without options the computation is exactly the above.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
+
+from dpo_lit.packing import PACKING, layout, packed_hidden
 
 
 @dataclass(frozen=True)
@@ -126,28 +129,45 @@ def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
 
 
 def completion_states(
-    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor, packing: str = "prefix"
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The final hidden states that predict completion tokens, those tokens and their rows.
 
     Args:
         model: a Hugging Face causal LM (optionally wrapped by peft).
-        input_ids: (N, T) prompt + completion, right-padded.
+        input_ids: (N, T) prompt + completion, padded.
         attention_mask: (N, T), 1 on real tokens.
         completion_mask: (N, T) bool, True on completion tokens (these get scored).
+        packing: how the decoder sees the rows (:mod:`dpo_lit.packing`): ``"prefix"`` packs the real
+            tokens into one sequence and computes a prompt shared by several rows once; ``"rows"``
+            packs without sharing; ``"none"`` runs the padded batch. All three give the same states
+            up to floating-point rounding.
 
     Returns:
         ``(states, targets, rows)`` of shapes (M, H), (M,), (M,) for the M completion tokens after
         the first position, in row-major order.
     """
+    if packing not in PACKING:
+        raise ValueError(f"packing must be one of {PACKING}, got {packing!r}")
     decoder, _ = decoder_and_head(model)
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     # Position t predicts token t+1: keep the states whose next token is a completion token.
     target_mask = completion_mask[:, 1:]  # (N, T-1)
-    states = hidden[:, :-1][target_mask]  # (M, H)
     targets = input_ids[:, 1:][target_mask]  # (M,)
     rows = torch.arange(len(input_ids), device=input_ids.device)[:, None].expand_as(target_mask)[target_mask]
-    return states, targets, rows
+    plan = None
+    if packing != "none" and not getattr(decoder, "_dpo_lit_unpackable", False):
+        plan = layout(input_ids, attention_mask, completion_mask, share_prompts=packing == "prefix")
+    if plan is not None:
+        hidden = packed_hidden(decoder, plan)  # (1, L, H)
+        if hidden is not None:
+            return hidden[0][plan.where[:, :-1][target_mask]], targets, rows  # (M, H)
+        decoder._dpo_lit_unpackable = True
+        warnings.warn(
+            f"{type(decoder).__name__} does not run its attention through transformers' SDPA function: "
+            "its rows are computed padded (set model.packing: none to silence this)", stacklevel=2
+        )
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    return hidden[:, :-1][target_mask], targets, rows
 
 
 def head_logits(model: nn.Module, states: Tensor) -> Tensor:
@@ -158,11 +178,11 @@ def head_logits(model: nn.Module, states: Tensor) -> Tensor:
 
 
 def completion_logits(
-    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor, packing: str = "prefix"
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The logits that predict completion tokens, (M, V), with their targets and rows (see
     :func:`completion_states`)."""
-    states, targets, rows = completion_states(model, input_ids, attention_mask, completion_mask)
+    states, targets, rows = completion_states(model, input_ids, attention_mask, completion_mask, packing)
     return head_logits(model, states), targets, rows
 
 
@@ -173,6 +193,7 @@ def completion_logps(
     completion_mask: Tensor,
     chunk: int = 1024,
     options: LogpsOptions | None = None,
+    packing: str = "prefix",
 ) -> tuple[Tensor, Tensor]:
     """Summed log-probs of the completion tokens of every row, and their counts.
 
@@ -183,12 +204,13 @@ def completion_logps(
         completion_mask: (N, T) bool, True on completion tokens (these get scored).
         chunk: rows of the (M, V) logits handled at once by the log-softmax.
         options: what a loss asks for beyond plain sums (see :class:`LogpsOptions`).
+        packing: ``"prefix"``, ``"rows"`` or ``"none"`` (see :func:`completion_states`).
 
     Returns:
         ``(logps, tokens)``: float32 tensors of shape (N,); ``logps`` is (N, 2) with
         ``options.aligned`` (column 1: the aligned sums).
     """
-    logits, targets, rows = completion_logits(model, input_ids, attention_mask, completion_mask)
+    logits, targets, rows = completion_logits(model, input_ids, attention_mask, completion_mask, packing)
     token_logps = selective_log_softmax(logits, targets, chunk)  # (M,)
     target_mask = completion_mask[:, 1:]  # (N, T-1)
     zeros = torch.zeros(len(input_ids), device=input_ids.device, dtype=torch.float32)

@@ -134,6 +134,10 @@ class PreferenceModule(LightningModule):
         trust_remote_code: allow the Hub model's own Python code to run (off unless asked).
         gradient_checkpointing: recompute activations in the backward pass to save memory.
         logps_chunk: rows of completion logits normalised at once (memory vs speed).
+        packing: how a batch's rows meet the model (:mod:`dpo_lit.packing`): ``prefix`` (default)
+            packs their real tokens into one sequence without padding and computes the prompt a
+            chosen and a rejected row share once; ``rows`` packs without sharing; ``none`` runs
+            the padded rows. The log-probs are the same up to floating-point rounding.
     """
 
     def __init__(
@@ -150,6 +154,7 @@ class PreferenceModule(LightningModule):
         trust_remote_code: bool = False,
         gradient_checkpointing: bool = False,
         logps_chunk: int = 1024,
+        packing: Literal["prefix", "rows", "none"] = "prefix",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["loss", "optimizer", "reference"])
@@ -172,7 +177,7 @@ class PreferenceModule(LightningModule):
         # Before the adapter: a copy is of the weights as loaded.
         reference.setup(
             self.policy, lora=lora is not None, paired=loss.data_mode == "paired", chunk=logps_chunk,
-            options=reference_options(loss.logps_options),
+            options=reference_options(loss.logps_options), packing=packing,
         )
         self.policy = trainable(self.policy, lora, gradient_checkpointing)
         self.val_metrics = torch.nn.ModuleDict()
@@ -191,7 +196,7 @@ class PreferenceModule(LightningModule):
         """Loss and per-example metric values for one collated batch."""
         policy_rows, tokens = completion_logps(
             self.policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
-            self.hparams.logps_chunk, self.loss.logps_options,
+            self.hparams.logps_chunk, self.loss.logps_options, self.hparams.packing,
         )  # (2B,) or, if the loss asks for an extra column, (2B, 2); (2B,)
         ref_rows = self.reference.logps(self.policy, batch, split)
         logps = self.loss.gather(policy_rows, ref_rows, tokens, batch)

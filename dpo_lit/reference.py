@@ -74,11 +74,13 @@ class OneProcess:
 SplitData = Mapping[str, tuple[Dataset, Callable[[Sequence[int] | None], DataLoader], Sequence[int] | None]]
 
 
-def row_logps(model: nn.Module, batch: dict, chunk: int, options: LogpsOptions | None = None) -> Tensor:
+def row_logps(
+    model: nn.Module, batch: dict, chunk: int, options: LogpsOptions | None = None, packing: str = "prefix"
+) -> Tensor:
     """Completion log-probs of every row of a collated batch, (2B,), summed with the token weights
     ``options`` asks for (LD-DPO), if any."""
     logps, _ = completion_logps(
-        model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], chunk, options
+        model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], chunk, options, packing
     )
     return logps
 
@@ -92,7 +94,8 @@ class NoReference:
     """No reference log-probs (reference-free losses)."""
 
     def setup(
-        self, policy: nn.Module, *, lora: bool, paired: bool, chunk: int, options: LogpsOptions | None = None
+        self, policy: nn.Module, *, lora: bool, paired: bool, chunk: int, options: LogpsOptions | None = None,
+        packing: str = "prefix",
     ) -> None:
         """Once, in the module's ``__init__``: the policy as loaded, before any adapter is added.
 
@@ -102,9 +105,11 @@ class NoReference:
             paired: whether the loss trains on pairs (False: unpaired rows, KTO).
             chunk: rows of logits normalised at once (``model.logps_chunk``).
             options: token weighting of the sums the loss asks of its reference (LD-DPO), if any.
+            packing: how rows are laid out for the forward (``model.packing``, :mod:`dpo_lit.packing`).
         """
         self.chunk = chunk
         self.options = options
+        self.packing = packing
 
     def prepare(
         self, policy: nn.Module, data: SplitData, device: torch.device, context: Callable, precision: str = "",
@@ -141,9 +146,10 @@ class CopyReference(NoReference):
     """A frozen copy of the policy as it was before training."""
 
     def setup(
-        self, policy: nn.Module, *, lora: bool, paired: bool, chunk: int, options: LogpsOptions | None = None
+        self, policy: nn.Module, *, lora: bool, paired: bool, chunk: int, options: LogpsOptions | None = None,
+        packing: str = "prefix",
     ) -> None:
-        super().setup(policy, lora=lora, paired=paired, chunk=chunk, options=options)
+        super().setup(policy, lora=lora, paired=paired, chunk=chunk, options=options, packing=packing)
         self.frozen = copy.deepcopy(policy).requires_grad_(False).eval()
 
     def prepare(
@@ -154,7 +160,7 @@ class CopyReference(NoReference):
 
     @torch.no_grad()
     def logps(self, policy: nn.Module, batch: dict, split: str) -> Tensor:
-        return row_logps(self.frozen, batch, self.chunk, self.options)
+        return row_logps(self.frozen, batch, self.chunk, self.options, self.packing)
 
     def model(self, policy: nn.Module) -> ModelAndContext:
         return self.frozen, contextlib.nullcontext
@@ -164,15 +170,16 @@ class AdapterReference(NoReference):
     """The policy with its LoRA adapter disabled (peft's ``disable_adapter``)."""
 
     def setup(
-        self, policy: nn.Module, *, lora: bool, paired: bool, chunk: int, options: LogpsOptions | None = None
+        self, policy: nn.Module, *, lora: bool, paired: bool, chunk: int, options: LogpsOptions | None = None,
+        packing: str = "prefix",
     ) -> None:
         if not lora:
             raise ConfigError("model.reference: adapter needs a LoRA adapter: set model.lora (e.g. model.lora.r: 16)")
-        super().setup(policy, lora=lora, paired=paired, chunk=chunk, options=options)
+        super().setup(policy, lora=lora, paired=paired, chunk=chunk, options=options, packing=packing)
 
     def logps(self, policy: nn.Module, batch: dict, split: str) -> Tensor:
         with policy.disable_adapter(), evaluating(policy):
-            return row_logps(policy, batch, self.chunk, self.options)
+            return row_logps(policy, batch, self.chunk, self.options, self.packing)
 
     def model(self, policy: nn.Module) -> ModelAndContext:
         return policy, policy.disable_adapter
@@ -182,14 +189,15 @@ class PrecomputedReference(NoReference):
     """Reference log-probs computed before training for the examples the run will use, cached on disk."""
 
     def setup(
-        self, policy: nn.Module, *, lora: bool, paired: bool, chunk: int, options: LogpsOptions | None = None
+        self, policy: nn.Module, *, lora: bool, paired: bool, chunk: int, options: LogpsOptions | None = None,
+        packing: str = "prefix",
     ) -> None:
         if not paired:
             raise ConfigError(
                 "model.reference: precomputed supports paired losses only (an unpaired loss pairs each "
                 "completion with another prompt in the batch); use copy or adapter"
             )
-        super().setup(policy, lora=lora, paired=paired, chunk=chunk, options=options)
+        super().setup(policy, lora=lora, paired=paired, chunk=chunk, options=options, packing=packing)
         self.lora = lora
         self.stepped = False
         self.tables: dict[str, Tensor] = {}
@@ -197,10 +205,10 @@ class PrecomputedReference(NoReference):
         self._weights_hash: str | None = None
 
     def _key(self, policy: nn.Module, dataset: Dataset, precision: str) -> str:
-        """Hash of the initial weights, how they are run (precision, chunking) and the token ids."""
+        """Hash of the initial weights, how they are run (precision, chunking, packing) and the token ids."""
         if self._weights_hash is None:  # hash the initial weights once, before any step changes them
             self._weights_hash = weights_hash(policy)
-        h = hashlib.sha256(f"{self._weights_hash}|{precision}|{self.chunk}|{self.options!r}".encode())
+        h = hashlib.sha256(f"{self._weights_hash}|{precision}|{self.chunk}|{self.options!r}|{self.packing}".encode())
         for example in dataset:
             for key in sorted(k for k in example if k.endswith("_ids")):
                 h.update(key.encode())
@@ -262,7 +270,7 @@ class PrecomputedReference(NoReference):
         with torch.random.fork_rng(devices=[]), initial_policy(policy), evaluating(policy):
             for batch in tqdm(loader, desc=desc, unit="batch", disable=rank_zero_only.rank != 0, leave=False):
                 batch = {k: v.to(device) for k, v in batch.items()}
-                rows = row_logps(policy, batch, self.chunk, self.options).float().cpu()
+                rows = row_logps(policy, batch, self.chunk, self.options, self.packing).float().cpu()
                 table[batch["index"].cpu()] = rows.view(2, -1).T  # rows: B chosen then B rejected
 
     def after_step(self, policy: nn.Module, step: int) -> None:
@@ -310,11 +318,12 @@ class SyncedReference(CopyReference):
         self.last_step = 0
 
     def setup(
-        self, policy: nn.Module, *, lora: bool, paired: bool, chunk: int, options: LogpsOptions | None = None
+        self, policy: nn.Module, *, lora: bool, paired: bool, chunk: int, options: LogpsOptions | None = None,
+        packing: str = "prefix",
     ) -> None:
         if lora:
             raise ConfigError("model.reference: SyncedReference needs full fine-tuning (model.lora: null)")
-        super().setup(policy, lora=lora, paired=paired, chunk=chunk, options=options)
+        super().setup(policy, lora=lora, paired=paired, chunk=chunk, options=options, packing=packing)
 
     @torch.no_grad()
     def sync(self, policy: nn.Module) -> None:

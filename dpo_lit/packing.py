@@ -1,0 +1,178 @@
+"""Padding-free forwards with prompts computed once: the rows of a batch packed into one sequence.
+
+A right-padded DPO batch holds every prompt twice (once before the chosen and once before the
+rejected completion) and, on HH-RLHF, more padding than text. Here the real tokens of a batch are
+laid out as one sequence instead, prompt by prompt::
+
+    [prompt_1, chosen_1, rejected_1, prompt_2, chosen_2, rejected_2, ...]
+
+and attention is computed segment by segment:
+
+- ``prompt + chosen``: causal, as in its padded row;
+- ``rejected``: each token sees the prompt and the rejected tokens before it, never the chosen
+  ones; its positions continue from the prompt's end, as in its padded row.
+
+Every hidden state is then the one its padded row computes (up to floating-point summation order),
+with no padding and no second pass over the prompt: "prefix sharing" (Wang & Hegde 2024,
+"Accelerating Direct Preference Optimization with Prefix Sharing"). Rows that share no prompt with
+another (or ``share_prompts=False``) become segments of their own: plain padding-free packing.
+
+Rows share a prompt when the tokens before their first completion token are the same: a DPO pair's
+two rows, KTO's matched and mismatched rows, the choices of a multiple-choice question.
+
+Mechanics: the decoder runs with ``position_ids`` and no attention mask, and each attention layer
+receives the layout through a keyword argument, which Hugging Face models pass down to their
+attention function. :func:`_sdpa_or_segments` is registered as transformers' ``"sdpa"`` attention:
+without the keyword it is transformers' own SDPA function, unchanged; with it, it attends segment by
+segment with :func:`torch.nn.functional.scaled_dot_product_attention`. A model that does not route
+its attention through that function (eager or flash attention, or an architecture with its own
+attention code) is detected after its first forward and falls back to padded rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.modeling_utils import AttentionInterface
+
+PACKING = ("prefix", "rows", "none")
+KWARG = "dpo_lit_segments"
+
+
+@dataclass
+class Segment:
+    """Queries at packed positions ``[start, end)``; keys and values: ``prefix`` (a packed range,
+    a shared prompt) followed by the same ``[start, end)``, causal within it."""
+
+    start: int
+    end: int
+    prefix: tuple[int, int] | None = None
+    mask: Tensor | None = None  # (end - start, prefix + end - start) bool, True where attention is allowed
+
+
+@dataclass
+class Layout:
+    """How a padded batch (N, T) maps to one packed sequence of L real tokens.
+
+    Attributes:
+        input_ids: (1, L) the packed tokens.
+        position_ids: (1, L) each token's position in its padded row (less left padding).
+        where: (N, T) long, the packed index of each real token of each row, -1 on padding.
+        segments: in packed order, covering [0, L) once.
+        calls: attention layers that used the layout in the last forward (0: the model ignores it).
+    """
+
+    input_ids: Tensor
+    position_ids: Tensor
+    where: Tensor
+    segments: list[Segment]
+    calls: int = field(default=0)
+
+
+def layout(input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor, share_prompts: bool = True) -> Layout | None:
+    """The packed layout of a batch, or None where a row's real tokens are not one contiguous run.
+
+    A row's prompt is its real tokens before its first completion token. With ``share_prompts``,
+    a row whose prompt (at least one token) equals an earlier row's keeps only its completion and
+    what follows it, attending to the earlier row's prompt.
+    """
+    n, t = input_ids.shape
+    real = attention_mask.bool()
+    lengths = real.sum(-1).tolist()
+    starts = real.int().argmax(-1).tolist()  # first real position (0 when right-padded)
+    firsts = torch.where(completion_mask.any(-1), completion_mask.int().argmax(-1), t).tolist()
+    ids_rows = input_ids.tolist()
+    where = torch.full((n, t), -1, dtype=torch.long)
+    prompts: dict[tuple[int, ...], tuple[int, int]] = {}  # prompt tokens -> (packed start, length)
+    segments, src, pos = [], [], []
+    offset = 0
+    for i in range(n):
+        s, length = starts[i], lengths[i]
+        if length == 0:
+            continue
+        if not bool(real[i, s : s + length].all()):
+            return None
+        plen = max(min(firsts[i], s + length) - s, 0)  # prompt tokens of row i
+        key = tuple(ids_rows[i][s : s + plen]) if share_prompts and plen > 0 else None
+        shared = prompts.get(key) if key is not None else None
+        if shared is not None and plen < length:  # the prompt is already packed: only the rest
+            p_start, _ = shared
+            rest = length - plen
+            where[i, s : s + plen] = torch.arange(p_start, p_start + plen)
+            where[i, s + plen : s + length] = torch.arange(offset, offset + rest)
+            mask = torch.ones(rest, plen + rest, dtype=torch.bool).tril(diagonal=plen)
+            segments.append(Segment(offset, offset + rest, (p_start, p_start + plen), mask))
+            src.append(i * t + torch.arange(s + plen, s + length))
+            pos.append(torch.arange(plen, length))
+            offset += rest
+            continue
+        if key is not None:
+            prompts[key] = (offset, plen)
+        where[i, s : s + length] = torch.arange(offset, offset + length)
+        segments.append(Segment(offset, offset + length))
+        src.append(i * t + torch.arange(s, s + length))
+        pos.append(torch.arange(length))
+        offset += length
+    if not segments:
+        return None
+    device = input_ids.device
+    for seg in segments:
+        if seg.mask is not None:
+            seg.mask = seg.mask.to(device)
+    return Layout(
+        input_ids=input_ids.reshape(-1)[torch.cat(src).to(device)][None],
+        position_ids=torch.cat(pos).to(device)[None],
+        where=where.to(device),
+        segments=segments,
+    )
+
+
+def _segment_attention(
+    query: Tensor, key: Tensor, value: Tensor, plan: Layout, dropout: float, scaling: float | None
+) -> Tensor:
+    """Attention over the layout's segments; query (1, Hq, L, D), key/value (1, Hkv, L, D) ->
+    (1, L, Hq, D)."""
+    gqa = query.shape[1] != key.shape[1]
+    outs = []
+    for seg in plan.segments:
+        q = query[:, :, seg.start : seg.end]
+        k, v = key[:, :, seg.start : seg.end], value[:, :, seg.start : seg.end]
+        if seg.prefix is None:
+            o = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa)
+        else:
+            a, b = seg.prefix
+            k = torch.cat([key[:, :, a:b], k], dim=2)
+            v = torch.cat([value[:, :, a:b], v], dim=2)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=seg.mask, dropout_p=dropout, scale=scaling, enable_gqa=gqa)
+        outs.append(o)
+    return torch.cat(outs, dim=2).transpose(1, 2).contiguous()
+
+
+def _sdpa_or_segments(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask, **kwargs):
+    """transformers' SDPA attention, or, given a :class:`Layout` under :data:`KWARG`, attention
+    segment by segment."""
+    plan = kwargs.pop(KWARG, None)
+    if plan is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    for unsupported in ("sliding_window", "softcap", "s_aux"):
+        if kwargs.get(unsupported) is not None:
+            raise NotImplementedError(f"packed rows do not support {unsupported}; set model.packing: none")
+    plan.calls += 1
+    return _segment_attention(query, key, value, plan, kwargs.get("dropout", 0.0), kwargs.get("scaling")), None
+
+
+AttentionInterface.register("sdpa", _sdpa_or_segments)
+
+
+def packed_hidden(decoder: nn.Module, plan: Layout) -> Tensor | None:
+    """The decoder's final hidden states of the packed sequence, (1, L, H); None when the model
+    did not use the layout (its attention does not go through transformers' SDPA function)."""
+    plan.calls = 0
+    hidden = decoder(
+        input_ids=plan.input_ids, position_ids=plan.position_ids, use_cache=False, **{KWARG: plan}
+    ).last_hidden_state
+    return hidden if plan.calls > 0 else None

@@ -1,0 +1,34 @@
+"""The DPO step benchmark runs: its dpo-lit side on the tiny model, each packing, same tokens and losses.
+
+Speed is not asserted (benchmarks print it); what is asserted is that the benchmark still drives the
+current module and data module, and that packing changes the work done, not the result.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("reference", ["precomputed", "copy"])
+def test_dpo_step_benchmark_runs_and_packing_keeps_the_losses(tmp_path, shared_data, reference):
+    results = {}
+    for packing in ("none", "prefix"):
+        out = tmp_path / f"{packing}.json"
+        proc = subprocess.run(
+            [sys.executable, "benchmarks/dpo_step.py", "--model", "tiny-random-llama", "--impl", "dpo-lit",
+             "--variant", "full", "--full-reference", reference, "--steps", "2", "--warmup", "1",
+             "--threads", "1", "--no-bf16", "--packing", packing, "--out", str(out)],
+            cwd=ROOT, capture_output=True, text=True, timeout=600,
+        )
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert f"dpo-lit packing {packing}" in proc.stdout
+        results[packing] = json.loads(out.read_text())["results"][0]
+    padded, packed = results["none"], results["prefix"]
+    assert packed["real_tokens"] == padded["real_tokens"] and sum(packed["real_tokens"]) > 0
+    assert packed["losses"][0] == pytest.approx(0.693147, abs=1e-5)  # policy = reference at the first step
+    assert packed["losses"] == pytest.approx(padded["losses"], abs=1e-5)
