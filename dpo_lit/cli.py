@@ -273,6 +273,9 @@ def quiet() -> None:
         r"`is_gradient_checkpointing` is deprecated",
     ):
         warnings.filterwarnings("ignore", message=message)
+    # Lightning compares log_every_n_steps with one epoch's batches, but counts the interval in
+    # optimizer steps across epochs: a run of short epochs still logs, and the warning misleads.
+    warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging interval")
 
 
 def run(args: Sequence[str] | None = None) -> LightningCLI | None:

@@ -73,7 +73,7 @@ def trainable(model, lora: LoRASettings | None, gradient_checkpointing: bool, ta
             check_targets(model, lora.target_modules)
         model = get_peft_model(model, config)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 

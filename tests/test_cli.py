@@ -213,16 +213,18 @@ def test_validate_prints_preference_kl_and_capability_tables(tmp_path, monkeypat
 
 
 def test_console_shows_no_adverts_or_library_deprecations(tmp_path):
-    """A fit from the console: no Lightning "Tip" adverts, no deprecation warnings from inside libraries."""
+    """A fit from the console: no Lightning "Tip" adverts, no deprecation warnings from inside libraries,
+    no warning that epochs shorter than the logging interval log nothing (they do log)."""
     done = subprocess.run(
         [sys.executable, "-m", "dpo_lit", "fit", "--config", "configs/dpo/tiny.yaml", "--trainer.max_steps=2",
          "--trainer.limit_val_batches=1", f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false",
-         "--model.lora.r=4"],
+         "--model.lora.r=4", "--model.gradient_checkpointing=true", "--trainer.log_every_n_steps=1000"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     console = done.stdout + done.stderr
     assert done.returncode == 0, console[-2000:]
     assert "Tip:" not in console and "is deprecated" not in console and "args parameter" not in console, console
+    assert "Warning" not in console and "logging interval" not in console, console
 
 
 def test_no_subcommand_lists_every_subcommand(capsys):

@@ -96,7 +96,7 @@ def test_gradient_checkpointing_recomputes_the_packed_attention(tiny_model):
     from dpo_lit.models import TINY_ALIAS, load_model
 
     model = load_model(TINY_ALIAS)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     batch = paired_batch(model.config.vocab_size, seed=5)
     _, _, expected = grads_of(tiny_model, *batch, packing="none")
