@@ -83,6 +83,7 @@ class StepClock:
     real_tokens: list[int] = field(default_factory=list)
     completion_tokens: list[int] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)  # token positions the model ran: padding and repeats included
     threads: int | None = None
     setup_peak_rss_gb: float | None = None
     setup_rss_gb: float | None = None
@@ -98,8 +99,9 @@ class StepClock:
         self.threads = torch.get_num_threads()
         self.setup_peak_rss_gb, self.setup_rss_gb = peak_rss_gb(), rss_gb()
 
-    def step_end(self, real_tokens: int, completion_tokens: int, loss: float) -> None:
+    def step_end(self, real_tokens: int, completion_tokens: int, loss: float, positions: int) -> None:
         self.ends.append(time.perf_counter())
+        self.positions.append(int(positions))
         self.real_tokens.append(int(real_tokens))
         self.completion_tokens.append(int(completion_tokens))
         self.losses.append(float(loss))
@@ -122,6 +124,7 @@ class StepClock:
             "real_tokens": self.real_tokens,
             "completion_tokens": self.completion_tokens,
             "losses": self.losses,
+            "positions": self.positions,
             "threads": self.threads,
             "checked": self.checked,
             "setup_peak_rss_gb": self.setup_peak_rss_gb,

@@ -31,6 +31,7 @@ def build(spec: Spec, clock: StepClock):
     from dpo_lit.data import PreferenceDataModule
     from dpo_lit.losses import DPOLoss
     from dpo_lit.module import LoRASettings, PreferenceModule
+    from dpo_lit.packing import layout
 
     class Data(InOrder, PreferenceDataModule):
         pass
@@ -48,7 +49,10 @@ def build(spec: Spec, clock: StepClock):
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-            clock.step_end(batch["attention_mask"].sum().item(), batch["completion_mask"].sum().item(), loss.item())
+            args = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+            plan = layout(*args, share_prompts=spec.packing == "prefix") if spec.packing != "none" else None
+            positions = batch["input_ids"].numel() if plan is None else plan.input_ids.shape[1]
+            clock.step_end(args[1].sum().item(), args[2].sum().item(), loss.item(), positions)
 
     seed_everything(spec.seed, verbose=False)
     t0 = time.perf_counter()

@@ -79,7 +79,8 @@ def trainer_class(clock: StepClock):
             out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             loss = out[0] if return_outputs else out
             self.bench_step = (
-                inputs["attention_mask"].sum().item(), inputs["completion_mask"].sum().item(), loss.item()
+                inputs["attention_mask"].sum().item(), inputs["completion_mask"].sum().item(), loss.item(),
+                inputs["input_ids"].numel(),
             )
             return out
 

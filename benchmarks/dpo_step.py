@@ -167,6 +167,10 @@ def print_table(results: list[dict], args: argparse.Namespace, lr: float) -> Non
               f"{r['setup_rss_gb']:>12.3f} {r['peak_rss_gb'] - r['setup_rss_gb']:>9.3f} {r['tokenize_s']:>10.2f} "
               f"{'-' if pre is None else f'{pre:.2f}':>12} {r['load_s']:>7.2f}")
     print(settings_line(args, lr))
+    for r in results:
+        run, real = sum(r["positions"]), sum(r["real_tokens"])
+        print(f"{r['impl']}: {run} token positions through the model for {real} real tokens ({run / real:.2f} per "
+              "real token: padding adds positions, a prompt computed once for both rows saves them)")
     print("tokens/s: real (non-padding) tokens of the chosen and rejected rows, prompt + completion + EOS, "
           "over the timed steps; threads seen at the first step: "
           + ", ".join(f"{r['impl']} {r['threads']}" for r in results))
@@ -176,7 +180,8 @@ def print_table(results: list[dict], args: argparse.Namespace, lr: float) -> Non
     steps = [f"w{i + 1}" for i in range(args.warmup)] + [str(i + 1) for i in range(args.steps)]
     print("\nper step".ljust(27) + "".join(f"{s:>9}" for s in steps))
     rows = [("real tokens", "real_tokens", "{:>9d}"), ("completion tokens", "completion_tokens", "{:>9d}"),
-            ("loss", "losses", "{:>9.4f}"), ("seconds", "step_seconds", "{:>9.3f}")]
+            ("positions run", "positions", "{:>9d}"), ("loss", "losses", "{:>9.4f}"),
+            ("seconds", "step_seconds", "{:>9.3f}")]
     for label, key, fmt in rows:
         for r in results:
             print(f"{label:17} {r['impl']:8}" + "".join(fmt.format(v) for v in r[key]))
