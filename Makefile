@@ -43,6 +43,8 @@ clean:
 # make bench — dpo-lit next to TRL 1.16 (each in its own process): tokens/s, s/step and peak RSS of DPO
 # steps on SmolLM2-135M-Instruct and HH-RLHF pairs: LoRA (reference = adapter off), full fine-tuning with
 # the reference precomputed, then with a frozen copy (benchmarks/README.md).
+# Float32, as configs/trainer/cpu.yaml trains (on this CPU, without native bf16, autocast made those
+# configs 4.5x slower), and so the two sides' per-step losses can be compared to 4 decimals.
 # TRL lives in its own venv, benchmarks/.venv-trl: it is never a dependency of dpo_lit.
 TRL_VENV  := benchmarks/.venv-trl
 TRL_STAMP := $(TRL_VENV)/.installed
@@ -57,9 +59,9 @@ $(TRL_STAMP): pyproject.toml constraints.txt benchmarks/requirements-trl.txt
 	touch $(TRL_STAMP)
 
 bench: venv $(TRL_STAMP)
-	$(PY) benchmarks/dpo_step.py --model smollm2-135m-instruct --variant lora --impl both --steps 8 --threads $(DPO_LIT_THREADS) --out runs/bench/dpo_step_lora.json
-	$(PY) benchmarks/dpo_step.py --model smollm2-135m-instruct --variant full --impl both --steps 8 --threads $(DPO_LIT_THREADS) --out runs/bench/dpo_step_full.json
-	$(PY) benchmarks/dpo_step.py --model smollm2-135m-instruct --variant full --full-reference copy --impl both --steps 8 --threads $(DPO_LIT_THREADS) --out runs/bench/dpo_step_full_copy.json
+	$(PY) benchmarks/dpo_step.py --model smollm2-135m-instruct --variant lora --impl both --steps 8 --threads $(DPO_LIT_THREADS) --no-bf16 --out runs/bench/dpo_step_lora.json
+	$(PY) benchmarks/dpo_step.py --model smollm2-135m-instruct --variant full --impl both --steps 8 --threads $(DPO_LIT_THREADS) --no-bf16 --out runs/bench/dpo_step_full.json
+	$(PY) benchmarks/dpo_step.py --model smollm2-135m-instruct --variant full --full-reference copy --impl both --steps 8 --threads $(DPO_LIT_THREADS) --no-bf16 --out runs/bench/dpo_step_full_copy.json
 
 # make compare — DPO (the quickstart's recipe) and PPO (configs/ppo/smollm2_everyday_vader.yaml) from
 # SmolLM2-135M-Instruct on the same prompts and reward, measured on the same held-out prompts and seeds.
