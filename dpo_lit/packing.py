@@ -87,7 +87,7 @@ def layout(input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor, s
     firsts = torch.where(completion_mask.any(-1), completion_mask.int().argmax(-1), t).tolist()
     ids_rows = input_ids.tolist()
     where = torch.full((n, t), -1, dtype=torch.long)
-    prompts: dict[tuple[int, ...], tuple[int, int]] = {}  # prompt tokens -> (packed start, length)
+    prompts: dict[tuple[int, ...], int] = {}  # prompt tokens -> their packed start
     segments, src, pos = [], [], []
     offset = 0
     for i in range(n):
@@ -98,9 +98,8 @@ def layout(input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor, s
             return None
         plen = max(min(firsts[i], s + length) - s, 0)  # prompt tokens of row i
         key = tuple(ids_rows[i][s : s + plen]) if share_prompts and plen > 0 else None
-        shared = prompts.get(key) if key is not None else None
-        if shared is not None and plen < length:  # the prompt is already packed: only the rest
-            p_start, _ = shared
+        p_start = prompts.get(key) if key is not None else None
+        if p_start is not None and plen < length:  # the prompt is already packed: only the rest
             rest = length - plen
             where[i, s : s + plen] = torch.arange(p_start, p_start + plen)
             where[i, s + plen : s + length] = torch.arange(offset, offset + rest)
@@ -111,7 +110,7 @@ def layout(input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor, s
             offset += rest
             continue
         if key is not None:
-            prompts[key] = (offset, plen)
+            prompts[key] = offset
         where[i, s : s + length] = torch.arange(offset, offset + length)
         segments.append(Segment(offset, offset + length))
         src.append(i * t + torch.arange(s, s + length))
