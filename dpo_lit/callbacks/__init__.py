@@ -6,12 +6,14 @@ from dpo_lit.callbacks.export import ExportPretrained
 from dpo_lit.callbacks.guard import NonFiniteGuard
 from dpo_lit.callbacks.health import TrainingHealth
 from dpo_lit.callbacks.kl import SampledKL
+from dpo_lit.callbacks.reward_kl import HeldoutRewardKL
 from dpo_lit.callbacks.samples import SampleTable
 
 __all__ = [
     "CapabilityEval",
     "EpochsFromSteps",
     "ExportPretrained",
+    "HeldoutRewardKL",
     "LastCheckpoint",
     "NonFiniteGuard",
     "SampleTable",
