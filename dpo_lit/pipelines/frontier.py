@@ -1,0 +1,431 @@
+"""The DPO paper's controlled-sentiment experiment (Rafailov et al. 2023, §6.1 and Figure 2): the
+reward–KL frontier of DPO against PPO on IMDb, from one command.
+
+    dpo-lit frontier --config configs/frontier/imdb_quick.yaml     # make imdb-frontier-quick
+    dpo-lit frontier --config configs/frontier/imdb.yaml           # make imdb-frontier
+
+The stages, each a normal ``dpo-lit`` job built from its own config (``configs/frontier/``):
+
+1. **ground truth**: a sentiment classifier (:mod:`dpo_lit.rewards.classifier`) trained on IMDb
+   train and measured on IMDb test: the reward is its P(positive) of prefix + completion;
+2. **prompts**: review prefixes of 2–8 tokens, from IMDb train (training) and IMDb test (held out);
+3. **SFT**: the policy learns to write reviews (IMDb train reviews as plain text, LoRA, merged);
+4. **pairs**: the SFT model samples 4 completions per training prefix, the classifier scores
+   them, and every ordered pair of distinct scores becomes a preference pair (6 per prefix);
+5. **DPO** at each β, and **Preferred-FT** (SFT on the pairs' chosen completions), on those pairs;
+6. **PPO-GT** (the classifier as reward) at each KL coefficient, and **PPO** with a reward model
+   trained on the same pairs (Bradley–Terry, :class:`~dpo_lit.rlhf.RewardModule`) at each.
+
+Every run starts from the SFT model, which is also the reference of every KL. Along each run
+(every ``eval_every`` optimizer steps, and at its end) :class:`~dpo_lit.callbacks.HeldoutRewardKL`
+samples completions of the same held-out prefixes with the same seed, and records the mean
+classifier reward and the sampled sequence-level KL(π‖π_SFT), each ± SE. Everything lands in
+``out_dir``: ``frontier.csv`` (``method, setting, step, reward, reward_se, kl, kl_se``),
+``frontier.png`` (reward against KL, a line per run), ``classifier.json`` and ``runs.json`` (each
+stage's seconds). Finished runs are kept in ``out_dir/points/`` and skipped by a later call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import platform
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from dpo_lit.callbacks.export import ExportPretrained
+from dpo_lit.callbacks.reward_kl import HeldoutRewardKL, RewardKLPoint, reward_and_kl
+from dpo_lit.data.io import atomic_write, read_records, write_json, write_jsonl
+from dpo_lit.data.prompts import encode_prompts, read_prompts
+from dpo_lit.errors import ConfigError, DataError
+from dpo_lit.models import load_model, load_tokenizer
+from dpo_lit.rewards.classifier import SentimentClassifier, clean_review, train_sentiment_classifier
+
+COLUMNS = ("method", "setting", "step", "reward", "reward_se", "kl", "kl_se")
+
+
+def make_prefixes(
+    path: str, tokenizer, count: int, min_tokens: int = 2, max_tokens: int = 8, seed: int = 0
+) -> list[dict[str, str]]:
+    """``count`` review prefixes of ``min_tokens``–``max_tokens`` tokens (uniformly), from reviews
+    drawn at random (``seed``) from an IMDb file: ``{"prompt": text, "source": "file:line"}``."""
+    if not 1 <= min_tokens <= max_tokens:
+        raise ConfigError(f"prefix_tokens: expected 1 <= min <= max, got {min_tokens}, {max_tokens}")
+    records = [(clean_review(r["text"]), where) for r, where in read_records(path) if isinstance(r.get("text"), str)]
+    if len(records) < count:
+        raise DataError(path, f"{len(records)} reviews, fewer than the {count} prefixes asked for")
+    rng = random.Random(seed)
+    prefixes = []
+    for index in rng.sample(range(len(records)), len(records)):
+        text, where = records[index]
+        ids = tokenizer.encode(" ".join(text.split()), add_special_tokens=False)
+        k = rng.randint(min_tokens, max_tokens)
+        prefix = tokenizer.decode(ids[:k]).rstrip()
+        if len(ids) > k and prefix.strip():
+            prefixes.append({"prompt": prefix, "source": where})
+        if len(prefixes) == count:
+            break
+    return prefixes
+
+
+def classifier_reward(path: Path) -> dict[str, Any]:
+    """The classifier as a ``class_path`` reward for a config override."""
+    return {"class_path": f"{SentimentClassifier.__module__}.{SentimentClassifier.__name__}",
+            "init_args": {"path": str(path)}}  # fmt: skip
+
+
+def write_frontier_csv(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    with atomic_write(path) as tmp, tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def read_frontier_csv(path: str | Path) -> list[dict[str, Any]]:
+    with open(path, newline="") as f:
+        return [
+            {**row, "step": int(row["step"]), **{k: float(row[k]) for k in COLUMNS[3:]}} for row in csv.DictReader(f)
+        ]
+
+
+METHOD_COLORS = {"dpo": "Blues", "ppo-gt": "Reds", "ppo-rm": "Oranges", "preferred-ft": "Greens", "sft": "Greys"}
+
+
+def write_frontier_png(rows: Sequence[dict[str, Any]], path: Path, title: str = "") -> Path:
+    """Reward against KL(π‖π_SFT), paper-style: a line through each run's points in step order,
+    from the SFT model (the point at KL 0) on, coloured by method, ± SE bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        runs.setdefault((row["method"], row["setting"]), []).append(row)
+    markers = "osD^vP*X"
+    start = runs.get(("sft", ""), [])[:1]  # every run starts at the SFT model: its lines start there
+    for (method, setting), points in runs.items():
+        points = sorted(points, key=lambda r: r["step"])
+        line = start + points if method != "sft" else points
+        same = [s for m, s in runs if m == method]
+        shade = 0.85 - 0.45 * same.index(setting) / max(1, len(same) - 1)  # a method's settings: shades of its colour
+        color = plt.get_cmap(METHOD_COLORS.get(method, "Purples"))(1.0 if method == "sft" else shade)
+        ax.errorbar(
+            [p["kl"] for p in line], [p["reward"] for p in line],
+            xerr=[p["kl_se"] for p in line], yerr=[p["reward_se"] for p in line],
+            color=color, marker=markers[same.index(setting) % len(markers)], markersize=5, linewidth=1,
+            elinewidth=0.6, capsize=2, alpha=0.85, label=f"{method} {setting}".strip(),
+        )  # fmt: skip
+    ax.set_xlabel("KL(π ‖ π_SFT), nats per completion (sampled)")
+    ax.set_ylabel("reward: classifier P(positive) (held-out prefixes)")
+    ax.set_title(title or "IMDb sentiment: reward vs KL")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+class Frontier:
+    """The stages of :func:`run_frontier`, sharing the output folder and the held-out evaluation."""
+
+    def __init__(self, out: Path, seed: int, evaluation: dict[str, Any]) -> None:
+        self.out, self.seed, self.evaluation = out, seed, evaluation
+        self.rows: list[dict[str, Any]] = []
+        self.seconds: dict[str, float] = {}
+
+    def done(self, name: str) -> dict | None:
+        path = self.out / "points" / f"{name}.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def keep(self, name: str, method: str, setting: str, points: Sequence[RewardKLPoint], seconds: float,
+             extra: dict | None = None) -> None:  # fmt: skip
+        record = {"method": method, "setting": setting, "seconds": seconds, "points": [asdict(p) for p in points],
+                  **(extra or {})}  # fmt: skip
+        write_json(record, self.out / "points" / f"{name}.json")
+        self.add(record)
+
+    def add(self, record: dict) -> None:
+        for point in record["points"]:
+            self.rows.append({"method": record["method"], "setting": record["setting"], **point})
+        self.seconds[f"{record['method']} {record['setting']}".strip()] = record["seconds"]
+        write_frontier_csv(self.rows, self.out / "frontier.csv")
+
+    def fit(self, name: str, config: str, overrides: dict[str, Any], callback: HeldoutRewardKL | None = None,
+            validate: bool = False):  # fmt: skip
+        """``dpo-lit fit --config CONFIG`` with ``overrides`` into ``out/NAME``, the held-out
+        evaluation added to its callbacks (and a validation of the trained model when asked: a run
+        cut by ``max_steps`` mid-epoch has none); returns the trainer and the run folder."""
+        from dpo_lit.cli import build_cli
+
+        overrides = {
+            "seed_everything": self.seed, "trainer.default_root_dir": str(self.out / name),
+            "trainer.enable_checkpointing": False, "trainer.enable_model_summary": False, **overrides,
+        }  # fmt: skip
+        cli = build_cli("fit", [config], overrides)
+        if callback is not None:
+            cli.trainer.callbacks.append(callback)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        run_dir = ExportPretrained.run_dir(cli.trainer)
+        if validate:
+            cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
+        return cli.trainer, run_dir
+
+    def evaluation_callback(self, prompts_file: Path, reward: dict[str, Any], every: int) -> HeldoutRewardKL:
+        e = self.evaluation
+        return HeldoutRewardKL(
+            str(prompts_file), SentimentClassifier(reward["init_args"]["path"]), num_prompts=None,
+            num_samples=e["samples"], max_new_tokens=e["max_new_tokens"], chat=False, batch_size=e["batch_size"],
+            seed=e["seed"], every_n_steps=every,
+        )  # fmt: skip
+
+
+def run_frontier(
+    model_name: str = "smollm2-135m-instruct",
+    out_dir: str = "runs/imdb_frontier",
+    train_file: str = "../shared/data/sentiment/imdb_train.jsonl.gz",
+    test_file: str = "../shared/data/sentiment/imdb_test.jsonl.gz",
+    classifier_max_examples: int | None = None,
+    sft_config: str = "configs/frontier/sft.yaml",
+    generate_config: str = "configs/frontier/generate.yaml",
+    dpo_config: str = "configs/frontier/dpo.yaml",
+    reward_config: str = "configs/frontier/reward.yaml",
+    ppo_config: str = "configs/frontier/ppo.yaml",
+    train_prefixes: int = 128,
+    heldout_prefixes: int = 64,
+    prefix_tokens: tuple[int, int] = (2, 8),
+    samples_per_prefix: int = 4,
+    max_new_tokens: int = 32,
+    betas: Sequence[float] = (0.05, 0.1, 1.0, 5.0),
+    dpo_steps: int = 48,
+    dpo_eval_every: int = 12,
+    preferred_ft: bool = True,
+    preferred_ft_eval_every: int | None = None,
+    ppo_gt_kl_coefs: Sequence[float] = (0.02, 0.05, 0.2),
+    ppo_rm_kl_coefs: Sequence[float] = (0.05, 0.2),
+    ppo_steps: int = 48,
+    ppo_eval_every: int = 12,
+    eval_samples: int = 4,
+    eval_seed: int = 1234,
+    eval_batch_size: int = 64,
+    sft_overrides: dict[str, Any] | None = None,
+    dpo_overrides: dict[str, Any] | None = None,
+    reward_overrides: dict[str, Any] | None = None,
+    ppo_overrides: dict[str, Any] | None = None,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Train the classifier, SFT, the pairs, DPO, Preferred-FT, a reward model, PPO-GT and PPO;
+    measure every run along training on held-out prefixes. Returns the rows of ``frontier.csv``.
+
+    Args:
+        model_name: the policy before SFT (Hub name, folder, ``.gguf`` or alias).
+        out_dir: where everything goes; finished runs found there are not run again.
+        train_file: IMDb reviews for the classifier, the SFT and the training prefixes.
+        test_file: IMDb reviews for the classifier's accuracy and the held-out prefixes.
+        classifier_max_examples: train the classifier on the first N reviews only (None: all).
+        sft_config: ``fit`` config of the SFT stage (an SFTModule on ``train_file`` as text).
+        generate_config: ``predict`` config of the pairs (its reward becomes the classifier).
+        dpo_config: ``fit`` config of DPO (its ``beta`` is set per run; Preferred-FT swaps its loss
+            for SFTLoss).
+        reward_config: ``fit`` config of the reward model (a RewardModule on the pairs).
+        ppo_config: ``fit`` config of PPO (its reward and ``kl_coef`` are set per run).
+        train_prefixes: prefixes the pairs and PPO's rollouts are drawn for.
+        heldout_prefixes: prefixes of the evaluation.
+        prefix_tokens: the shortest and longest prefix, in tokens (drawn uniformly).
+        samples_per_prefix: completions per training prefix for the pairs.
+        max_new_tokens: the length of every completion: pairs, PPO's rollouts, the evaluation.
+        betas: DPO's β of each DPO run.
+        dpo_steps: optimizer steps of each DPO and Preferred-FT run.
+        dpo_eval_every: steps between their held-out evaluations.
+        preferred_ft: also run Preferred-FT.
+        preferred_ft_eval_every: its steps between held-out evaluations (None: ``dpo_eval_every``;
+            0: only at its end).
+        ppo_gt_kl_coefs: the KL coefficient of each PPO run on the classifier's reward (the
+            paper set a target KL for an adaptive coefficient; in runs this short the controller
+            cannot move it far, so the coefficient itself is the setting).
+        ppo_rm_kl_coefs: the same for PPO on the learned reward model.
+        ppo_steps: optimizer steps (updates) of each PPO run.
+        ppo_eval_every: updates between their held-out evaluations.
+        eval_samples: completions per held-out prefix at each evaluation.
+        eval_seed: the evaluation's sampling seed (the same for every run and step).
+        eval_batch_size: rows per ``generate`` call of the evaluation.
+        sft_overrides: dotted-key overrides of the SFT config (e.g. ``trainer.max_steps``).
+        dpo_overrides: the same for DPO and Preferred-FT.
+        reward_overrides: the same for the reward model.
+        ppo_overrides: the same for PPO.
+        seed: the seed of prefixes, sampling and training.
+    """
+    from dpo_lit.cli import build_cli
+
+    if not 1 <= prefix_tokens[0] <= prefix_tokens[1]:  # before a minute of classifier training
+        raise ConfigError(f"prefix_tokens: expected 1 <= min <= max, got {prefix_tokens[0]}, {prefix_tokens[1]}")
+    start = time.time()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    evaluation = {"samples": eval_samples, "max_new_tokens": max_new_tokens, "seed": eval_seed,
+                  "batch_size": eval_batch_size}  # fmt: skip
+    frontier = Frontier(out, seed, evaluation)
+    stages: dict[str, float] = {}
+
+    # 1. the ground-truth reward
+    t = time.time()
+    info_path = out / "classifier.json"
+    if info_path.is_file() and (out / "classifier.pkl").is_file():
+        info = json.loads(info_path.read_text())
+    else:
+        print(f"[classifier] TF-IDF + logistic regression on {train_file}, measured on {test_file}", flush=True)
+        info = train_sentiment_classifier(train_file, test_file, out, classifier_max_examples)
+    print(f"[classifier] test accuracy {info['test_accuracy']:.4f} on {info['test_examples']} reviews", flush=True)
+    reward = classifier_reward(out / "classifier.pkl")
+    stages["classifier"] = time.time() - t
+
+    # 2. prefixes
+    tokenizer = load_tokenizer(model_name)
+    prefix_files = {}
+    for offset, (split, source, count) in enumerate((("train", train_file, train_prefixes),
+                                                      ("heldout", test_file, heldout_prefixes))):  # fmt: skip
+        path = out / f"prefixes_{split}.jsonl"
+        if not path.is_file():
+            write_jsonl(make_prefixes(source, tokenizer, count, *prefix_tokens, seed=seed + offset), path)
+        prefix_files[split] = path
+    print(f"[prompts] {train_prefixes} training and {heldout_prefixes} held-out prefixes of {prefix_tokens[0]}-"
+          f"{prefix_tokens[1]} tokens: {prefix_files['train']}, {prefix_files['heldout']}", flush=True)  # fmt: skip
+
+    # 3. SFT
+    t = time.time()
+    sft = frontier.done("sft")
+    if sft is None:
+        print(f"[sft] {sft_config}", flush=True)
+        _, run_dir = frontier.fit("sft", sft_config, {
+            "model.model_name": model_name, "data.train_files": [train_file],
+            "export.merge": True, **(sft_overrides or {}),
+        })  # fmt: skip
+        sft_model = str(run_dir / "merged") if (run_dir / "merged").is_dir() else str(run_dir / "policy")
+        sft = {"model": sft_model, "seconds": time.time() - t}
+        write_json(sft, out / "points" / "sft.json")
+    sft_model = sft["model"]
+    stages["sft training"] = sft["seconds"]
+
+    # the starting point: the SFT model itself (KL 0 by definition; measured like every other point)
+    start_point = frontier.done("sft-point")
+    if start_point is None:
+        t = time.time()
+        policy = load_model(sft_model)
+        prompts = read_prompts(prefix_files["heldout"])
+        sft_tokenizer = load_tokenizer(sft_model)
+        point = reward_and_kl(
+            policy, policy, contextlib.nullcontext, sft_tokenizer, prompts,
+            encode_prompts(sft_tokenizer, prompts, chat=False), SentimentClassifier(reward["init_args"]["path"]),
+            eval_samples, max_new_tokens, eval_batch_size, eval_seed,
+        )  # fmt: skip
+        del policy
+        frontier.keep("sft-point", "sft", "", [point], time.time() - t)  # seconds as "sft": its evaluation
+    else:
+        frontier.add(start_point)
+
+    # 4. pairs
+    t = time.time()
+    pairs = out / "pairs.jsonl"
+    if not pairs.is_file():
+        print(f"[pairs] {samples_per_prefix} samples of each training prefix, scored by the classifier", flush=True)
+        cli = build_cli("predict", [generate_config], {
+            "model.model_name": sft_model, "model.reward": reward, "model.num_samples": samples_per_prefix,
+            "model.max_new_tokens": max_new_tokens, "model.seed": seed, "data.prompts_file": str(prefix_files["train"]),
+            "data.chat": False, "output.path": str(pairs),
+        })  # fmt: skip
+        cli.trainer.predict(cli.model, datamodule=cli.datamodule, return_predictions=False)
+        stages["pairs"] = time.time() - t
+    count = sum(1 for _ in pairs.open())
+    if count == 0:
+        raise DataError(str(pairs), "no pairs: every sample of every prefix had the same reward")
+    print(f"[pairs] {count} pairs: {pairs}", flush=True)
+    trained_on = {"model.model_name": sft_model, "data.train_files": [str(pairs)]}
+
+    def run(name: str, method: str, setting: str, config: str, overrides: dict, every: int) -> None:
+        label = f"{method} {setting}".strip()
+        record = frontier.done(name)
+        if record is not None:
+            frontier.add(record)
+            print(f"[{label}] done before: {len(record['points'])} points", flush=True)
+            return
+        print(f"[{label}] {config}", flush=True)
+        t = time.time()
+        callback = frontier.evaluation_callback(prefix_files["heldout"], reward, every)
+        frontier.fit(name, config, {"export.enabled": False, **overrides}, callback)
+        frontier.keep(name, method, setting, callback.points, time.time() - t)
+        last = callback.points[-1]
+        print(f"[{label}] step {last.step}: reward {last.reward:.3f} ± {last.reward_se:.3f}, "
+              f"KL {last.kl:.2f} ± {last.kl_se:.2f} nats ({time.time() - t:.0f} s)", flush=True)  # fmt: skip
+
+    # 5. DPO at each beta, Preferred-FT
+    dpo = {**trained_on, "trainer.max_steps": dpo_steps, **(dpo_overrides or {})}
+    for beta in betas:
+        run(f"dpo-beta={beta:g}", "dpo", f"beta={beta:g}", dpo_config,
+            {**dpo, "model.loss.init_args.beta": beta}, dpo_eval_every)  # fmt: skip
+    if preferred_ft:
+        run("preferred-ft", "preferred-ft", "", dpo_config,
+            {**dpo, "model.loss": {"class_path": "dpo_lit.losses.SFTLoss"}},
+            dpo_eval_every if preferred_ft_eval_every is None else preferred_ft_eval_every)  # fmt: skip
+
+    # 6. PPO on the classifier; the reward model on the pairs, then PPO on it
+    ppo = {"model.model_name": sft_model, "data.prompts_file": str(prefix_files["train"]),
+           "model.max_new_tokens": max_new_tokens, "trainer.max_steps": ppo_steps,
+           **(ppo_overrides or {})}  # fmt: skip
+    for coef in ppo_gt_kl_coefs:
+        run(f"ppo-gt-kl_coef={coef:g}", "ppo-gt", f"kl_coef={coef:g}", ppo_config,
+            {**ppo, "model.reward": reward, "model.kl_coef": coef}, ppo_eval_every)  # fmt: skip
+    if ppo_rm_kl_coefs:
+        t = time.time()
+        rm = frontier.done("reward-model")
+        if rm is None:
+            print(f"[reward model] Bradley-Terry on the {count} pairs ({reward_config})", flush=True)
+            trainer, run_dir = frontier.fit("reward-model", reward_config, {
+                "model.model_name": sft_model, "data.train_files": [str(pairs)],
+                "export.merge": True, **(reward_overrides or {}),
+            }, validate=True)  # fmt: skip
+            metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+            path = run_dir / "merged" if (run_dir / "merged").is_dir() else run_dir / "policy"
+            rm = {"model": str(path), "seconds": time.time() - t, "val": metrics}
+            write_json(rm, out / "points" / "reward-model.json")
+            print(f"[reward model] held-out pair accuracy {metrics.get('val/accuracy', float('nan')):.3f}", flush=True)
+        stages["reward model"] = rm["seconds"]
+        learned = {"class_path": "dpo_lit.rewards.RewardModel", "init_args": {"path": rm["model"], "chat": False}}
+        for coef in ppo_rm_kl_coefs:
+            run(f"ppo-rm-kl_coef={coef:g}", "ppo-rm", f"kl_coef={coef:g}", ppo_config,
+                {**ppo, "model.reward": learned, "model.kl_coef": coef}, ppo_eval_every)  # fmt: skip
+
+    write_frontier_png(frontier.rows, out / "frontier.png", f"IMDb sentiment, {Path(model_name).name}: reward vs KL")
+    summary = {
+        "machine": f"{platform.machine()}, {platform.processor() or platform.platform()}",
+        "seconds": time.time() - start, "stages": {**stages, **frontier.seconds},
+        "classifier": info, "pairs": count, "sft_model": sft_model,
+    }  # fmt: skip
+    if ppo_rm_kl_coefs:
+        summary["reward_model"] = rm
+    write_json(summary, out / "runs.json")
+    print(format_table(frontier.rows), flush=True)
+    print(f"\n{out / 'frontier.csv'}, {out / 'frontier.png'}, {info_path} ({(time.time() - start) / 60:.1f} min)",
+          flush=True)  # fmt: skip
+    return frontier.rows
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The last point of each run: reward and KL ± SE."""
+    last: dict[tuple[str, str], dict[str, Any]] = {}
+    for row in rows:
+        key = (row["method"], row["setting"])
+        if key not in last or row["step"] >= last[key]["step"]:
+            last[key] = row
+    lines = ["", f"{'method':<14}{'setting':<15}{'step':>5}{'reward':>17}{'KL nats':>16}"]
+    for (method, setting), r in last.items():
+        lines.append(f"{method:<14}{setting:<15}{r['step']:>5}{r['reward']:>10.3f} ± {r['reward_se']:.3f}"
+                     f"{r['kl']:>9.2f} ± {r['kl_se']:.2f}")  # fmt: skip
+    return "\n".join(lines)

@@ -1,0 +1,140 @@
+"""The IMDb reward-KL frontier (dpo_lit/pipelines/frontier.py): the sentiment classifier, the
+prefixes, the held-out reward/KL measurement and the whole pipeline on the tiny model."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dpo_lit.callbacks.reward_kl import reward_and_kl
+from dpo_lit.data.prompts import encode_prompts
+from dpo_lit.models import load_model, load_tokenizer
+from dpo_lit.pipelines.frontier import COLUMNS, make_prefixes, read_frontier_csv, write_frontier_png
+from dpo_lit.rewards.classifier import SentimentClassifier, train_sentiment_classifier
+
+ROOT = Path(__file__).resolve().parents[1]
+SENTIMENT = ROOT.parent / "shared" / "data" / "sentiment"
+TRAIN, TEST = str(SENTIMENT / "imdb_train.jsonl.gz"), str(SENTIMENT / "imdb_test.jsonl.gz")
+
+needs_imdb = pytest.mark.skipif(not Path(TRAIN).is_file(), reason="../shared/data/sentiment is not beside the project")
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory) -> dict:
+    return train_sentiment_classifier(TRAIN, TEST, tmp_path_factory.mktemp("clf"), max_examples=3000)
+
+
+@needs_imdb
+def test_classifier_learns_sentiment_from_a_sample_of_imdb(classifier):
+    # 3,000 of the 25,000 training reviews, measured on all 25,000 test reviews: well above chance
+    # (the full set gives about 0.90, what make imdb-frontier uses).
+    assert classifier["test_examples"] == 25000 and classifier["train_examples"] == 3000
+    assert 0.80 <= classifier["test_accuracy"] <= 0.95
+    info = json.loads((Path(classifier["path"]).parent / "classifier.json").read_text())
+    assert info["test_accuracy"] == classifier["test_accuracy"] and "logistic regression" in info["classifier"]
+    reward = SentimentClassifier(classifier["path"])
+    scores = reward(["This movie was"] * 2, [" wonderful, moving and beautifully acted.", " dull, stupid and a waste of time."])
+    assert scores.shape == (2,) and 0 <= float(scores.min()) and float(scores.max()) <= 1
+    assert scores[0] > 0.7 and scores[1] < 0.3
+
+
+@needs_imdb
+def test_prefixes_are_2_to_8_tokens_of_distinct_reviews_and_reproducible():
+    tokenizer = load_tokenizer("tiny-random-llama")
+    prefixes = make_prefixes(TEST, tokenizer, 40, 2, 8, seed=3)
+    assert len(prefixes) == 40 and len({p["source"] for p in prefixes}) == 40
+    lengths = [len(tokenizer.encode(p["prompt"], add_special_tokens=False)) for p in prefixes]
+    assert min(lengths) >= 1 and max(lengths) <= 9  # re-encoding a cut text may merge or split one token
+    assert len(set(lengths)) > 3  # drawn across the range, not one length
+    assert make_prefixes(TEST, tokenizer, 40, 2, 8, seed=3) == prefixes
+    assert make_prefixes(TEST, tokenizer, 40, 2, 8, seed=4) != prefixes
+
+
+def test_reward_and_kl_of_a_model_against_itself_is_zero_and_paired_by_seed():
+    tokenizer = load_tokenizer("tiny-random-llama")
+    model = load_model("tiny-random-llama")
+    prompts = ["This film", "I watched it twice and"]
+    ids = encode_prompts(tokenizer, prompts, chat=False)
+
+    class Letters:  # a reward that depends on the sampled text
+        def __call__(self, prompts, completions, finished=None):
+            return torch.tensor([float(len(c)) for c in completions])
+
+    point = reward_and_kl(model, model, contextlib.nullcontext, tokenizer, prompts, ids, Letters(), 3, 8, 4, seed=5)
+    assert point.kl == pytest.approx(0.0, abs=1e-5) and point.kl_se == pytest.approx(0.0, abs=1e-5)
+    again = reward_and_kl(model, model, contextlib.nullcontext, tokenizer, prompts, ids, Letters(), 3, 8, 4, seed=5)
+    assert again.reward == point.reward and point.reward_se > 0
+
+
+def test_frontier_png_draws_every_run(tmp_path):
+    rows = [
+        {"method": "sft", "setting": "", "step": 0, "reward": 0.5, "reward_se": 0.02, "kl": 0.0, "kl_se": 0.0},
+        {"method": "dpo", "setting": "beta=0.1", "step": 4, "reward": 0.7, "reward_se": 0.03, "kl": 2.0, "kl_se": 0.2},
+        {"method": "dpo", "setting": "beta=0.1", "step": 8, "reward": 0.8, "reward_se": 0.03, "kl": 3.0, "kl_se": 0.3},
+    ]
+    path = write_frontier_png(rows, tmp_path / "f.png")
+    assert path.stat().st_size > 10_000
+
+
+@needs_imdb
+@pytest.mark.slow
+def test_frontier_pipeline_end_to_end_on_the_tiny_model(tmp_path):
+    out = tmp_path / "frontier"
+    env = {**os.environ, "DPO_LIT_THREADS": "2"}
+    command = [sys.executable, "-m", "dpo_lit", "frontier", "--config", "configs/frontier/tiny.yaml", "--out_dir", str(out)]
+    first = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+
+    info = json.loads((out / "classifier.json").read_text())
+    assert info["test_accuracy"] >= 0.75 and info["train_examples"] == 2000
+    assert (out / "frontier.png").stat().st_size > 10_000
+    with open(out / "frontier.csv", newline="") as f:
+        assert tuple(next(csv.reader(f))) == COLUMNS
+    rows = read_frontier_csv(out / "frontier.csv")
+    runs = {(r["method"], r["setting"]): [] for r in rows}
+    for r in rows:
+        runs[(r["method"], r["setting"])].append(r["step"])
+    assert runs == {
+        ("sft", ""): [0],
+        ("dpo", "beta=0.1"): [2, 4], ("dpo", "beta=1"): [2, 4], ("preferred-ft", ""): [2, 4],
+        ("ppo-gt", "kl_coef=0.05"): [2, 4], ("ppo-rm", "kl_coef=0.05"): [2, 4],
+    }  # fmt: skip
+    assert all(math.isfinite(r[k]) for r in rows for k in COLUMNS[3:])
+    assert all(0 <= r["reward"] <= 1 and r["reward_se"] > 0 and r["kl_se"] >= 0 for r in rows)
+    start = next(r for r in rows if r["method"] == "sft")
+    assert start["kl"] == pytest.approx(0.0, abs=1e-5)
+    # the tiny config trains with a large learning rate: every trained policy moved off the SFT model
+    # (DPO by more than 2 SE, the others by more than 1 on 32 held-out samples)
+    for (method, setting), steps in runs.items():
+        if method != "sft":
+            last = next(r for r in rows if (r["method"], r["setting"], r["step"]) == (method, setting, steps[-1]))
+            assert last["kl"] > (2 if method == "dpo" else 1) * last["kl_se"] > 0, (method, setting, last)
+    pairs = [json.loads(line) for line in (out / "pairs.jsonl").open()]
+    assert pairs and all(p["chosen_score"] > p["rejected_score"] for p in pairs)
+    summary = json.loads((out / "runs.json").read_text())
+    assert summary["pairs"] == len(pairs) and "val/accuracy" in summary["reward_model"]["val"]
+
+    # a second call finds every run done: nothing trains again, the same table comes out
+    second = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.stdout.count("done before") == 5
+    assert read_frontier_csv(out / "frontier.csv") == rows
+
+
+def test_frontier_bad_setting_is_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "dpo_lit", "frontier", "--config", "configs/frontier/tiny.yaml",
+         "--out_dir", str(tmp_path), "--prefix_tokens", "[8, 2]"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == ["dpo-lit: error: prefix_tokens: expected 1 <= min <= max, got 8, 2"]
