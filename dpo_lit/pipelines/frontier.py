@@ -22,7 +22,8 @@ samples completions of the same held-out prefixes with the same seed, and record
 classifier reward and the sampled sequence-level KL(π‖π_SFT), each ± SE. Everything lands in
 ``out_dir``: ``frontier.csv`` (``method, setting, step, reward, reward_se, kl, kl_se``),
 ``frontier.png`` (reward against KL, a line per run), ``classifier.json`` and ``runs.json`` (each
-stage's seconds). Finished runs are kept in ``out_dir/points/`` and skipped by a later call.
+stage's seconds). Finished runs are kept in ``out_dir/points/`` and skipped by a later call, which
+resumes a cut-off grid; a changed config needs a new ``out_dir`` (nothing checks that it matches).
 """
 
 from __future__ import annotations
