@@ -47,6 +47,16 @@ def parse(args: list[str]):
     return ParseOnlyCLI(run=False, args=args).config
 
 
+def parse_function_config(function, path: Path):
+    """A pipeline's YAML (``dpo-lit onpolicy | compare | frontier``) parsed against its function."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_argument("--config", action="config")
+    parser.add_function_arguments(function)
+    return parser.parse_args(["--config", str(path)])
+
+
 @pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_config_parses_and_points_at_real_files(path, monkeypatch):
     monkeypatch.chdir(ROOT)
@@ -79,30 +89,20 @@ def test_generate_configs_parse(path, monkeypatch):
 
 @pytest.mark.parametrize("path", PIPELINES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_pipeline_configs_parse(path, monkeypatch):
-    from jsonargparse import ArgumentParser
-
     from dpo_lit.pipelines.onpolicy import run_pipeline
 
     monkeypatch.chdir(ROOT)
-    parser = ArgumentParser()
-    parser.add_argument("--config", action="config")
-    parser.add_function_arguments(run_pipeline)
-    config = parser.parse_args(["--config", str(path)])
+    config = parse_function_config(run_pipeline, path)
     for key in ("generate_config", "train_config", "heldout_prompts"):
         assert Path(config[key]).is_file(), f"{path.name}: {key} {config[key]} not found"
 
 
 @pytest.mark.parametrize("path", COMPARES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_compare_configs_parse(path, monkeypatch):
-    from jsonargparse import ArgumentParser
-
     from dpo_lit.pipelines.compare import run_compare
 
     monkeypatch.chdir(ROOT)
-    parser = ArgumentParser()
-    parser.add_argument("--config", action="config")
-    parser.add_function_arguments(run_compare)
-    config = parser.parse_args(["--config", str(path)])
+    config = parse_function_config(run_compare, path)
     for key in ("generate_config", "dpo_config", "ppo_config", "heldout_prompts"):
         assert Path(config[key]).is_file(), f"{path.name}: {key} {config[key]} not found"
     ppo = parse(["--config", config.ppo_config]).model
@@ -111,15 +111,10 @@ def test_compare_configs_parse(path, monkeypatch):
 
 @pytest.mark.parametrize("path", FRONTIERS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_frontier_configs_parse(path, monkeypatch):
-    from jsonargparse import ArgumentParser
-
     from dpo_lit.pipelines.frontier import run_frontier
 
     monkeypatch.chdir(ROOT)
-    parser = ArgumentParser()
-    parser.add_argument("--config", action="config")
-    parser.add_function_arguments(run_frontier)
-    config = parser.parse_args(["--config", str(path)])
+    config = parse_function_config(run_frontier, path)
     for key in ("sft_config", "generate_config", "dpo_config", "reward_config", "ppo_config"):
         assert Path(config[key]).is_file(), f"{path.name}: {key} {config[key]} not found"
     for key in ("sft_config", "dpo_config", "reward_config", "ppo_config"):  # and each override applies
