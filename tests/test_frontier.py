@@ -15,10 +15,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpo_lit.callbacks.reward_kl import reward_and_kl
+from dpo_lit.callbacks.reward_kl import reward_and_kl, sample_and_score
 from dpo_lit.data.prompts import encode_prompts
 from dpo_lit.models import load_model, load_tokenizer
-from dpo_lit.pipelines.frontier import COLUMNS, make_prefixes, read_frontier_csv, write_frontier_png
+from dpo_lit.pipelines.frontier import make_prefixes
+from dpo_lit.pipelines.frontier_report import (
+    COLUMNS,
+    JUDGED_COLUMNS,
+    paired_gain,
+    read_frontier_csv,
+    vader_accuracy,
+    write_frontier_png,
+)  # fmt: skip
 from dpo_lit.rewards.classifier import SentimentClassifier, train_sentiment_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,6 +81,30 @@ def test_reward_and_kl_of_a_model_against_itself_is_zero_and_paired_by_seed():
     assert point.kl == pytest.approx(0.0, abs=1e-5) and point.kl_se == pytest.approx(0.0, abs=1e-5)
     again = reward_and_kl(model, model, contextlib.nullcontext, tokenizer, prompts, ids, Letters(), 3, 8, 4, seed=5)
     assert again.reward == point.reward and point.reward_se > 0
+    # the samples behind the point: 3 per prompt, each with its text, its reward and its log-ratio
+    samples = sample_and_score(model, model, contextlib.nullcontext, tokenizer, prompts, ids, Letters(), 3, 8, 4, 5, 7)
+    assert [s.prompt_index for s in samples] == [0, 0, 0, 1, 1, 1] and {s.step for s in samples} == {7}
+    assert [s.prompt for s in samples[2:4]] == prompts
+    assert [s.reward for s in samples] == [float(len(s.completion)) for s in samples]
+    assert sum(s.reward for s in samples) / 6 == pytest.approx(point.reward)
+
+
+def test_paired_gain_removes_the_prompts_own_spread():
+    # two prompts far apart, the policy better by exactly 0.1 on each: the paired gain is 0.1 with
+    # no spread at all, while the marginal means differ by 0.1 with a spread of about 0.5
+    base = {0: [0.0, 0.2], 1: [0.9, 0.9]}
+    policy = {0: [0.1, 0.3], 1: [1.0, 1.0]}
+    assert paired_gain(policy, base) == pytest.approx((0.1, 0.0))
+    assert paired_gain({0: [1.0], 1: [0.0], 2: [0.5]}, {0: [0.0], 1: [0.0], 2: [0.0]}) == pytest.approx((0.5, 0.5 / 3**0.5))
+    with pytest.raises(ValueError, match="different prompts"):
+        paired_gain({0: [1.0]}, {1: [1.0]})
+
+
+@needs_imdb
+def test_vader_second_judge_agrees_with_imdb_labels_better_than_chance():
+    # VADER knows nothing of IMDb: on reviews it is right about 7 times in 10 (the classifier 9)
+    info = vader_accuracy(TEST, limit=400, seed=1)
+    assert info["test_examples"] == 400 and 0.6 <= info["test_accuracy"] <= 0.85
 
 
 def test_frontier_png_draws_every_run(tmp_path):
@@ -122,6 +154,27 @@ def test_frontier_pipeline_end_to_end_on_the_tiny_model(tmp_path):
     assert pairs and all(p["chosen_score"] > p["rejected_score"] for p in pairs)
     summary = json.loads((out / "runs.json").read_text())
     assert summary["pairs"] == len(pairs) and "val/accuracy" in summary["reward_model"]["val"]
+    assert 0.6 <= summary["second_judge"]["test_accuracy"] <= 0.85
+
+    # every run's held-out samples are saved, and judged.csv re-reads them: one row per point,
+    # the same reward and KL as frontier.csv, the SFT model's own paired gain exactly 0
+    samples = [json.loads(line) for line in (out / "samples" / "dpo-beta=1.jsonl").open()]
+    assert len(samples) == 2 * 32 and {s["step"] for s in samples} == {2, 4}
+    assert all(s["method"] == "dpo" and s["setting"] == "beta=1" and s["prompt"] for s in samples)
+    with open(out / "judged.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == JUDGED_COLUMNS
+        judged = {(r["method"], r["setting"], int(r["step"])): {k: float(r[k]) for k in JUDGED_COLUMNS[3:]}
+                  for r in reader}  # fmt: skip
+    assert judged.keys() == {(r["method"], r["setting"], r["step"]) for r in rows}
+    for r in rows:
+        j = judged[(r["method"], r["setting"], r["step"])]
+        assert j["reward"] == pytest.approx(r["reward"]) and j["kl"] == pytest.approx(r["kl"])
+        assert all(math.isfinite(v) for v in j.values()) and -1 <= j["vader"] <= 1
+    assert judged[("sft", "", 0)]["reward_gain"] == 0 and judged[("sft", "", 0)]["vader_gain_se"] == 0
+    assert judged[("dpo", "beta=1", 4)]["reward_gain"] == pytest.approx(
+        judged[("dpo", "beta=1", 4)]["reward"] - judged[("sft", "", 0)]["reward"]
+    )  # equal numbers of samples per prompt: the mean of paired differences is the difference of means
 
     # a second call finds every run done: nothing trains again, the same table comes out
     second = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

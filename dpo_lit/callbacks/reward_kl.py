@@ -5,8 +5,10 @@ Every ``every_n_steps`` optimizer steps and at the end of training, :class:`Held
 samples ``num_samples`` completions of each held-out prompt from the policy (temperature 1, no
 top-k/top-p, the same seed every time), scores them with a :class:`~dpo_lit.rewards.Reward`, and
 scores the same token ids under the reference. It logs ``heldout/reward``, ``heldout/kl`` and their
-standard errors, and keeps every point in :attr:`HeldoutRewardKL.points`. The KL is the unbiased
-sequence-level estimate of :mod:`dpo_lit.sampling.kl`; the reward is the mean over all samples.
+standard errors, and keeps every point in :attr:`HeldoutRewardKL.points` and every scored sample in
+:attr:`HeldoutRewardKL.samples` (to read them, to score them with a second judge, or to pair two
+runs prompt by prompt). The KL is the unbiased sequence-level estimate of :mod:`dpo_lit.sampling.kl`;
+the reward is the mean over all samples.
 
 It works with every module that has ``policy``, ``reference`` and ``tokenizer``: DPO and its
 family, PPO, SFT. When the module keeps no reference model (a reference-free loss such as SFT's)
@@ -39,6 +41,26 @@ class RewardKLPoint:
     finished: float
 
 
+@dataclass
+class HeldoutSample:
+    """One scored completion of an evaluation: its prompt, text, reward and log π/π_ref."""
+
+    step: int
+    prompt_index: int
+    prompt: str
+    completion: str
+    reward: float
+    log_ratio: float
+    finished: bool
+
+
+def summarize_samples(samples: list[HeldoutSample]) -> RewardKLPoint:
+    """Mean reward and KL (the mean log-ratio) of one evaluation's samples, each ± SE."""
+    reward, reward_se = mean_se([s.reward for s in samples])
+    kl, kl_se = mean_se([s.log_ratio for s in samples])
+    return RewardKLPoint(samples[0].step, reward, reward_se, kl, kl_se, sum(s.finished for s in samples) / len(samples))
+
+
 def reference_of(pl_module: LightningModule):
     """``(model, context)`` of the module's reference, or of the LoRA policy with its adapter off."""
     found = pl_module.reference.model(pl_module.policy)
@@ -52,18 +74,31 @@ def reference_of(pl_module: LightningModule):
     return found
 
 
+def sample_and_score(
+    policy, reference, context, tokenizer, prompts: list, prompt_ids: list[list[int]], reward: Reward,
+    num_samples: int, max_new_tokens: int, batch_size: int, seed: int, step: int = 0,
+) -> list[HeldoutSample]:
+    """Sample ``num_samples`` completions of each prompt from ``policy``, score each with ``reward``
+    and with log π(y|x) − log π_ref(y|x) (``reference`` run inside ``context()``)."""
+    samples = sample(policy, tokenizer, prompt_ids, num_samples, max_new_tokens, batch_size=batch_size, seed=seed)
+    kl = kl_from_samples(samples, reference, batch_size, context, tokenizer.pad_token_id)
+    texts = [prompt_text(prompts[s.prompt_index]) for s in samples]
+    scores = reward(texts, [s.text for s in samples], [s.finished for s in samples]).tolist()
+    return [
+        HeldoutSample(step, s.prompt_index, text, s.text, score, ratio, s.finished)
+        for s, text, score, ratio in zip(samples, texts, scores, kl.per_sample, strict=True)
+    ]
+
+
 def reward_and_kl(
     policy, reference, context, tokenizer, prompts: list, prompt_ids: list[list[int]], reward: Reward,
     num_samples: int, max_new_tokens: int, batch_size: int, seed: int, step: int = 0,
 ) -> RewardKLPoint:
-    """Sample ``num_samples`` completions of each prompt from ``policy``; their mean reward and the
-    sampled KL(π‖π_ref) (``reference`` run inside ``context()``), each ± SE."""
-    samples = sample(policy, tokenizer, prompt_ids, num_samples, max_new_tokens, batch_size=batch_size, seed=seed)
-    kl = kl_from_samples(samples, reference, batch_size, context, tokenizer.pad_token_id)
-    texts = [prompt_text(prompts[s.prompt_index]) for s in samples]
-    scores = reward(texts, [s.text for s in samples], [s.finished for s in samples])
-    mean, se = mean_se(scores)
-    return RewardKLPoint(step, mean, se, kl.mean, kl.stderr, kl.finished_fraction)
+    """:func:`sample_and_score` summarised: mean reward and sampled KL(π‖π_ref), each ± SE."""
+    return summarize_samples(sample_and_score(
+        policy, reference, context, tokenizer, prompts, prompt_ids, reward, num_samples, max_new_tokens, batch_size,
+        seed, step,
+    ))  # fmt: skip
 
 
 class HeldoutRewardKL(Callback):
@@ -105,6 +140,7 @@ class HeldoutRewardKL(Callback):
         self.chat, self.batch_size, self.seed = chat, batch_size, seed
         self.every_n_steps, self.at_start = every_n_steps, at_start
         self.points: list[RewardKLPoint] = []
+        self.samples: list[HeldoutSample] = []
         self._prompts: list = []
         self._ids: list[list[int]] = []
 
@@ -115,11 +151,11 @@ class HeldoutRewardKL(Callback):
                 raise ConfigError(f"HeldoutRewardKL: need at least 2 samples for a standard error ({self.prompts_file})")
             self._ids = encode_prompts(pl_module.tokenizer, self._prompts, self.chat)
 
-    def measure(self, trainer: Trainer, pl_module: LightningModule) -> RewardKLPoint:
+    def measure(self, trainer: Trainer, pl_module: LightningModule) -> list[HeldoutSample]:
         """Sample, score and estimate the KL now."""
         reference, context = reference_of(pl_module)
         with trainer.precision_plugin.forward_context():
-            return reward_and_kl(
+            return sample_and_score(
                 pl_module.policy, reference, context, pl_module.tokenizer, self._prompts, self._ids, self.reward,
                 self.num_samples, self.max_new_tokens, self.batch_size, self.seed, trainer.global_step,
             )  # fmt: skip
@@ -127,7 +163,9 @@ class HeldoutRewardKL(Callback):
     def _record(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.points and self.points[-1].step == trainer.global_step:
             return  # once per optimizer step (gradient accumulation, the end right after a point)
-        point = self.measure(trainer, pl_module)
+        samples = self.measure(trainer, pl_module)
+        point = summarize_samples(samples)
+        self.samples += samples
         self.points.append(point)
         metrics = {f"heldout/{key}": getattr(point, key) for key in ("reward", "reward_se", "kl", "kl_se")}
         for logger in trainer.loggers:

@@ -20,16 +20,24 @@ Every run starts from the SFT model, which is also the reference of every KL. Al
 (every ``eval_every`` optimizer steps, and at its end) :class:`~dpo_lit.callbacks.HeldoutRewardKL`
 samples completions of the same held-out prefixes with the same seed, and records the mean
 classifier reward and the sampled sequence-level KL(π‖π_SFT), each ± SE. Everything lands in
-``out_dir``: ``frontier.csv`` (``method, setting, step, reward, reward_se, kl, kl_se``),
-``frontier.png`` (reward against KL, a line per run), ``classifier.json`` and ``runs.json`` (each
-stage's seconds). Finished runs are kept in ``out_dir/points/`` and skipped by a later call, which
-resumes a cut-off grid; a changed config needs a new ``out_dir`` (nothing checks that it matches).
+``out_dir``:
+
+- ``frontier.csv`` (``method, setting, step, reward, reward_se, kl, kl_se``) and ``frontier.png``
+  (reward against KL, a line per run);
+- ``samples/NAME.jsonl``: every scored held-out sample of every run, to read;
+- ``judged.csv``: from those samples, each point's reward gain over the SFT model paired by prompt,
+  and a second judge independent of the classifier (VADER), see
+  :mod:`~dpo_lit.pipelines.frontier_report`;
+- ``classifier.json`` and ``runs.json`` (each stage's seconds, the reward model's validation, the
+  second judge's IMDb test accuracy).
+
+Finished runs are kept in ``out_dir/points/`` and skipped by a later call, which resumes a cut-off
+grid; a changed config needs a new ``out_dir`` (nothing checks that it matches).
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import platform
 import random
@@ -40,14 +48,26 @@ from pathlib import Path
 from typing import Any
 
 from dpo_lit.callbacks.export import ExportPretrained
-from dpo_lit.callbacks.reward_kl import HeldoutRewardKL, RewardKLPoint, reward_and_kl
-from dpo_lit.data.io import atomic_write, read_records, write_json, write_jsonl
+from dpo_lit.callbacks.reward_kl import (
+    HeldoutRewardKL,
+    HeldoutSample,
+    RewardKLPoint,
+    sample_and_score,
+    summarize_samples,
+)
+from dpo_lit.data.io import read_records, write_json, write_jsonl
 from dpo_lit.data.prompts import encode_prompts, read_prompts
 from dpo_lit.errors import ConfigError, DataError
 from dpo_lit.models import load_model, load_tokenizer
+from dpo_lit.pipelines.frontier_report import (
+    JUDGED_COLUMNS,
+    format_table,
+    judge_samples,
+    vader_accuracy,
+    write_csv,
+    write_frontier_png,
+)
 from dpo_lit.rewards.classifier import SentimentClassifier, clean_review, train_sentiment_classifier
-
-COLUMNS = ("method", "setting", "step", "reward", "reward_se", "kl", "kl_se")
 
 
 def make_prefixes(
@@ -80,61 +100,6 @@ def classifier_reward(path: Path) -> dict[str, Any]:
             "init_args": {"path": str(path)}}  # fmt: skip
 
 
-def write_frontier_csv(rows: Sequence[dict[str, Any]], path: Path) -> Path:
-    with atomic_write(path) as tmp, tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
-
-
-def read_frontier_csv(path: str | Path) -> list[dict[str, Any]]:
-    with open(path, newline="") as f:
-        return [
-            {**row, "step": int(row["step"]), **{k: float(row[k]) for k in COLUMNS[3:]}} for row in csv.DictReader(f)
-        ]
-
-
-METHOD_COLORS = {"dpo": "Blues", "ppo-gt": "Reds", "ppo-rm": "Oranges", "preferred-ft": "Greens", "sft": "Greys"}
-
-
-def write_frontier_png(rows: Sequence[dict[str, Any]], path: Path, title: str = "") -> Path:
-    """Reward against KL(π‖π_SFT), paper-style: a line through each run's points in step order,
-    from the SFT model (the point at KL 0) on, coloured by method, ± SE bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for row in rows:
-        runs.setdefault((row["method"], row["setting"]), []).append(row)
-    markers = "osD^vP*X"
-    start = runs.get(("sft", ""), [])[:1]  # every run starts at the SFT model: its lines start there
-    for (method, setting), points in runs.items():
-        points = sorted(points, key=lambda r: r["step"])
-        line = start + points if method != "sft" else points
-        same = [s for m, s in runs if m == method]
-        shade = 0.85 - 0.45 * same.index(setting) / max(1, len(same) - 1)  # a method's settings: shades of its colour
-        color = plt.get_cmap(METHOD_COLORS.get(method, "Purples"))(1.0 if method == "sft" else shade)
-        ax.errorbar(
-            [p["kl"] for p in line], [p["reward"] for p in line],
-            xerr=[p["kl_se"] for p in line], yerr=[p["reward_se"] for p in line],
-            color=color, marker=markers[same.index(setting) % len(markers)], markersize=5, linewidth=1,
-            elinewidth=0.6, capsize=2, alpha=0.85, label=f"{method} {setting}".strip(),
-        )  # fmt: skip
-    ax.set_xlabel("KL(π ‖ π_SFT), nats per completion (sampled)")
-    ax.set_ylabel("reward: classifier P(positive) (held-out prefixes)")
-    ax.set_title(title or "IMDb sentiment: reward vs KL")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
-
-
 class Frontier:
     """The stages of :func:`run_frontier`, sharing the output folder and the held-out evaluation."""
 
@@ -147,10 +112,13 @@ class Frontier:
         path = self.out / "points" / f"{name}.json"
         return json.loads(path.read_text()) if path.is_file() else None
 
-    def keep(self, name: str, method: str, setting: str, points: Sequence[RewardKLPoint], seconds: float,
-             extra: dict | None = None) -> None:  # fmt: skip
-        record = {"method": method, "setting": setting, "seconds": seconds, "points": [asdict(p) for p in points],
-                  **(extra or {})}  # fmt: skip
+    def keep(self, name: str, method: str, setting: str, points: Sequence[RewardKLPoint],
+             samples: Sequence[HeldoutSample], seconds: float) -> None:  # fmt: skip
+        """Save a finished run: its samples in ``samples/NAME.jsonl``, then its points (the mark
+        that it is finished) in ``points/NAME.json``."""
+        write_jsonl(({"method": method, "setting": setting, **asdict(s)} for s in samples),
+                    self.out / "samples" / f"{name}.jsonl")  # fmt: skip
+        record = {"method": method, "setting": setting, "seconds": seconds, "points": [asdict(p) for p in points]}
         write_json(record, self.out / "points" / f"{name}.json")
         self.add(record)
 
@@ -158,7 +126,7 @@ class Frontier:
         for point in record["points"]:
             self.rows.append({"method": record["method"], "setting": record["setting"], **point})
         self.seconds[f"{record['method']} {record['setting']}".strip()] = record["seconds"]
-        write_frontier_csv(self.rows, self.out / "frontier.csv")
+        write_csv(self.rows, self.out / "frontier.csv")
 
     def fit(self, name: str, config: str, overrides: dict[str, Any], callback: HeldoutRewardKL | None = None,
             validate: bool = False):  # fmt: skip
@@ -322,13 +290,13 @@ def run_frontier(
         policy = load_model(sft_model)
         prompts = read_prompts(prefix_files["heldout"])
         sft_tokenizer = load_tokenizer(sft_model)
-        point = reward_and_kl(
+        samples = sample_and_score(
             policy, policy, contextlib.nullcontext, sft_tokenizer, prompts,
             encode_prompts(sft_tokenizer, prompts, chat=False), SentimentClassifier(reward["init_args"]["path"]),
             eval_samples, max_new_tokens, eval_batch_size, eval_seed,
         )  # fmt: skip
         del policy
-        frontier.keep("sft-point", "sft", "", [point], time.time() - t)  # seconds as "sft": its evaluation
+        frontier.keep("sft-point", "sft", "", [summarize_samples(samples)], samples, time.time() - t)
     else:
         frontier.add(start_point)
 
@@ -361,7 +329,7 @@ def run_frontier(
         t = time.time()
         callback = frontier.evaluation_callback(prefix_files["heldout"], reward, every)
         frontier.fit(name, config, {"export.enabled": False, **overrides}, callback)
-        frontier.keep(name, method, setting, callback.points, time.time() - t)
+        frontier.keep(name, method, setting, callback.points, callback.samples, time.time() - t)
         last = callback.points[-1]
         print(f"[{label}] step {last.step}: reward {last.reward:.3f} ± {last.reward_se:.3f}, "
               f"KL {last.kl:.2f} ± {last.kl_se:.2f} nats ({time.time() - t:.0f} s)", flush=True)  # fmt: skip
@@ -404,29 +372,20 @@ def run_frontier(
                 {**ppo, "model.reward": learned, "model.kl_coef": coef}, ppo_eval_every)  # fmt: skip
 
     write_frontier_png(frontier.rows, out / "frontier.png", f"IMDb sentiment, {Path(model_name).name}: reward vs KL")
+    judged = judge_samples(out / "samples")  # the paired gains and the second judge
+    write_csv(judged, out / "judged.csv", JUDGED_COLUMNS)
     summary = {
         "machine": f"{platform.machine()}, {platform.processor() or platform.platform()}",
         "seconds": time.time() - start, "stages": {**stages, **frontier.seconds},
-        "classifier": info, "pairs": count, "sft_model": sft_model,
+        "classifier": info, "second_judge": vader_accuracy(test_file), "pairs": count, "sft_model": sft_model,
     }  # fmt: skip
     if ppo_rm_kl_coefs:
         summary["reward_model"] = rm
     write_json(summary, out / "runs.json")
     print(format_table(frontier.rows), flush=True)
+    if judged:
+        print("\nPaired by prompt against the SFT model (classifier reward; VADER compound, the second judge)")
+        print(format_table(judged), flush=True)
     print(f"\n{out / 'frontier.csv'}, {out / 'frontier.png'}, {info_path} ({(time.time() - start) / 60:.1f} min)",
           flush=True)  # fmt: skip
     return frontier.rows
-
-
-def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """The last point of each run: reward and KL ± SE."""
-    last: dict[tuple[str, str], dict[str, Any]] = {}
-    for row in rows:
-        key = (row["method"], row["setting"])
-        if key not in last or row["step"] >= last[key]["step"]:
-            last[key] = row
-    lines = ["", f"{'method':<14}{'setting':<15}{'step':>5}{'reward':>17}{'KL nats':>16}"]
-    for (method, setting), r in last.items():
-        lines.append(f"{method:<14}{setting:<15}{r['step']:>5}{r['reward']:>10.3f} ± {r['reward_se']:.3f}"
-                     f"{r['kl']:>9.2f} ± {r['kl_se']:.2f}")  # fmt: skip
-    return "\n".join(lines)
