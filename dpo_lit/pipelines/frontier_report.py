@@ -4,9 +4,9 @@ and ``judged.csv``, which re-reads every run's saved held-out samples.
 ``judged.csv`` has, for every evaluation point of every run:
 
 - the classifier reward's gain over the SFT model, **paired by prompt**: the mean over held-out
-  prompts of (the run's mean reward on that prompt − the SFT model's), ± the SE over prompts. The
-  samples share prompts and sampling seeds, so this SE is the one to compare runs with; the
-  marginal SEs of ``frontier.csv`` overstate it;
+  prompts of (the run's mean reward on that prompt − the SFT model's), ± the SE over prompts. That
+  is the SE of the difference itself. Combining the two marginal SEs of ``frontier.csv``
+  (√(SE₁² + SE₂²)) treats the runs as independent and overstates it where the policies are close;
 - a **second judge**, independent of the classifier: VADER's compound polarity (a rule-based
   lexicon, nothing trained on IMDb) of prefix + completion, ± SE, and its paired gain. A policy
   that games the classifier gains on the classifier and not on VADER.
