@@ -82,7 +82,8 @@ beta-ablation: venv
 # DPO at 4 betas, Preferred-FT, PPO on the true reward (a sentiment classifier) and on a learned reward
 # model, from SmolLM2-135M-Instruct after SFT on IMDb reviews, each run measured along training on the
 # same held-out prefixes (experiments/imdb_frontier/NOTES.md). They write runs/imdb_frontier{_quick,}/:
-# frontier.csv, frontier.png, classifier.json. Finished runs are skipped by a later call.
+# frontier.csv, frontier.png, classifier.json, and samples/ + judged.csv (paired gains, a second judge).
+# Finished runs are skipped by a later call.
 # The classifier needs scikit-learn: the `frontier` extra, installed by `make venv`.
 .PHONY: imdb-frontier-quick imdb-frontier
 imdb-frontier-quick: venv
