@@ -136,15 +136,14 @@ def judge_samples(samples_dir: Path) -> list[dict[str, Any]]:
     vader = VaderSentiment()
 
     def by_step(path: Path) -> dict[int, list[dict]]:
+        with path.open() as f:
+            records = [json.loads(line) for line in f]
+        texts = [clean_review(r["prompt"] + r["completion"]) for r in records]
+        for r, score in zip(records, vader([""] * len(texts), texts, None), strict=True):
+            r["vader"] = float(score)
         steps: dict[int, list[dict]] = {}
-        for line in path.open():
-            record = json.loads(line)
-            steps.setdefault(record["step"], []).append(record)
-        texts = [clean_review(r["prompt"] + r["completion"]) for rs in steps.values() for r in rs]
-        scores = iter(vader([""] * len(texts), texts, None))
-        for rs in steps.values():
-            for r in rs:
-                r["vader"] = float(next(scores))
+        for r in records:
+            steps.setdefault(r["step"], []).append(r)
         return steps
 
     def per_prompt(records: list[dict], key: str) -> dict[int, list[float]]:
@@ -153,17 +152,18 @@ def judge_samples(samples_dir: Path) -> list[dict[str, Any]]:
             out.setdefault(r["prompt_index"], []).append(r[key])
         return out
 
-    base = next(iter(by_step(base_file).values()))
+    runs = {path: by_step(path) for path in sorted(samples_dir.glob("*.jsonl"), key=lambda f: (f != base_file, f.name))}
+    base_records = next(iter(runs[base_file].values()))
+    base = {key: per_prompt(base_records, key) for key in ("reward", "vader")}
     rows = []
-    for path in sorted(samples_dir.glob("*.jsonl"), key=lambda f: (f != base_file, f.name)):
-        head = json.loads(path.open().readline())
-        for step, records in sorted(by_step(path).items()):
+    for steps in runs.values():
+        for step, records in sorted(steps.items()):
             reward, _ = mean_se([r["reward"] for r in records])
             vader_mean, vader_se = mean_se([r["vader"] for r in records])
-            reward_gain = paired_gain(per_prompt(records, "reward"), per_prompt(base, "reward"))
-            vader_gain = paired_gain(per_prompt(records, "vader"), per_prompt(base, "vader"))
+            reward_gain = paired_gain(per_prompt(records, "reward"), base["reward"])
+            vader_gain = paired_gain(per_prompt(records, "vader"), base["vader"])
             rows.append({
-                "method": head["method"], "setting": head["setting"], "step": step,
+                "method": records[0]["method"], "setting": records[0]["setting"], "step": step,
                 "kl": mean_se([r["log_ratio"] for r in records])[0], "reward": reward,
                 "reward_gain": reward_gain[0], "reward_gain_se": reward_gain[1],
                 "vader": vader_mean, "vader_se": vader_se, "vader_gain": vader_gain[0], "vader_gain_se": vader_gain[1],
