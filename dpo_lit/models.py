@@ -21,6 +21,7 @@ import contextlib
 import functools
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -59,6 +60,24 @@ def weights_hash(model: nn.Module) -> str:
     for name, tensor in model.state_dict().items():
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# Config entries that name where a model came from or what wrote it, not what it computes.
+_PROVENANCE = ("_name_or_path", "transformers_version", "_commit_hash")
+
+
+def model_hash(model: nn.Module) -> str:
+    """SHA-256 of a model's weights (:func:`weights_hash`) and of its config, which changes what the
+    same weights compute (RoPE scaling, logit scaling, soft-capping, the attention implementation):
+    the identity of a model's outputs, for caches of them. Where the model was loaded from is left
+    out, so the same model under another path or alias has the same hash."""
+    h = hashlib.sha256(weights_hash(model).encode())
+    config = getattr(model, "config", None)
+    if config is not None:
+        entries = {k: v for k, v in config.to_dict().items() if k not in _PROVENANCE}
+        entries["attention"] = getattr(config, "_attn_implementation", None)
+        h.update(json.dumps(entries, sort_keys=True, default=str).encode())
     return h.hexdigest()
 
 

@@ -9,6 +9,7 @@ returns is logged as ``split/name``; callbacks do the rest of the monitoring.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ import torch
 from jsonargparse import lazy_instance
 from lightning import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torchmetrics import MeanMetric
 
@@ -178,6 +179,7 @@ class PreferenceModule(LightningModule):
         reference.setup(
             self.policy, lora=lora is not None, paired=loss.data_mode == "paired", chunk=logps_chunk,
             options=reference_options(loss.logps_options), packing=packing,
+            initial=functools.partial(load_model, model_name, dtype=dtype, trust_remote_code=trust_remote_code),
         )
         self.policy = trainable(self.policy, lora, gradient_checkpointing)
         self.val_metrics = torch.nn.ModuleDict()
@@ -267,7 +269,7 @@ class PreferenceModule(LightningModule):
         trainer = self.trainer
         self.reference.prepare(
             self.policy, data, self.device, trainer.precision_plugin.forward_context, str(trainer.precision),
-            trainer.strategy,
+            trainer.strategy, trainer.precision_plugin.convert_module,
         )
 
     def setup(self, stage: str) -> None:
@@ -289,9 +291,17 @@ class PreferenceModule(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["reference"] = self.reference.state_dict()
+        checkpoint["schedule_steps"] = int(self.trainer.estimated_stepping_batches)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.reference.load_state_dict(checkpoint.get("reference", {}))
+        self._checkpoint_schedule_steps = checkpoint.get("schedule_steps")
 
     def configure_optimizers(self):
+        steps, before = int(self.trainer.estimated_stepping_batches), getattr(self, "_checkpoint_schedule_steps", None)
+        if before is not None and before != steps and not self.hparams.scheduler.startswith("constant"):
+            rank_zero_warn(
+                f"model.scheduler: the checkpoint's {self.hparams.scheduler} schedule was sized for {before} steps and "
+                f"this run's for {steps}: from here the LR follows the new length, unlike an uninterrupted run"
+            )
         return optimizer_and_schedule(self, [p for p in self.policy.parameters() if p.requires_grad])

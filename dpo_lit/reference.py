@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from dpo_lit.data.io import atomic_write
 from dpo_lit.errors import ConfigError
 from dpo_lit.logps import LogpsOptions, completion_logps
-from dpo_lit.models import cache_dir, evaluating, weights_hash
+from dpo_lit.models import cache_dir, evaluating, model_hash
 
 ModelAndContext = tuple[nn.Module, Callable[[], ContextManager]]
 
@@ -85,6 +85,10 @@ def row_logps(
     return logps
 
 
+def _unchanged(model: nn.Module) -> nn.Module:
+    return model
+
+
 def initial_policy(policy: nn.Module) -> ContextManager:
     """A context in which ``policy`` computes what it did before training (its LoRA adapter off)."""
     return policy.disable_adapter() if hasattr(policy, "disable_adapter") else contextlib.nullcontext()
@@ -95,9 +99,10 @@ class NoReference:
 
     def setup(
         self, policy: nn.Module, *, lora: bool, paired: bool, chunk: int, options: LogpsOptions | None = None,
-        packing: str = "prefix",
+        packing: str = "prefix", initial: Callable[[], nn.Module] | None = None,
     ) -> None:
-        """Once, in the module's ``__init__``: the policy as loaded, before any adapter is added.
+        """Once, in the module's ``__init__``: the policy as loaded, before any adapter is added
+        (and before Lightning loads a checkpoint's weights into it).
 
         Args:
             policy: the freshly loaded policy.
@@ -106,6 +111,8 @@ class NoReference:
             chunk: rows of logits normalised at once (``model.logps_chunk``).
             options: token weighting of the sums the loss asks of its reference (LD-DPO), if any.
             packing: how rows are laid out for the forward (``model.packing``, :mod:`dpo_lit.packing`).
+            initial: loads the policy's initial weights again (None: they cannot be), for a
+                reference that needs them once training or a checkpoint has replaced them.
         """
         self.chunk = chunk
         self.options = options
@@ -113,11 +120,13 @@ class NoReference:
 
     def prepare(
         self, policy: nn.Module, data: SplitData, device: torch.device, context: Callable, precision: str = "",
-        processes: Processes | None = None,
+        processes: Processes | None = None, convert: Callable[[nn.Module], nn.Module] | None = None,
     ) -> None:
         """When fit or validate starts, on the module's device, in every process; ``context()`` is
         the precision context and ``precision`` its name (``32-true``, ``bf16-mixed``, ...);
-        ``processes`` the run's processes (the trainer's strategy; None: one)."""
+        ``processes`` the run's processes (the trainer's strategy; None: one); ``convert`` casts a
+        model as the precision casts the policy (``bf16-true`` makes its weights bfloat16; None:
+        leave it), for models the reference keeps outside the module's tree."""
 
     def logps(self, policy: nn.Module, batch: dict, split: str) -> Tensor | None:
         """Reference log-probs of the batch's rows, (2B,), or None."""
@@ -147,16 +156,18 @@ class CopyReference(NoReference):
 
     def setup(
         self, policy: nn.Module, *, lora: bool, paired: bool, chunk: int, options: LogpsOptions | None = None,
-        packing: str = "prefix",
+        packing: str = "prefix", initial: Callable[[], nn.Module] | None = None,
     ) -> None:
         super().setup(policy, lora=lora, paired=paired, chunk=chunk, options=options, packing=packing)
         self.frozen = copy.deepcopy(policy).requires_grad_(False).eval()
 
     def prepare(
         self, policy: nn.Module, data: SplitData, device: torch.device, context: Callable, precision: str = "",
-        processes: Processes | None = None,
+        processes: Processes | None = None, convert: Callable[[nn.Module], nn.Module] | None = None,
     ) -> None:
-        self.frozen.to(device)
+        # Outside the module's tree, the copy is cast by nobody else: under bf16-true it would
+        # run in float32 against a bfloat16 policy, and the loss at step 0 would not be ln 2.
+        self.frozen = (convert or _unchanged)(self.frozen).to(device)
 
     @torch.no_grad()
     def logps(self, policy: nn.Module, batch: dict, split: str) -> Tensor:
@@ -171,7 +182,7 @@ class AdapterReference(NoReference):
 
     def setup(
         self, policy: nn.Module, *, lora: bool, paired: bool, chunk: int, options: LogpsOptions | None = None,
-        packing: str = "prefix",
+        packing: str = "prefix", initial: Callable[[], nn.Module] | None = None,
     ) -> None:
         if not lora:
             raise ConfigError("model.reference: adapter needs a LoRA adapter: set model.lora (e.g. model.lora.r: 16)")
@@ -186,11 +197,19 @@ class AdapterReference(NoReference):
 
 
 class PrecomputedReference(NoReference):
-    """Reference log-probs computed before training for the examples the run will use, cached on disk."""
+    """Reference log-probs computed before training for the examples the run will use, cached on disk.
+
+    They come from the initial weights, whatever the policy holds when they are needed: with LoRA
+    the policy with its adapter off; with full fine-tuning the policy before its first step, or,
+    once steps or a checkpoint (``--ckpt_path``: Lightning loads its weights before ``prepare``)
+    have replaced those weights, a fresh load of ``model_name`` whose hash is checked against the
+    run's. The hash of the initial weights and config (:func:`~dpo_lit.models.model_hash`), taken
+    in ``setup``, names the cache files and travels in checkpoints with the tables.
+    """
 
     def setup(
         self, policy: nn.Module, *, lora: bool, paired: bool, chunk: int, options: LogpsOptions | None = None,
-        packing: str = "prefix",
+        packing: str = "prefix", initial: Callable[[], nn.Module] | None = None,
     ) -> None:
         if not paired:
             raise ConfigError(
@@ -199,16 +218,15 @@ class PrecomputedReference(NoReference):
             )
         super().setup(policy, lora=lora, paired=paired, chunk=chunk, options=options, packing=packing)
         self.lora = lora
-        self.stepped = False
+        self.initial = initial
+        self.identity = model_hash(policy)  # the initial weights: no checkpoint has been loaded yet
+        self.policy_is_initial = True  # False once a step or a checkpoint has changed its weights
         self.tables: dict[str, Tensor] = {}
         self.paths: dict[str, Path] = {}  # split -> its cache file
-        self._weights_hash: str | None = None
 
-    def _key(self, policy: nn.Module, dataset: Dataset, precision: str) -> str:
-        """Hash of the initial weights, how they are run (precision, chunking, packing) and the token ids."""
-        if self._weights_hash is None:  # hash the initial weights once, before any step changes them
-            self._weights_hash = weights_hash(policy)
-        h = hashlib.sha256(f"{self._weights_hash}|{precision}|{self.chunk}|{self.options!r}|{self.packing}".encode())
+    def _key(self, dataset: Dataset, precision: str) -> str:
+        """Hash of the initial model, how it is run (precision, chunking, packing) and the token ids."""
+        h = hashlib.sha256(f"{self.identity}|{precision}|{self.chunk}|{self.options!r}|{self.packing}".encode())
         for example in dataset:
             for key in sorted(k for k in example if k.endswith("_ids")):
                 h.update(key.encode())
@@ -217,39 +235,42 @@ class PrecomputedReference(NoReference):
 
     def prepare(
         self, policy: nn.Module, data: SplitData, device: torch.device, context: Callable, precision: str = "",
-        processes: Processes | None = None,
+        processes: Processes | None = None, convert: Callable[[nn.Module], nn.Module] | None = None,
     ) -> None:
         """Fill the table of each split for the examples the run will use (all when not known),
-        reading what an earlier run with the same weights and data computed from the cache.
+        reading what an earlier run with the same initial model and data computed from the cache.
 
         With several processes, each computes an equal share of what is missing (every rank runs
         the same number of forward passes, as FSDP's and DeepSpeed's sharded weights need), the
         shares are gathered into every rank's table, and rank 0 alone writes the cache: every
         example computed once, by one process."""
         processes = processes or OneProcess()
+        model = None  # the initial model, loaded again when the policy no longer holds it
         for split, (dataset, loader, needed) in data.items():
             if not dataset:
                 continue
             if split not in self.paths:  # hashing the split's token ids once per run, not per validation
-                self.paths[split] = cache_dir() / "ref_logps" / f"{self._key(policy, dataset, precision)}.pt"
+                self.paths[split] = cache_dir() / "ref_logps" / f"{self._key(dataset, precision)}.pt"
             path = self.paths[split]
             table = self.tables.get(split)
             if table is None:
                 table = torch.load(path) if path.exists() else torch.full((len(dataset), 2), float("nan"))
+            elif path.exists():  # rows the checkpoint lacks that another run has cached
+                cached = torch.load(path)
+                table = torch.where(torch.isnan(table) & ~torch.isnan(cached), cached, table)
             wanted = torch.arange(len(dataset)) if needed is None else torch.as_tensor(list(needed), dtype=torch.long)
             missing = processes.broadcast(wanted[torch.isnan(table[wanted]).any(-1)].tolist())  # rank 0's view
             self.tables[split] = table
             if not missing:
                 continue
-            if self.stepped and not self.lora:
-                raise RuntimeError(
-                    f"reference log-probs of {len(missing)} {split} examples are needed after training started"
-                )
+            if model is None:
+                model = policy if self.policy_is_initial or self.lora else self._load_initial(len(missing), split, convert)
+                model = model.to(device)
             rank, world = processes.global_rank, processes.world_size
             share = missing[rank::world]
             share += missing[: -(-len(missing) // world) - len(share)]  # equal shares: pad with repeats
             with context():
-                self._compute(policy, loader(share), table, device, f"reference log-probs ({split})")
+                self._compute(model, loader(share), table, device, f"reference log-probs ({split})")
             if world > 1:  # every rank's rows, each from the rank whose share it was
                 gathered = processes.all_gather(table[missing].to(device)).cpu()  # (world, len(missing), 2)
                 position = torch.arange(len(missing))
@@ -263,18 +284,32 @@ class PrecomputedReference(NoReference):
                 f"cached in {path})"
             )
 
+    def _load_initial(self, missing: int, split: str, convert: Callable[[nn.Module], nn.Module] | None) -> nn.Module:
+        """The initial model, loaded again (full fine-tuning after a step or a checkpoint load)."""
+        why = f"reference log-probs of {missing} {split} examples are missing and the policy's initial weights are gone"
+        if self.initial is None:
+            raise ConfigError(f"model.reference: {why}; this module cannot load them again: use reference copy")
+        model = self.initial()
+        if model_hash(model) != self.identity:
+            raise ConfigError(
+                f"model.model_name: {why}, and it now loads other weights or config than the run started from; "
+                "restore them or use reference copy"
+            )
+        rank_zero_info(f"model.reference: {why} (trained or loaded from a checkpoint): loading model_name again")
+        return (convert or _unchanged)(model)
+
     @torch.no_grad()
-    def _compute(self, policy: nn.Module, loader: DataLoader, table: Tensor, device: torch.device, desc: str) -> None:
+    def _compute(self, model: nn.Module, loader: DataLoader, table: Tensor, device: torch.device, desc: str) -> None:
         # fork_rng: iterating a DataLoader draws from the global RNG, which would make the training
         # shuffle depend on whether the table was computed now or read from the cache.
-        with torch.random.fork_rng(devices=[]), initial_policy(policy), evaluating(policy):
+        with torch.random.fork_rng(devices=[]), initial_policy(model), evaluating(model):
             for batch in tqdm(loader, desc=desc, unit="batch", disable=rank_zero_only.rank != 0, leave=False):
                 batch = {k: v.to(device) for k, v in batch.items()}
-                rows = row_logps(policy, batch, self.chunk, self.options, self.packing).float().cpu()
+                rows = row_logps(model, batch, self.chunk, self.options, self.packing).float().cpu()
                 table[batch["index"].cpu()] = rows.view(2, -1).T  # rows: B chosen then B rejected
 
     def after_step(self, policy: nn.Module, step: int) -> None:
-        self.stepped = True  # full fine-tuning: the initial weights, hence new reference values, are gone
+        self.policy_is_initial = False  # full fine-tuning: the initial weights are gone
 
     def logps(self, policy: nn.Module, batch: dict, split: str) -> Tensor:
         table = self.tables[split].to(batch["index"].device)[batch["index"]]  # (B, 2)
@@ -288,10 +323,19 @@ class PrecomputedReference(NoReference):
         return (policy, policy.disable_adapter) if hasattr(policy, "disable_adapter") else None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"tables": dict(self.tables)}
+        return {"tables": dict(self.tables), "identity": self.identity}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """A checkpoint's tables; Lightning then loads its weights into the policy, so they are no
+        longer the initial ones. A checkpoint of a run that started from other weights is refused."""
+        identity = state.get("identity", self.identity)  # checkpoints written before it was saved
+        if identity != self.identity:
+            raise ConfigError(
+                "model.model_name: the checkpoint's run started from other initial weights or config than "
+                "model_name loads, so its precomputed reference log-probs do not belong to this model"
+            )
         self.tables.update(state.get("tables", {}))
+        self.policy_is_initial = False
 
 
 class SyncedReference(CopyReference):
@@ -319,7 +363,7 @@ class SyncedReference(CopyReference):
 
     def setup(
         self, policy: nn.Module, *, lora: bool, paired: bool, chunk: int, options: LogpsOptions | None = None,
-        packing: str = "prefix",
+        packing: str = "prefix", initial: Callable[[], nn.Module] | None = None,
     ) -> None:
         if lora:
             raise ConfigError("model.reference: SyncedReference needs full fine-tuning (model.lora: null)")

@@ -1,6 +1,9 @@
 """PreferenceModule with real tiny models and data: reference modes, checkpoints, export."""
 
+import contextlib
+import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,7 @@ from dpo_lit.data import PreferenceDataModule
 from dpo_lit.errors import ConfigError
 from dpo_lit.logps import completion_logps
 from dpo_lit.losses import DPOLoss, KTOLoss, SimPOLoss
-from dpo_lit.models import TINY_ALIAS
+from dpo_lit.models import TINY_ALIAS, resolve
 from dpo_lit.module import LoRASettings, PreferenceModule
 from dpo_lit.reference import CopyReference, NoReference, PrecomputedReference, SyncedReference
 
@@ -309,5 +312,43 @@ def test_precomputed_cache_is_keyed_by_precision(tmp_path, monkeypatch):
     data = make_data()
     data.setup("fit")
     key = module.reference._key
-    assert key(module.policy, data.train_dataset, "32-true") != key(module.policy, data.train_dataset, "bf16-mixed")
-    assert key(module.policy, data.train_dataset, "32-true") == key(module.policy, data.train_dataset, "32-true")
+    assert key(data.train_dataset, "32-true") != key(data.train_dataset, "bf16-mixed")
+    assert key(data.train_dataset, "32-true") == key(data.train_dataset, "32-true")
+
+
+def test_precomputed_cache_key_includes_the_model_config(tmp_path, monkeypatch):
+    """The same weights under a changed config.json (another RoPE base) compute other log-probs:
+    they must get their own cache file, never the stale values of the first config."""
+    monkeypatch.setenv("DPO_LIT_CACHE", str(tmp_path / "cache"))
+    other = tmp_path / "other-rope"
+    shutil.copytree(resolve(TINY_ALIAS), other)
+    config = json.loads((other / "config.json").read_text())
+    config["rope_parameters"]["rope_theta"] = 100.0
+    (other / "config.json").write_text(json.dumps(config))
+    data = make_data()
+    data.setup("fit")
+    split = {"train": (data.train_dataset, lambda indices: data.ordered_dataloader("train", indices), [0, 1, 2, 3])}
+    tables, paths = [], []
+    for name in (TINY_ALIAS, str(other)):
+        module = PreferenceModule(name, reference="precomputed", optimizer=adam())
+        module.reference.prepare(module.policy, split, torch.device("cpu"), contextlib.nullcontext, "32-true")
+        tables.append(module.reference.tables["train"][:4])
+        paths.append(module.reference.paths["train"])
+    assert paths[0] != paths[1]
+    assert (tables[0] - tables[1]).abs().max() > 1e-3  # the config changes what the weights compute
+
+
+def test_a_frozen_copy_is_cast_like_the_policy_under_bf16_true(tmp_path):
+    """Under bf16-true Lightning casts the module's tree; the frozen copy sits outside it and must
+    be cast too: at step 0 the policy is the reference, so the loss is ln 2 and the margins 0."""
+    module = PreferenceModule(TINY_ALIAS, loss=DPOLoss(beta=0.1), reference="copy", optimizer=adam())
+    trainer = Trainer(accelerator="cpu", precision="bf16-true", logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=2)  # fmt: skip
+    trainer.validate(module, make_data())
+    metrics = trainer.callback_metrics
+    ln2 = torch.tensor(math.log(2), dtype=torch.bfloat16).float()  # the loss is computed in bfloat16
+    torch.testing.assert_close(metrics["val/loss"].float(), ln2, atol=1e-6, rtol=0)
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+        assert metrics[f"val/{name}"].item() == 0.0, name
+    reference, _ = module.reference.model(module.policy)
+    assert next(reference.parameters()).dtype == torch.bfloat16
