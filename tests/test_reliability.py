@@ -97,6 +97,71 @@ def test_a_sigkilled_run_resumes_to_the_uninterrupted_weights(tmp_path, straight
     assert max_difference(straight, resumed_weights) == 0.0
 
 
+def validated(run_dir: Path) -> dict[str, float]:
+    """The val/ scalars a ``dpo-lit validate`` wrote under ``run_dir``."""
+    return {tag: points[-1][1] for tag, points in read_scalars(run_dir).items() if tag.startswith("val/")}
+
+
+def test_validating_a_checkpoint_never_takes_the_precomputed_reference_from_trained_weights(tmp_path):
+    """A full fine-tuning fit with the reference precomputed, whose checkpoint holds the reference
+    log-probs of half the validation set (limit_val_batches 1): validate --ckpt_path of it, with no
+    cache to read, computes the other half from the initial weights (model_name loaded again, not
+    the trained policy the checkpoint put in its place), under the initial weights' cache key, and
+    so agrees with validate --model.reference copy of the same checkpoint."""
+    fit = dpo_lit("fit", *TINY, "--trainer.max_steps=12", "--model.reference=precomputed",
+                  "--trainer.limit_val_batches=1", f"--trainer.default_root_dir={tmp_path / 'fit'}",
+                  env={"DPO_LIT_CACHE": str(tmp_path / "cache-fit")})  # fmt: skip
+    assert fit.returncode == 0, fit.stderr[-2000:]
+    ckpt = tmp_path / "fit" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.isnan(torch.load(ckpt, weights_only=True)["reference"]["tables"]["val"]).any()  # half of it
+    metrics, logs = {}, {}
+    for reference in ("precomputed", "copy"):
+        run = dpo_lit("validate", *TINY, f"--model.reference={reference}", f"--ckpt_path={ckpt}",
+                      f"--trainer.default_root_dir={tmp_path / reference}",
+                      env={"DPO_LIT_CACHE": str(tmp_path / f"cache-{reference}")})  # fmt: skip
+        assert run.returncode == 0, run.stderr[-2000:]
+        metrics[reference], logs[reference] = validated(tmp_path / reference), run.stderr + run.stdout
+    precomputed, copy = metrics["precomputed"], metrics["copy"]
+    assert copy["val/rewards/accuracies"] > 0.9 and copy["val/loss"] < 0.3  # trained: far from ln 2
+    for tag in ("val/loss", "val/rewards/margins", "val/rewards/chosen", "val/rewards/rejected"):
+        assert precomputed[tag] == pytest.approx(copy[tag], abs=1e-4), tag
+    assert "Reference log-probs for 8 val pairs computed" in logs["precomputed"]
+    assert "loading model_name again" in logs["precomputed"]
+    fit_files = {p.name for p in (tmp_path / "cache-fit" / "ref_logps").glob("*.pt")}
+    validate_files = {p.name for p in (tmp_path / "cache-precomputed" / "ref_logps").glob("*.pt")}
+    assert validate_files and validate_files <= fit_files  # keyed by the initial weights, not the trained ones
+
+
+@pytest.mark.parametrize("reference", ["copy", "precomputed"])
+def test_a_run_resumed_after_max_steps_stopped_it_mid_epoch_equals_the_uninterrupted_run(tmp_path, reference):
+    """2 steps (max_steps stops the run a third into epoch 0), then --ckpt_path last with max_steps 5:
+    the resumed run trains on batches 2-4 of epoch 0, as 5 steps straight through do, to the bit.
+    (A constant LR: a schedule sized by max_steps differs between a 2-step and a 5-step run.)"""
+    common = [*TINY, f"--model.reference={reference}", "--model.scheduler=constant"]
+    env = {"DPO_LIT_CACHE": str(tmp_path / "cache")}
+    straight = dpo_lit("fit", *common, "--trainer.max_steps=5", f"--trainer.default_root_dir={tmp_path / 'a'}", env=env)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    env = {"DPO_LIT_CACHE": str(tmp_path / "cache-b")}  # the resumed run computes what it adds itself
+    run = [*common, f"--trainer.default_root_dir={tmp_path / 'b'}"]
+    first = dpo_lit("fit", *run, "--trainer.max_steps=2", env=env)
+    assert first.returncode == 0, first.stderr[-2000:]
+    resumed = dpo_lit("fit", *run, "--trainer.max_steps=5", "--ckpt_path=last", env=env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    weights = policy_weights(tmp_path / "b", version=1)
+    assert weights["global_step"] == 5
+    assert max_difference(policy_weights(tmp_path / "a"), weights) == 0.0
+    assert "schedule was sized for" not in resumed.stderr
+
+
+def test_resuming_with_more_steps_says_that_the_lr_schedule_is_sized_anew(tmp_path):
+    """A linear schedule of 2 steps resumed to 5 cannot be the 5-step run's: one line says so."""
+    run = [*TINY, f"--trainer.default_root_dir={tmp_path}"]
+    assert dpo_lit("fit", *run, "--trainer.max_steps=2").returncode == 0
+    resumed = dpo_lit("fit", *run, "--trainer.max_steps=5", "--ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "the checkpoint's linear schedule was sized for 2 steps and this run's for 5" in resumed.stderr
+
+
 @pytest.mark.parametrize(
     "reference, ddp",
     [("copy", ["--trainer.strategy=ddp", "--trainer.devices=2"]), ("precomputed", ["--trainer", "configs/trainer/ddp.yaml"])],

@@ -81,28 +81,51 @@ class EpochShuffle(DistributedSampler):
 
 
 class ResumableLoader(DataLoader):
-    """The training loader: Lightning saves its ``state_dict()`` in every checkpoint and gives it
-    back to ``load_state_dict`` on resume, so a run resumed mid-epoch trains on the rest of that
-    epoch (not its first batches again). ``position`` says (epoch, batches of it trained on), or
-    None outside a trainer."""
+    """The training loader, which keeps its own place: the epoch of its order and the batches of
+    that epoch it has yielded. Lightning saves its ``state_dict()`` in every checkpoint and gives it
+    back to ``load_state_dict`` on resume, so a resumed run trains on the rest of the epoch and then
+    on the epochs after it, as the uninterrupted run would have.
 
-    def __init__(self, *args, position: Callable[[], tuple[int, int] | None], **kwargs) -> None:
+    The place is counted here, not read from the trainer: a run that ``max_steps`` stops mid-epoch
+    ends its epoch in Lightning's count, and a resume from that point would otherwise start the
+    next epoch's order, skipping the rest of this one. An ``iter`` after an iterator that yielded
+    batches starts the next epoch; the first, one after a resume, and one replacing an iterator
+    Lightning made but never read (it makes two when it resumes at an epoch's end) go on where the
+    place is. An epoch counts as done once ``epoch_length()`` batches of it are yielded
+    (``limit_train_batches`` may cut it short)."""
+
+    def __init__(self, *args, epoch_length: Callable[[], float], **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.position = position
+        self.epoch_length = epoch_length
+        self.epoch, self.batches = 0, 0  # where the order is: its epoch, the batches of it yielded
+        self._read, self._resuming = False, False  # the last iterator yielded; a checkpoint's place is due
 
     def state_dict(self) -> dict[str, int]:
-        epoch, batches = self.position() or (self.sampler.epoch, 0)
-        return {"epoch": epoch, "batches": batches}
+        if self.batches >= min(len(self), self.epoch_length()):  # a finished epoch: the next one is due
+            return {"epoch": self.epoch + 1, "batches": 0}
+        return {"epoch": self.epoch, "batches": self.batches}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.sampler.resume(state["epoch"], state["batches"])
+        self.epoch, self.batches = state["epoch"], state["batches"]
+        self._resuming = True
 
-    def __iter__(self):
-        # The epoch from the trainer, not the one Lightning passed to set_epoch: after a resume at
-        # an epoch's end Lightning's counter runs one ahead of ``current_epoch``.
-        if (position := self.position()) is not None:
-            self.sampler.set_epoch(position[0])
-        return super().__iter__()
+    def __iter__(self) -> Iterator:
+        if self._resuming:
+            self._resuming = False
+        elif self._read:
+            self.epoch, self.batches = self.epoch + 1, 0
+        self._read = False
+        return self._epoch()
+
+    def _epoch(self) -> Iterator:
+        # The sampler's place is set when the first batch is asked for: Lightning calls set_epoch
+        # with its own count between ``iter`` and then, and its count runs one ahead of this one
+        # after a resume from a run that max_steps stopped mid-epoch.
+        self.sampler.set_epoch(self.epoch)
+        self.sampler.resume(self.epoch, self.batches)
+        for batch in super().__iter__():
+            self.batches, self._read = self.batches + 1, True
+            yield batch
 
 
 class TokenizedSplits(LightningDataModule):
@@ -125,13 +148,11 @@ class TokenizedSplits(LightningDataModule):
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         sampler = EpochShuffle(len(dataset), self.shuffle_seed, batch_size, world, rank)
-        return ResumableLoader(dataset, sampler=sampler, position=self._position, **kwargs)
+        return ResumableLoader(dataset, sampler=sampler, epoch_length=self._epoch_length, **kwargs)
 
-    def _position(self) -> tuple[int, int] | None:
-        """The epoch training is in and the batches of it trained on (None: no trainer)."""
-        if (trainer := self.trainer) is None:
-            return None
-        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
+    def _epoch_length(self) -> float:
+        """The training batches an epoch takes (``limit_train_batches``; infinite: no trainer yet)."""
+        return math.inf if self.trainer is None else self.trainer.num_training_batches
 
     def train_dataloader(self) -> DataLoader:
         """Training batches of ``batch_size`` examples, shuffled per epoch (:class:`EpochShuffle`)."""
