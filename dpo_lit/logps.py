@@ -11,6 +11,12 @@ a (2B, T) batch would hold 2B·T·V·4 bytes for the backward pass. Here:
    in chunks; the float32 normaliser is recomputed chunk by chunk in the backward pass instead of
    being stored.
 
+Skipping the model's own forward also skips what some families do after their LM head (Granite
+divides its logits by ``logits_scaling``, Cohere multiplies them by ``logit_scale``, Gemma 2
+soft-caps them): :func:`head_logits` applies each family's steps from :data:`HEAD_TRANSFORMS`, and
+:func:`check_head` compares the two paths once per model and refuses, in one line, a model whose
+forward still computes other logits.
+
 A loss may ask for more than plain sums through :class:`LogpsOptions` (LD-DPO's token weights,
 WPO's aligned log-probs); without options the computation is exactly the above.
 """
@@ -18,12 +24,40 @@ WPO's aligned log-probs); without options the computation is exactly the above.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
 
-from dpo_lit.packing import PACKING, layout, packed_hidden
+from dpo_lit.errors import ConfigError
+from dpo_lit.models import evaluating
+from dpo_lit.packing import PACKING, Unpackable, check_packable, layout, packed_hidden
+
+# What a family's forward does to its LM head's input or output (transformers 5.23's modeling code),
+# keyed by the model type of the (text) config: ``(config attribute, operation)`` steps, in order.
+# The same attribute can mean opposite things (Granite divides by ``logits_scaling``, HyperCLOVAX
+# multiplies by it, MiniCPM3 divides the hidden states by it), hence a table by family. Families not
+# listed soft-cap like Gemma 2 when their config sets ``final_logit_softcapping``; :func:`check_head`
+# refuses a model whose forward still disagrees.
+_GRANITE = (("logits_scaling", "divide"),)
+_COHERE = (("logit_scale", "multiply"),)
+_SOFTCAP_ONLY = (("final_logit_softcapping", "softcap"),)
+HEAD_TRANSFORMS: dict[str, tuple[tuple[str, str], ...]] = {
+    **dict.fromkeys(
+        ("granite", "granite_swa", "granitemoe", "granitemoe_swa", "granitemoehybrid", "granitemoeshared",
+         "granite4_vision_text", "granite_docling_text"), _GRANITE,
+    ),
+    **dict.fromkeys(("cohere", "cohere2", "cohere2_moe", "cohere_compass_text"), _COHERE),
+    "falcon_h1": (("lm_head_multiplier", "multiply"),),
+    "hyperclovax": (("logits_scaling", "multiply"),),
+    "minicpm3": (("logits_scaling", "divide_states"),),
+    "inkling_text": (("logits_mup_width_multiplier", "divide_states"), ("unpadded_vocab_size", "truncate")),
+    "inkling2_text": (("final_logit_softcapping", "softcap"), ("unpadded_vocab_size", "truncate")),
+    **dict.fromkeys(("muse_glimmer_text", "muse_spark_text"), (("output_multiplier", "multiply"), *_SOFTCAP_ONLY)),
+    "recurrent_gemma": (("logits_soft_cap", "softcap"),),
+    "xlstm": (("output_logit_soft_cap", "softcap"),),
+}
 
 
 @dataclass(frozen=True)
@@ -124,7 +158,7 @@ def ld_token_weights(target_mask: Tensor, alpha: float) -> Tensor:
 
 def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """The transformer body (returns final-normed hidden states) and the LM head of a causal LM."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wrapper
+    base = _unwrapped(model)
     return base.get_decoder(), base.get_output_embeddings()
 
 
@@ -149,6 +183,7 @@ def completion_states(
     """
     if packing not in PACKING:
         raise ValueError(f"packing must be one of {PACKING}, got {packing!r}")
+    check_head(model)
     decoder, _ = decoder_and_head(model)
     # Position t predicts token t+1: keep the states whose next token is a completion token.
     target_mask = completion_mask[:, 1:]  # (N, T-1)
@@ -158,23 +193,95 @@ def completion_states(
     if packing != "none" and not getattr(decoder, "_dpo_lit_unpackable", False):
         plan = layout(input_ids, attention_mask, completion_mask, share_prompts=packing == "prefix")
     if plan is not None:
-        hidden = packed_hidden(decoder, plan)  # (1, L, H)
-        if hidden is not None:
+        try:
+            check_packable(decoder)
+            hidden = packed_hidden(decoder, plan)  # (1, L, H)
             return hidden[0][plan.where[:, :-1][target_mask]], targets, rows  # (M, H)
-        decoder._dpo_lit_unpackable = True
-        warnings.warn(
-            f"{type(decoder).__name__} does not run its attention through transformers' SDPA function: "
-            "its rows are computed padded (set model.packing: none to silence this)", stacklevel=2
-        )
+        except Unpackable as why:
+            decoder._dpo_lit_unpackable = True
+            warnings.warn(
+                f"{type(decoder).__name__} {why}: its rows are computed padded (set model.packing: none to silence this)",
+                stacklevel=2,
+            )
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     return hidden[:, :-1][target_mask], targets, rows
 
 
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The Hugging Face model inside a peft wrapper (the model itself otherwise)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _text_config(model: nn.Module):
+    """The config that describes the model's language part (a multimodal model's text config)."""
+    config = _unwrapped(model).config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def head_transforms(model: nn.Module) -> list[tuple[str, float]]:
+    """The ``(operation, value)`` steps the model's own forward applies around its LM head, in
+    order, from :data:`HEAD_TRANSFORMS` and its (text) config; steps whose value is None are left out."""
+    if getattr(_unwrapped(model), "config", None) is None:
+        return []
+    text = _text_config(model)
+    steps = HEAD_TRANSFORMS.get(getattr(text, "model_type", None), _SOFTCAP_ONLY)
+    return [(op, value) for attribute, op in steps if (value := getattr(text, attribute, None)) is not None]
+
+
+# The operations of :data:`HEAD_TRANSFORMS` on the head's logits (M, V), written as the modeling code
+# writes them so that half-precision rounding matches too; "divide_states" acts on the head's input.
+_ON_LOGITS: dict[str, Callable[[Tensor, float], Tensor]] = {
+    "divide": lambda z, c: z / c,
+    "multiply": lambda z, c: z * c,
+    "softcap": lambda z, c: torch.tanh(z / c) * c,
+    "truncate": lambda z, n: z[..., : int(n)],  # a vocabulary padded beyond the tokenizer's
+}
+
+
 def head_logits(model: nn.Module, states: Tensor) -> Tensor:
-    """The LM head over hidden states (M, H) -> (M, V), soft-capped where the model's config asks."""
+    """The LM head over hidden states (M, H) -> (M, V), with the scaling, soft cap or vocabulary cut
+    the model's own forward applies (:func:`head_transforms`)."""
+    steps = head_transforms(model)
+    for op, value in steps:
+        if op == "divide_states":
+            states = states / value
     logits = decoder_and_head(model)[1](states)
-    softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
-    return torch.tanh(logits / softcap) * softcap if softcap else logits
+    for op, value in steps:
+        if op != "divide_states":
+            logits = _ON_LOGITS[op](logits, value)
+    return logits
+
+
+def check_head(model: nn.Module, tokens: int = 8) -> None:
+    """Refuse, in one line, a model whose forward computes its logits in a way :func:`head_logits`
+    does not reproduce (a family missing from :data:`HEAD_TRANSFORMS`, a new transformation).
+
+    Runs once per model (the result is kept on it): the model's own forward and the decoder + head
+    path over the same ``tokens`` token ids, in eval mode so that dropout draws nothing. The ids do
+    not depend on the batch, so every process of a sharded run runs the same forward.
+    """
+    base = _unwrapped(model)
+    if getattr(base, "_dpo_lit_head_checked", False):
+        return
+    decoder, head = decoder_and_head(model)
+    vocab = getattr(_text_config(model), "vocab_size", None) or head.weight.shape[0]
+    ids = torch.arange(1, tokens + 1, device=next(base.parameters()).device)[None] % vocab  # (1, tokens)
+    with evaluating(base):
+        theirs = base(input_ids=ids, use_cache=False).logits[0]  # (tokens, V)
+        ours = head_logits(model, decoder(input_ids=ids, use_cache=False).last_hidden_state[0])  # (tokens, V)
+    # Both paths run the same operations; half-precision logits may still round differently
+    # (a model that soft-caps in float32, say), while a missed scaling moves every logit.
+    eps = max(torch.finfo(theirs.dtype).eps, torch.finfo(ours.dtype).eps)
+    theirs, ours = theirs.float(), ours.float()
+    tolerance = max(1e-4, 4 * eps) * (1 + theirs.abs().max().item())
+    if ours.shape != theirs.shape or (ours - theirs).abs().max().item() > tolerance:
+        difference = "a different vocabulary" if ours.shape != theirs.shape else f"{(ours - theirs).abs().max():.3g}"
+        raise ConfigError(
+            f"model.model_name: {type(base).__name__} ({getattr(_text_config(model), 'model_type', '?')}) transforms its "
+            f"logits in its forward in a way dpo-lit's log-probs do not reproduce (logits differ by {difference}); "
+            "add the transformation to dpo_lit.logps.HEAD_TRANSFORMS or use another architecture"
+        )
+    base._dpo_lit_head_checked = True
 
 
 def completion_logits(

@@ -26,7 +26,9 @@ attention function. :func:`_sdpa_or_segments` is registered as transformers' ``"
 without the keyword it is transformers' own SDPA function, unchanged; with it, it attends segment by
 segment with :func:`torch.nn.functional.scaled_dot_product_attention`. A model that does not route
 its attention through that function (eager or flash attention, or an architecture with its own
-attention code) is detected after its first forward and falls back to padded rows.
+attention code), asks for attention the segments do not reproduce (a sliding window, a soft cap),
+or mixes positions outside attention (the state-space or convolution layers of a hybrid model,
+found by :func:`check_packable` before its first packed forward) falls back to padded rows.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import AttentionInterface
+
+from dpo_lit.models import evaluating
 
 PACKING = ("prefix", "rows", "none")
 KWARG = "dpo_lit_segments"
@@ -151,6 +155,10 @@ def _segment_attention(
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous()
 
 
+class Unpackable(Exception):
+    """The decoder cannot compute packed rows as its padded rows; the message says why."""
+
+
 def _sdpa_or_segments(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask, **kwargs):
     """transformers' SDPA attention, or, given a :class:`Layout` under :data:`KWARG`, attention
     segment by segment."""
@@ -159,7 +167,7 @@ def _sdpa_or_segments(module: nn.Module, query: Tensor, key: Tensor, value: Tens
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     for unsupported in ("sliding_window", "softcap", "s_aux"):
         if kwargs.get(unsupported) is not None:
-            raise NotImplementedError(f"packed rows do not support {unsupported}; set model.packing: none")
+            raise Unpackable(f"uses attention with {unsupported}, which packed segments do not reproduce")
     plan.calls += 1
     return _segment_attention(query, key, value, plan, kwargs.get("dropout", 0.0), kwargs.get("scaling")), None
 
@@ -167,11 +175,52 @@ def _sdpa_or_segments(module: nn.Module, query: Tensor, key: Tensor, value: Tens
 AttentionInterface.register("sdpa", _sdpa_or_segments)
 
 
-def packed_hidden(decoder: nn.Module, plan: Layout) -> Tensor | None:
-    """The decoder's final hidden states of the packed sequence, (1, L, H); None when the model
-    did not use the layout (its attention does not go through transformers' SDPA function)."""
+def packed_hidden(decoder: nn.Module, plan: Layout) -> Tensor:
+    """The decoder's final hidden states of the packed sequence, (1, L, H).
+
+    Raises:
+        Unpackable: the model did not use the layout (its attention does not go through
+            transformers' SDPA function) or asks for attention the segments do not reproduce.
+    """
     plan.calls = 0
     hidden = decoder(
         input_ids=plan.input_ids, position_ids=plan.position_ids, use_cache=False, **{KWARG: plan}
     ).last_hidden_state
-    return hidden if plan.calls > 0 else None
+    if plan.calls == 0:
+        raise Unpackable("does not run its attention through transformers' SDPA function")
+    return hidden
+
+
+def check_packable(decoder: nn.Module) -> None:
+    """Raise :class:`Unpackable` when a packed row's hidden states depend on the row packed before
+    it: a layer outside attention (a state-space or convolution layer of a hybrid model) carries
+    state along the packed sequence. Runs once per decoder (the result is kept on it).
+
+    The same second row is packed after two different first rows; the segment attention keeps
+    them apart, so with attention as the only sequence mixing its states differ by rounding only.
+    """
+    if getattr(decoder, "_dpo_lit_packable", False):
+        return
+    embeddings = decoder.get_input_embeddings() if hasattr(decoder, "get_input_embeddings") else None
+    vocab = getattr(embeddings, "num_embeddings", 32)
+    device = next(decoder.parameters()).device
+    second = []
+    for first in (range(1, 7), range(7, 13)):
+        ids = torch.tensor([list(first), list(range(13, 19))], device=device) % vocab  # (2, 6)
+        ones = torch.ones_like(ids)
+        plan = layout(ids, ones, torch.zeros_like(ids, dtype=torch.bool), share_prompts=False)
+        with evaluating(decoder):
+            second.append(packed_hidden(decoder, plan)[0, plan.where[1]].float())  # (6, H)
+    eps = torch.finfo(compute_dtype(decoder)).eps
+    tolerance = max(1e-4, 8 * eps) * (1 + second[0].abs().max().item())
+    if (second[0] - second[1]).abs().max().item() > tolerance:
+        raise Unpackable("carries state across positions outside attention (a state-space or convolution layer)")
+    decoder._dpo_lit_packable = True
+
+
+def compute_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype the module computes in: autocast's where it is on, else its first floating parameter's."""
+    device = next(module.parameters()).device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)

@@ -1,8 +1,11 @@
 """Completion log-probs against a plain full-vocabulary log-softmax."""
 
+import warnings
+
 import pytest
 import torch
 
+import dpo_lit.logps
 from dpo_lit.logps import _SelectiveLogSoftmax, completion_logps, selective_log_softmax
 
 
@@ -14,7 +17,7 @@ def tiny_model():
 
 
 def naive_logps(model, input_ids, attention_mask, completion_mask):
-    logp = model(input_ids=input_ids, attention_mask=attention_mask).logits.float().log_softmax(-1)  # (N, T, V)
+    logp = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.float().log_softmax(-1)  # (N, T, V)
     picked = logp[:, :-1].gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (N, T-1)
     return (picked * completion_mask[:, 1:]).sum(-1), completion_mask[:, 1:].sum(-1).float()
 
@@ -64,3 +67,81 @@ def test_bf16_logits_are_normalised_in_float32():
     out = selective_log_softmax(logits, targets)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, logits.float().log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1))
+
+
+# Families whose forward scales, soft-caps or cuts the head's logits (transformers' modeling code),
+# as tiny random models: 2 layers, width 32, a 97-token vocabulary, scales far from 1 so that a
+# missed one moves every log-prob.
+SMALL = dict(
+    vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2,
+)
+MOE = dict(num_local_experts=4, num_experts_per_tok=2)
+HYBRID = dict(mamba_n_heads=4, mamba_d_head=16)
+SCALED_FAMILIES = {
+    "granite": dict(logits_scaling=3.0),
+    "granitemoe": dict(logits_scaling=3.0, **MOE),
+    "granitemoehybrid": dict(logits_scaling=3.0, shared_intermediate_size=32, layer_types=["mamba", "attention"], **MOE, **HYBRID),
+    "cohere": dict(logit_scale=0.25),
+    "cohere2": dict(logit_scale=0.25, sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
+    "falcon_h1": dict(lm_head_multiplier=0.5, embedding_multiplier=2.0, mamba_d_ssm=64, **HYBRID),
+    "hyperclovax": dict(logits_scaling=3.0),
+    "minicpm3": dict(dim_model_base=8, num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
+                     qk_rope_head_dim=8, v_head_dim=8),
+    "gemma2": dict(final_logit_softcapping=2.0, head_dim=8),
+    "recurrent_gemma": dict(logits_soft_cap=2.0, lru_width=32, attention_window_size=16, block_types=["recurrent", "attention"]),
+}
+
+
+def tiny_family_model(model_type: str):
+    """A tiny random causal LM of ``model_type`` (SDPA attention where the family has it)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, **{**SMALL, **SCALED_FAMILIES[model_type]})
+    torch.manual_seed(0)
+    attention = "eager" if model_type == "gemma2" else "sdpa"  # Gemma 2 has no SDPA path
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attention).eval()
+
+
+def paired_rows(vocab: int):
+    """:func:`make_batch` with rows 0 and 2 sharing their prompt, so that ``prefix`` shares one."""
+    ids, attention, completion = make_batch(vocab)
+    ids[2, :6] = ids[0, :6]
+    return ids, attention, completion
+
+
+@pytest.mark.parametrize("model_type", sorted(SCALED_FAMILIES))
+def test_models_that_scale_logits_in_forward_get_their_own_logps(model_type):
+    model = tiny_family_model(model_type)
+    batch = paired_rows(model.config.vocab_size)
+    with torch.no_grad():
+        expected, _ = naive_logps(model, *batch)
+        for packing in ("prefix", "rows", "none"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # families that cannot pack say so and run padded
+                logps, _ = completion_logps(model, *batch, packing=packing)
+            torch.testing.assert_close(logps, expected, rtol=0, atol=1e-4, msg=lambda m, packing=packing: f"packing={packing}: {m}")
+
+
+def test_a_model_whose_forward_transforms_logits_in_an_unknown_way_is_refused_in_one_line(monkeypatch):
+    from dpo_lit.errors import ConfigError
+
+    monkeypatch.delitem(dpo_lit.logps.HEAD_TRANSFORMS, "granite")  # as if Granite were a family we had not read
+    model = tiny_family_model("granite")
+    with pytest.raises(ConfigError, match=r"^model.model_name: GraniteForCausalLM \(granite\) transforms its logits") as error:
+        completion_logps(model, *paired_rows(model.config.vocab_size))
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("model_type", ["falcon_h1", "granitemoehybrid"])
+def test_packed_rows_of_hybrid_models_do_not_leak_state_across_rows(model_type):
+    model = tiny_family_model(model_type)
+    batch = paired_rows(model.config.vocab_size)
+    with torch.no_grad():
+        padded, _ = completion_logps(model, *batch, packing="none")
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            for packing in ("prefix", "rows"):
+                packed, _ = completion_logps(model, *batch, packing=packing)
+                torch.testing.assert_close(packed, padded, rtol=0, atol=1e-5, msg=lambda m, packing=packing: f"packing={packing}: {m}")
+    assert any("carries state across positions outside attention" in str(w.message) for w in said)
