@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,7 @@ from dpo_lit.models import build_tiny_model, load_model, load_tokenizer
 from dpo_lit.sampling.kl import sequence_logps
 from dpo_lit.sampling.sample import generate_kwargs, sample
 
+ROOT = Path(__file__).resolve().parents[1]
 EOS, PAD = 1, 0
 SHORT, LONG = [2, 3], [4, 5, 6, 7, 2, 3, 5]
 
@@ -152,3 +156,27 @@ def test_smollm2_logp_matches_a_forward_and_text_round_trips() -> None:
     for s in samples:
         assert s.text == tokenizer.decode(s.completion_ids, skip_special_tokens=True)
         assert s.finished == (s.completion_ids[-1] == tokenizer.eos_token_id)
+
+
+def predict(out: Path, *options: str) -> subprocess.CompletedProcess:
+    """``dpo-lit predict`` of the tiny generation config over 15 prompts, in a fresh process."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DPO_LIT_THREADS": "1"}
+    command = [sys.executable, "-m", "dpo_lit", "predict", "--config", "configs/generate/tiny.yaml",
+               "--data.limit=15", "--data.batch_size=4", f"--output.path={out}", *options]  # fmt: skip
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+
+
+def test_predict_under_ddp_writes_every_pair_once_in_order(tmp_path: Path) -> None:
+    """2 gloo processes sample each prompt as 1 process does (a prompt's samples depend on its
+    index and the seed only), and rank 0 writes the pairs of all 15 prompts, in prompt order."""
+    one = predict(tmp_path / "one.jsonl")
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = predict(tmp_path / "two.jsonl", "--trainer.strategy=ddp", "--trainer.devices=2")
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in two.stdout + two.stderr
+    rows = {n: [json.loads(line) for line in (tmp_path / f"{n}.jsonl").open()] for n in ("one", "two")}
+    summary = {n: json.loads((tmp_path / f"{n}.summary.json").read_text()) for n in ("one", "two")}
+    assert summary["one"]["prompts"] == 15 and summary["one"]["samples"] == 60
+    assert len(rows["one"]) == summary["one"]["pairs"] > 0
+    assert rows["two"] == rows["one"]
+    assert summary["two"] == summary["one"]

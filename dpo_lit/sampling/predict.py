@@ -8,14 +8,21 @@ scorer, a length/format rule, or your own :class:`dpo_lit.rewards.Reward`). Pair
 JSONL in the ``tokenized`` data format: texts and scores for reading, and the token ids exactly as
 sampled for training, so a completion cut by ``max_new_tokens`` never gains an EOS it did not
 produce. ``dpo-lit fit`` trains on that file as it is.
+
+Each prompt is sampled from its own seed (:func:`prompt_seed`), so its samples do not depend on
+its batch or on how many processes share the prompts: under DDP each process samples its share,
+and rank 0 alone writes every prompt's pairs, in the prompts file's order.
 """
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from jsonargparse import lazy_instance
 from lightning import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
@@ -27,7 +34,51 @@ from dpo_lit.data.prompts import encode_prompts, prompt_text, read_prompts
 from dpo_lit.models import load_model, load_tokenizer
 from dpo_lit.rewards import Reward, VaderSentiment
 from dpo_lit.sampling.pairs import PairStats, build_pairs
-from dpo_lit.sampling.sample import sample
+from dpo_lit.sampling.sample import Sample, sample
+
+
+def prompt_seed(seed: int, index: int) -> int:
+    """The sampling seed of the prompt at ``index`` in the prompts file: a function of the run's
+    seed and the index only, so a prompt gets the same samples in whatever process, batch or batch
+    position it lands (``seed + index`` would give seed 0's prompt 1 seed 1's prompt 0)."""
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # below 2**63, inside torch.manual_seed's range
+
+
+@dataclass
+class PromptPairs:
+    """What ``predict`` made of one prompt.
+
+    Attributes:
+        index: The prompt's position in the prompts file.
+        rows: Its pairs (see :mod:`dpo_lit.sampling.pairs`).
+        scores: The reward of each of its samples, in sample order.
+        finished: Whether each sample ended with the EOS.
+        stats: What :func:`build_pairs` made and skipped for it.
+    """
+
+    index: int
+    rows: list[dict]
+    scores: list[float]
+    finished: list[bool]
+    stats: PairStats
+
+
+def gather_on_rank_zero(results: list[PromptPairs]) -> list[PromptPairs] | None:
+    """Every process's results on rank 0, one per prompt, in prompt order; None on other ranks.
+
+    A distributed sampler that pads its shares repeats prompts: the first result of an index is kept.
+    """
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        parts: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(results, parts, dst=0)
+        if parts is None:
+            return None
+        results = [r for part in parts for r in part]
+    unique: dict[int, PromptPairs] = {}
+    for result in results:
+        unique.setdefault(result.index, result)
+    return [unique[index] for index in sorted(unique)]
 
 
 class GenerationModule(LightningModule):
@@ -42,8 +93,10 @@ class GenerationModule(LightningModule):
         top_p: nucleus sampling threshold (1: off).
         strategy: ``best_worst`` (one pair per prompt) or ``all_pairs`` (every differently scored two).
         min_margin: skip pairs whose reward difference is below this.
-        seed: sampling seed (each batch uses ``seed + batch_idx``).
-        batch_size: rows (prompt × sample) per ``generate`` call.
+        seed: sampling seed; each prompt samples from :func:`prompt_seed` of it and the prompt's
+            index, whatever the batch size or the number of processes.
+        batch_size: samples of one prompt per ``generate`` call (prompts are sampled one by one,
+            each from its own seed).
         dtype: dtype of the loaded weights.
     """
 
@@ -67,16 +120,25 @@ class GenerationModule(LightningModule):
         self.policy = load_model(model_name, dtype=dtype)
         self.tokenizer = load_tokenizer(model_name)
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, list[PromptPairs]]:
         h = self.hparams
-        samples = sample(
-            self.policy, self.tokenizer, batch["prompt_ids"], h.num_samples, h.max_new_tokens,
-            temperature=h.temperature, top_p=h.top_p, batch_size=h.batch_size, seed=h.seed + batch_idx,
-        )
+        samples: list[Sample] = []
+        for position, (index, ids) in enumerate(zip(batch["indices"], batch["prompt_ids"])):
+            drawn = sample(
+                self.policy, self.tokenizer, [ids], h.num_samples, h.max_new_tokens, temperature=h.temperature,
+                top_p=h.top_p, batch_size=h.batch_size, seed=prompt_seed(h.seed, index),
+            )
+            samples += [replace(s, prompt_index=position) for s in drawn]
         prompts = [prompt_text(batch["prompts"][s.prompt_index]) for s in samples]
-        scores = self.reward(prompts, [s.text for s in samples], [s.finished for s in samples])
-        rows, stats = build_pairs(samples, scores, batch["prompts"], h.strategy, h.min_margin)
-        return {"rows": rows, "stats": stats, "scores": scores, "finished": [s.finished for s in samples]}
+        scores = [float(x) for x in self.reward(prompts, [s.text for s in samples], [s.finished for s in samples])]
+        results = []
+        for position, index in enumerate(batch["indices"]):
+            mine = [k for k, s in enumerate(samples) if s.prompt_index == position]
+            rows, stats = build_pairs(
+                [samples[k] for k in mine], [scores[k] for k in mine], batch["prompts"], h.strategy, h.min_margin
+            )
+            results.append(PromptPairs(index, rows, [scores[k] for k in mine], [samples[k].finished for k in mine], stats))
+        return {"prompts": results}
 
 
 class PromptDataModule(LightningDataModule):
@@ -107,7 +169,7 @@ class PromptDataModule(LightningDataModule):
     def _encode(self, path: str, limit: int | None) -> list[dict[str, Any]]:
         prompts = read_prompts(path)[:limit]
         ids = encode_prompts(load_tokenizer(self.tokenizer_name), prompts, self.chat)
-        return [{"prompt": p, "prompt_ids": i} for p, i in zip(prompts, ids)]
+        return [{"index": k, "prompt": p, "prompt_ids": i} for k, (p, i) in enumerate(zip(prompts, ids))]
 
     def setup(self, stage: str | None = None) -> None:
         self.items = self._encode(self.prompts_file, self.limit)
@@ -116,7 +178,10 @@ class PromptDataModule(LightningDataModule):
 
     @staticmethod
     def collate(items: list[dict[str, Any]]) -> dict[str, list]:
-        return {"prompts": [i["prompt"] for i in items], "prompt_ids": [i["prompt_ids"] for i in items]}
+        return {
+            "indices": [i["index"] for i in items], "prompts": [i["prompt"] for i in items],
+            "prompt_ids": [i["prompt_ids"] for i in items],
+        }
 
     def predict_dataloader(self) -> DataLoader:
         return DataLoader(self.items, batch_size=self.batch_size, shuffle=False, collate_fn=self.collate)
@@ -131,6 +196,9 @@ class PromptDataModule(LightningDataModule):
 class WritePairs(BasePredictionWriter):
     """Write the pairs of a ``predict`` run as JSONL, with a summary beside them.
 
+    Under DDP every process hands its prompts' pairs to rank 0, which alone writes them all, in
+    the prompts file's order.
+
     Args:
         path: the pairs file; ``<path stem>.summary.json`` gets the counts and reward statistics.
     """
@@ -141,12 +209,15 @@ class WritePairs(BasePredictionWriter):
 
     def write_on_epoch_end(self, trainer: Trainer, pl_module: LightningModule, predictions, batch_indices) -> None:
         outputs = predictions[0] if predictions and isinstance(predictions[0], list) else predictions
-        rows = [row for out in outputs for row in out["rows"]]
-        scores = torch.cat([out["scores"] for out in outputs])
-        finished = [f for out in outputs for f in out["finished"]]
+        results = gather_on_rank_zero([result for out in outputs for result in out["prompts"]])
+        if results is None:  # not rank 0
+            return
+        rows = [row for r in results for row in r.rows]
+        scores = torch.tensor([score for r in results for score in r.scores])
+        finished = [f for r in results for f in r.finished]
         stats = PairStats(prompts=0)
-        for out in outputs:
-            for key, value in vars(out["stats"]).items():
+        for r in results:
+            for key, value in vars(r.stats).items():
                 setattr(stats, key, getattr(stats, key) + value)
         replaced = Path(self.path).exists()
         path = write_jsonl(rows, self.path)
