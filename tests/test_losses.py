@@ -14,6 +14,7 @@ from torch.testing import assert_close
 
 from dpo_lit.losses import (
     CombinedLoss,
+    DiscoPOPLoss,
     DPOLoss,
     HingeLoss,
     IPOLoss,
@@ -335,6 +336,26 @@ def test_orpo_finite_near_zero_and_very_negative():
     out.loss.backward()
     assert torch.isfinite(out.losses).all() and torch.isfinite(out.loss)
     assert torch.isfinite(pc.grad).all() and torch.isfinite(pr.grad).all()
+
+
+# --- DiscoPOP numerics -----------------------------------------------------------------------
+
+
+def test_discopop_is_finite_far_below_minus_88():
+    """In float32 ``exp(-x)`` overflows once x = βh < -88.7, and the literal
+    ``(1 - σ(x/τ))·softplus(-x) + σ(x/τ)·exp(-x)`` (TRL's) is inf·0 = NaN there. Ours is
+    softplus(-x) = -x, σ(x/τ) being 0, and its gradient in π_c is -β."""
+    beta, tau = 0.1, 0.05
+    x = t(-88.8, -100.0, -1e3, -1e4, -1e6)
+    pc = (x / beta).requires_grad_(True)  # h = π_c: the other three log-probs are 0
+    zeros = torch.zeros(5)
+    out = DiscoPOPLoss(beta=beta, tau=tau)(PairLogps(pc, zeros, zeros, zeros, torch.ones(5), torch.ones(5)))
+    out.losses.sum().backward()
+    assert out.losses.dtype == torch.float32
+    assert_close(out.losses, -x)
+    assert_close(pc.grad, torch.full((5,), -beta))
+    mix = torch.sigmoid(x / tau)
+    assert torch.isnan((1 - mix) * torch.nn.functional.softplus(-x) + mix * torch.exp(-x)).all()
 
 
 # --- gather ----------------------------------------------------------------------------------

@@ -40,7 +40,10 @@ class DiscoPOPLoss(PreferenceLoss):
     a blend of DPO's logistic loss (for negative margins) and an exponential loss (for positive
     ones), switched by a sigmoid of temperature τ. At h = 0 it is ``(ln 2 + 1)/2``. Departure
     from a literal transcription only in numerics: ``σ(x/τ)·exp(-x)`` is evaluated as
-    ``exp(logσ(x/τ) - x)``. Rewards are ``β·(log π - log π_ref)``, detached.
+    ``exp(logσ(x/τ) - x)``, so the loss and its gradient stay finite for any βh. The literal
+    form, which TRL's ``loss_type="discopop"`` computes, is NaN in float32 once βh < -88.7:
+    ``exp(-βh)`` overflows to inf and meets ``σ(βh/τ) = 0``. Rewards are
+    ``β·(log π - log π_ref)``, detached.
 
     Args:
         beta: Scale β of the log-ratio difference. Must be > 0.

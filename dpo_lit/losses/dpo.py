@@ -58,7 +58,8 @@ class DPOLoss(PreferenceLoss):
     assumes each label is flipped with probability ε:
     ``-(1-ε)·log σ(βh) - ε·log σ(-βh)``. Rewards are the implicit ``β·(log π - log π_ref)``
     of the chosen and rejected completions (detached). Log-probs are summed over completion
-    tokens, as in the paper.
+    tokens, as in the paper. TRL's ``loss_type="sigmoid"`` ignores ``label_smoothing`` (it
+    has no cDPO): there a nonzero ε silently trains plain DPO; here it applies.
 
     Args:
         beta: Inverse temperature β of the Bradley-Terry model; the strength of the implicit

@@ -63,9 +63,11 @@ class FDPOLoss(PreferenceLoss):
     for (Table 1, constants dropped): reverse KL ``f'(u) = log u`` (DPO itself); forward KL
     ``f'(u) = -1/u``; Jensen-Shannon ``f'(u) = log(u/(1+u)) = log σ(log u)``; α-divergence
     ``f'(u) = -u^(-α)/α`` with 0 < α < 1, which tends to the reverse KL as α → 0 and to the
-    forward KL as α → 1. Departures: exponents are clamped at 80 (as TRL caps them) so the
-    forward-KL and α scores stay finite in float32 when the policy has moved far below the
-    reference; α follows the paper (TRL ≥ 1.0 writes the paper's α as 1 - α; equal at 0.5).
+    forward KL as α → 1. Departures: exponents are clamped at 80 so that the forward-KL and
+    α scores stay finite in float32 when the policy has moved far below the reference (TRL
+    clamps only its α-divergence branch: its forward-KL score ``-exp(-log u)`` overflows to
+    -inf, and the loss to inf or NaN, once a completion's log-ratio falls below about -88.7);
+    α follows the paper (TRL ≥ 1.0 writes the paper's α as 1 - α; equal at 0.5).
     Rewards are ``β·(log π - log π_ref)`` for every divergence, as in the other losses, detached.
 
     Args:

@@ -50,8 +50,9 @@ class ORPOLoss(PreferenceLoss):
         odds(y|x) = P_θ(y|x) / (1 - P_θ(y|x))
 
     No reference model. ``L_SFT = -a_c`` is the mean token NLL of the chosen completion per
-    example, then averaged over the batch (TRL averages over all chosen tokens of the batch
-    instead). ``log(1 - P)`` is computed as ``log(-expm1(a))`` with a clamped to <= -1e-6, so
+    example, then averaged over the batch. TRL's NLL term differs twice: it covers the
+    prompt tokens as well as the chosen completion's (every non-padding token of the chosen
+    row), and it averages over all those tokens of the batch. ``log(1 - P)`` is computed as ``log(-expm1(a))`` with a clamped to <= -1e-6, so
     the loss stays finite when a completion has probability 1 (see :func:`log1mexp`).
     Rewards are ``λ·a`` (as TRL), detached. ``metrics``: ``log_odds_ratio`` (batch mean of
     the log odds ratio itself) and ``nll`` (batch mean of L_SFT).

@@ -28,9 +28,11 @@ class SimPOLoss(PreferenceLoss):
 
         L = -log σ(β/|y_w|·log π(y_w|x) - β/|y_l|·log π(y_l|x) - γ)
 
-    No reference model. γ is the absolute target reward margin of the paper (TRL instead
-    takes ``gamma_beta_ratio = γ/β``); the SimPO repository's optional label smoothing is
-    not included. Rewards are ``β·(average per-token log-prob)``, detached.
+    No reference model. γ is the paper's absolute target reward margin, as is TRL's
+    ``simpo_gamma`` (its CPO trainer subtracts ``simpo_gamma/β`` from the average log-prob
+    difference before scaling by β); the SimPO repository's optional label smoothing, which
+    TRL applies there through ``label_smoothing``, is not included. Rewards are
+    ``β·(average per-token log-prob)``, detached.
 
     Args:
         beta: Scale of the length-normalised log-prob reward. Must be > 0.
