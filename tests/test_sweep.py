@@ -5,10 +5,11 @@ import time
 from pathlib import Path
 
 import pytest
+from torch.utils.tensorboard import SummaryWriter
 
 from dpo_lit.cli import run
 from dpo_lit.errors import ConfigError
-from dpo_lit.pipelines.sweep import Point, grid_points, parse_grid
+from dpo_lit.pipelines.sweep import Point, fit_metrics, grid_points, parse_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,3 +85,22 @@ def test_tiny_onpolicy_beta_sweep_shares_the_starting_models_work(tmp_path, monk
     assert [float(r["beta"]) for r in rows] == [0.05, 0.5]
     assert float(rows[1]["cap/wikitext/ppl_delta"]) == pytest.approx(reports[1]["capabilities"]["wikitext/ppl"]["delta"])
     assert {"policy_reward", "paired_gain", "kl"} <= set(rows[0])
+
+
+def test_sweep_best_is_the_lowest_bits_per_byte_and_nll_and_absent_without_a_direction(tmp_path):
+    """The summary's best of each metric goes the metric's way: the lowest bits per byte, NLL and
+    loss, the highest accuracy; a metric with no better direction (one side's reward) has none."""
+    writer = SummaryWriter(str(tmp_path / "lightning_logs" / "version_0"))
+    curves = {"cap/wikitext/bits_per_byte": [1.2, 0.9, 1.0], "cap/lambada/nll": [3.0, 2.5, 2.8],
+              "val/loss": [0.7, 0.4, 0.5], "cap/arc_easy/acc": [0.5, 0.7, 0.6], "val/rewards/chosen": [0.1, 0.4, 0.2]}  # fmt: skip
+    for tag, values in curves.items():
+        for step, value in enumerate(values):
+            writer.add_scalar(tag, value, step)
+    writer.close()
+    metrics = fit_metrics(tmp_path)
+    for tag, best in (("cap/wikitext/bits_per_byte", 0.9), ("cap/lambada/nll", 2.5), ("val/loss", 0.4),
+                      ("cap/arc_easy/acc", 0.7)):  # fmt: skip
+        assert metrics[f"{tag}/best"] == pytest.approx(best), tag
+        assert metrics[f"{tag}/final"] == pytest.approx(curves[tag][-1]), tag
+    assert "val/rewards/chosen/best" not in metrics
+    assert metrics["val/rewards/chosen/final"] == pytest.approx(0.2)

@@ -23,11 +23,11 @@ from torch import nn
 from dpo_lit.errors import ConfigError
 from dpo_lit.evaluation.evaluate import TaskData, evaluate_task, load_task_data
 from dpo_lit.evaluation.tasks import task_name
+from dpo_lit.metrics import better
 from dpo_lit.models import load_model
 
 Scores = dict[str, dict[str, float]]  # task -> metric -> value
 
-HIGHER_IS_BETTER = {"acc": True, "acc_norm": True, "ppl": False}  # the metrics checked for regressions
 DEFAULT_TASKS = ("wikitext", "arc_easy", "piqa")
 
 
@@ -45,7 +45,7 @@ class CapabilityRow:
 def relative_regression(metric: str, reference: float, policy: float) -> float:
     """How much worse the policy is, relative to the reference: a drop for accuracies, a rise for
     perplexity (0.1 = 10% worse; negative when better)."""
-    worse = reference - policy if HIGHER_IS_BETTER[metric] else policy - reference
+    worse = reference - policy if better(metric) == "higher" else policy - reference
     return worse / max(abs(reference), 1e-12)
 
 
@@ -192,7 +192,7 @@ class CapabilityEval(Callback):
         regressed = [
             row
             for row in self.table
-            if row.metric in HIGHER_IS_BETTER
+            if better(row.metric) is not None
             and relative_regression(row.metric, row.reference, row.policy) > self.max_regression
         ]
         for row in regressed:

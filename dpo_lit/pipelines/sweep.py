@@ -20,8 +20,9 @@ later ``dpo-lit sweep`` call only gathers them. Points run one after another her
   evaluation samples and capability scores (``$DPO_LIT_CACHE``). Each point tokenises its data again
   (seconds for the configs here).
 - **Summary**: ``OUT_DIR/summary.csv`` has one row per point: the grid values, the seed, each
-  ``val/`` metric's final and best value (``cap/`` too; best is the lowest for losses, perplexities
-  and KL, the highest otherwise) from the run's TensorBoard log (for
+  ``val/`` metric's final and best value (``cap/`` too; best is the lowest for losses, perplexities,
+  bits per byte, NLL and KL, the highest for accuracies and rewards, and not given for metrics
+  without a direction: :mod:`dpo_lit.metrics`) from the run's TensorBoard log (for
   ``onpolicy``, the report's reward, paired gain, KL and capability deltas), and the seconds the
   point took; ``OUT_DIR/summary.png`` plots each metric against the first grid key, mean and range
   over seeds (and, for ``onpolicy``, reward against KL).
@@ -46,6 +47,7 @@ import yaml
 
 from dpo_lit.data.io import atomic_write, write_json
 from dpo_lit.errors import ConfigError
+from dpo_lit.metrics import better
 from dpo_lit.pipelines.compare import run_stage
 
 
@@ -112,9 +114,9 @@ def fit_metrics(out: Path) -> dict[str, float]:
             continue
         values = [v for _, v in points]
         metrics[f"{tag}/final"] = values[-1]
-        last = tag.rsplit("/", 1)[-1]
-        lower_is_better = any(word in last for word in ("loss", "ppl", "perplexity")) or last == "kl"
-        metrics[f"{tag}/best"] = min(values) if lower_is_better else max(values)
+        direction = better(tag)
+        if direction is not None:  # a metric without a direction (rewards/chosen, kto_z0) has no best
+            metrics[f"{tag}/best"] = min(values) if direction == "lower" else max(values)
     return metrics
 
 
