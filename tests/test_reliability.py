@@ -6,12 +6,14 @@ import os
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from lightning import Callback, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins import MixedPrecision
 
 from dpo_lit.callbacks.checkpoint import AtomicCheckpointIO
 from dpo_lit.callbacks.guard import NonFiniteError, NonFiniteGuard
@@ -237,7 +239,9 @@ class WeightsPerStep(Callback):
         self.after.append(torch.cat([p.detach().flatten().clone() for p in pl_module.policy.parameters()]))
 
 
-def fit_with_nans(tmp_path: Path, nan_steps: set[int], steps: int, guard: NonFiniteGuard) -> tuple[Trainer, WeightsPerStep]:
+def fit_with_nans(
+    tmp_path: Path, nan_steps: set[int], steps: int, guard: NonFiniteGuard, **trainer_kwargs
+) -> tuple[Trainer, WeightsPerStep]:
     module = NaNLossAt(nan_steps, optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3), warmup_ratio=0.0)
     data = PreferenceDataModule(
         tokenizer_name=TINY_ALIAS, train_files=["dpo_lit/assets/tiny_pairs.jsonl"], val_fraction=0.0, batch_size=8,
@@ -247,6 +251,7 @@ def fit_with_nans(tmp_path: Path, nan_steps: set[int], steps: int, guard: NonFin
     trainer = Trainer(
         max_steps=steps, accelerator="cpu", logger=TensorBoardLogger(tmp_path), enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1, callbacks=[guard, probe],
+        **trainer_kwargs,
     )  # fmt: skip
     trainer.fit(module, datamodule=data)
     return trainer, probe
@@ -273,6 +278,26 @@ def test_nan_steps_in_a_row_stop_the_run_in_one_line(tmp_path, monkeypatch):
     with pytest.raises(NonFiniteError, match=r"^training stopped at step 3: 2 optimizer steps in a row had a non-finite "
                        r"loss or gradient \(last batch: records dpo_lit/assets/tiny_pairs.jsonl:\d+"):  # fmt: skip
         fit_with_nans(tmp_path, {2, 3, 4}, steps=6, guard=NonFiniteGuard(max_in_a_row=2))
+
+
+def test_guard_leaves_fp16_overflow_steps_to_the_grad_scaler(tmp_path, monkeypatch):
+    """16-mixed with a GradScaler whose initial scale (2^24) overflows fp16 gradients: the scaler
+    skips those steps and halves its scale until they fit, as it is meant to; the guard neither
+    warns nor stops the run (it used to count each overflow as divergence and stop at 5 in a row).
+    A NaN loss under the same scaler is still counted and warned about."""
+    monkeypatch.chdir(ROOT)
+    guard = NonFiniteGuard(max_in_a_row=5)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*optimizer step skipped.*")
+        fit_with_nans(tmp_path / "a", set(), steps=12, guard=guard, plugins=[MixedPrecision("16-mixed", "cpu", scaler)])
+    assert scaler.get_scale() <= 2.0**18  # at least 6 overflowed steps in a row were skipped by the scaler
+    assert guard.skipped == 0
+    guard = NonFiniteGuard(max_in_a_row=5)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    with pytest.warns(UserWarning, match=r"step 3: non-finite loss or gradient, optimizer step skipped"):
+        fit_with_nans(tmp_path / "b", {3}, steps=5, guard=guard, plugins=[MixedPrecision("16-mixed", "cpu", scaler)])
+    assert guard.skipped == 1
 
 
 def _bad_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:

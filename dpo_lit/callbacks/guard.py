@@ -7,6 +7,11 @@ so the optimizer leaves the weights and its own state (Adam's moments, its step 
 were; the LR schedule still advances. It counts the skipped steps in ``train/skipped_steps``,
 warns naming the batch's records (``file:line``), and stops the run with one line when
 ``max_in_a_row`` steps in a row were skipped. The CLI adds it to every fit.
+
+Under fp16 mixed precision a ``GradScaler`` already skips every step whose scaled gradients
+overflowed, and lowers its scale: an overflow there is the scaler finding its range, not a diverged
+run. With a scaler the guard leaves the gradients and the skipping to it and counts only the steps
+whose loss itself was not finite.
 """
 
 from __future__ import annotations
@@ -39,22 +44,31 @@ class NonFiniteGuard(Callback):
         self.skipped = 0
         self.in_a_row = 0
         self._indices: list[int] = []  # examples of the micro-batches since the last step
+        self._loss_finite = True  # every micro-batch's loss since the last step
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if isinstance(batch, dict) and "index" in batch:
             self._indices += batch["index"].tolist()
 
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
+        self._loss_finite = self._loss_finite and bool(torch.isfinite(loss.detach()).all())
+
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True)
-        finite = bool(trainer.strategy.reduce_boolean_decision(bool(finite), all=True))  # skip on every rank
-        records, self._indices = self._indices, []
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None:  # the scaler skips overflowed steps itself: only a non-finite loss counts
+            finite = self._loss_finite
+        else:
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
+        finite = bool(trainer.strategy.reduce_boolean_decision(finite, all=True))  # skip on every rank
+        records, self._indices, self._loss_finite = self._indices, [], True
         if finite:
             self.in_a_row = 0
         else:
-            for group in optimizer.param_groups:  # no gradient: the optimizer passes the parameter by
-                for p in group["params"]:
-                    p.grad = None
+            if scaler is None:
+                for group in optimizer.param_groups:  # no gradient: the optimizer passes the parameter by
+                    for p in group["params"]:
+                        p.grad = None
             self.skipped += 1
             self.in_a_row += 1
             where = describe_records(trainer, records)
