@@ -10,8 +10,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-from dpo_lit.sampling.kl import estimate_kl, kl_from_samples, sequence_logps, summarize
-from dpo_lit.sampling.sample import Sample
+from dpo_lit.callbacks.reward_kl import HeldoutSample, summarize_samples
+from dpo_lit.sampling.kl import estimate_kl, kl_from_samples, mean_se, sequence_logps, summarize
+from dpo_lit.sampling.sample import Sample, sample
 
 VOCAB, EOS, MAX_NEW = 6, 0, 3
 PROMPTS = [[3, 4], [5, 1, 2, 4]]  # different lengths: the short one is left-padded when sampling
@@ -78,8 +79,12 @@ def test_sampled_kl_matches_the_exact_enumeration(
     )  # fmt: skip
     assert estimate.n == 3000
     assert 0.05 < expected  # the two models differ: the test can fail
-    assert abs(estimate.mean - expected) < 4 * estimate.stderr, (estimate.mean, estimate.stderr, expected)
-    assert estimate.stderr < 0.2 * expected
+    # The Monte-Carlo error of these two prompts' KL: within each prompt's 1500 samples. (The
+    # estimate's own stderr is over prompts, the error for the population the prompts stand for.)
+    per_prompt = torch.tensor(estimate.per_sample, dtype=torch.float64).view(len(PROMPTS), -1)  # (P, k)
+    mc_se = float(per_prompt.var(-1).div(per_prompt.shape[1]).sum().sqrt()) / len(PROMPTS)
+    assert abs(estimate.mean - expected) < 4 * mc_se, (estimate.mean, mc_se, expected)
+    assert mc_se < 0.2 * expected
     assert 0 < estimate.finished_fraction < 1
 
 
@@ -122,3 +127,26 @@ def test_summary_mean_and_standard_error() -> None:
     assert estimate.stderr == pytest.approx(math.sqrt(14 / 3) / 2)  # sample std / √n
     assert estimate.finished_fraction == 0.75
     assert math.isnan(summarize([1.0], [False]).stderr)
+
+
+def test_standard_errors_are_over_prompts_when_samples_share_a_prompt() -> None:
+    """4 samples of each of 3 prompts that agree within their prompt (as samples of one prompt tend
+    to): the error of the mean is that of 3 prompt means, std([1, 2, 6]) / √3 = 1.528, not the
+    std / √12 = 0.674 of 12 independent draws. The KL summary and the held-out reward/KL points
+    report the same."""
+    values, prompts = [1.0] * 4 + [2.0] * 4 + [6.0] * 4, [0] * 4 + [1] * 4 + [2] * 4
+    expected = math.sqrt(((1 - 3) ** 2 + (2 - 3) ** 2 + (6 - 3) ** 2) / 2) / math.sqrt(3)
+    assert mean_se(values, prompts) == pytest.approx((3.0, expected))
+    assert summarize(values, [True] * 12, prompts).stderr == pytest.approx(expected)
+    samples = [HeldoutSample(0, p, "prompt", "completion", v, 2 * v, True) for v, p in zip(values, prompts)]
+    point = summarize_samples(samples)
+    assert (point.reward, point.reward_se) == pytest.approx((3.0, expected))
+    assert (point.kl, point.kl_se) == pytest.approx((6.0, 2 * expected))
+
+
+def test_kl_from_samples_takes_its_standard_error_over_prompts(policy, reference) -> None:
+    """Three samples of each of three prompts: the estimate's error is over the 3 prompt means."""
+    samples = sample(policy, None, [[1], [2], [3]], 3, MAX_NEW, seed=0, eos_token_id=EOS, pad_token_id=0)
+    estimate = kl_from_samples(samples, reference)
+    per_prompt = torch.tensor(estimate.per_sample, dtype=torch.float64).view(3, 3).mean(-1)  # (P,)
+    assert estimate.stderr == pytest.approx(float(per_prompt.std() / math.sqrt(3)))

@@ -5,7 +5,8 @@ Every ``every_n_steps`` optimizer steps and at the end of training, :class:`Held
 samples ``num_samples`` completions of each held-out prompt from the policy (temperature 1, no
 top-k/top-p, the same seed every time), scores them with a :class:`~dpo_lit.rewards.Reward`, and
 scores the same token ids under the reference. It logs ``heldout/reward``, ``heldout/kl`` and their
-standard errors, and keeps every point in :attr:`HeldoutRewardKL.points` and every scored sample in
+standard errors (over prompts: the k samples of a prompt are averaged first, as they are not k
+independent draws), and keeps every point in :attr:`HeldoutRewardKL.points` and every scored sample in
 :attr:`HeldoutRewardKL.samples` (to read them, to score them with a second judge, or to pair two
 runs prompt by prompt). The KL is the unbiased sequence-level estimate of :mod:`dpo_lit.sampling.kl`;
 the reward is the mean over all samples.
@@ -55,9 +56,11 @@ class HeldoutSample:
 
 
 def summarize_samples(samples: list[HeldoutSample]) -> RewardKLPoint:
-    """Mean reward and KL (the mean log-ratio) of one evaluation's samples, each ± SE."""
-    reward, reward_se = mean_se([s.reward for s in samples])
-    kl, kl_se = mean_se([s.log_ratio for s in samples])
+    """Mean reward and KL (the mean log-ratio) of one evaluation's samples, each ± its standard error
+    over prompts (the samples of one prompt are averaged first: :func:`~dpo_lit.sampling.kl.mean_se`)."""
+    prompts = [s.prompt_index for s in samples]
+    reward, reward_se = mean_se([s.reward for s in samples], prompts)
+    kl, kl_se = mean_se([s.log_ratio for s in samples], prompts)
     return RewardKLPoint(samples[0].step, reward, reward_se, kl, kl_se, sum(s.finished for s in samples) / len(samples))
 
 

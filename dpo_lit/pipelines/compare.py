@@ -29,6 +29,7 @@ from dpo_lit.data.prompts import read_prompts
 from dpo_lit.models import load_model, load_tokenizer
 from dpo_lit.pipelines.onpolicy import compare_on_prompts
 from dpo_lit.rewards import Reward, VaderSentiment
+from dpo_lit.sampling.kl import SE_CAPTION
 
 
 @dataclass
@@ -83,7 +84,7 @@ def format_rows(rows: list[MethodRow]) -> str:
             f"{r.method:<10}{r.reward:>9.3f} ± {r.reward_se:.3f}{r.paired_gain:>+11.3f} ± {r.paired_gain_se:.3f}"
             f"{r.kl:>9.2f} ± {r.kl_se:.2f}{r.seconds:>10.0f}{r.peak_rss_gb:>8.2f} GB"
         )
-    return "\n".join(lines)
+    return "\n".join([*lines, f"({SE_CAPTION})"])
 
 
 def write_rows_png(rows: list[MethodRow], path: Path) -> Path:
@@ -100,7 +101,7 @@ def write_rows_png(rows: list[MethodRow], path: Path) -> Path:
                                        ("kl", "KL(π‖π_ref), nats")]):  # fmt: skip
         ax.bar(names, [getattr(r, key) for r in rows], yerr=[getattr(r, f"{key}_se") for r in rows],
                color=colors, capsize=4)  # fmt: skip
-        ax.set_title(f"{title} (± SE)")
+        ax.set_title(f"{title} (± SE over prompts)")
         ax.axhline(0, color="black", linewidth=0.6)
     for i, r in enumerate(rows):
         if r.seconds:

@@ -23,7 +23,7 @@ from typing import Any
 from dpo_lit.data.io import atomic_write
 from dpo_lit.rewards import VaderSentiment
 from dpo_lit.rewards.classifier import clean_review, read_reviews
-from dpo_lit.sampling.kl import mean_se
+from dpo_lit.sampling.kl import SE_CAPTION, mean_se
 
 COLUMNS = ("method", "setting", "step", "reward", "reward_se", "kl", "kl_se")
 JUDGED_COLUMNS = (
@@ -109,7 +109,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         if judged:
             line += f"{r['reward_gain']:>+11.3f} ± {r['reward_gain_se']:.3f}{r['vader_gain']:>+11.3f} ± {r['vader_gain_se']:.3f}"
         lines.append(line)
-    return "\n".join(lines)
+    return "\n".join([*lines, f"({SE_CAPTION})"])
 
 
 def paired_gain(values: dict[int, list[float]], base: dict[int, list[float]]) -> tuple[float, float]:
@@ -158,13 +158,14 @@ def judge_samples(samples_dir: Path) -> list[dict[str, Any]]:
     rows = []
     for steps in runs.values():
         for step, records in sorted(steps.items()):
-            reward, _ = mean_se([r["reward"] for r in records])
-            vader_mean, vader_se = mean_se([r["vader"] for r in records])
+            prompts = [r["prompt_index"] for r in records]  # standard errors over prompts
+            reward, _ = mean_se([r["reward"] for r in records], prompts)
+            vader_mean, vader_se = mean_se([r["vader"] for r in records], prompts)
             reward_gain = paired_gain(per_prompt(records, "reward"), base["reward"])
             vader_gain = paired_gain(per_prompt(records, "vader"), base["vader"])
             rows.append({
                 "method": records[0]["method"], "setting": records[0]["setting"], "step": step,
-                "kl": mean_se([r["log_ratio"] for r in records])[0], "reward": reward,
+                "kl": mean_se([r["log_ratio"] for r in records], prompts)[0], "reward": reward,
                 "reward_gain": reward_gain[0], "reward_gain_se": reward_gain[1],
                 "vader": vader_mean, "vader_se": vader_se, "vader_gain": vader_gain[0], "vader_gain_se": vader_gain[1],
             })  # fmt: skip

@@ -69,8 +69,10 @@ def compare_on_prompts(
          "policy": pol_samples[i * num_samples].text}
         for i in range(min(2, len(prompts)))
     ]
+    prompt_of = [s.prompt_index for s in pol_samples]  # standard errors over prompts, as the gain's
     return {
-        "reference": mean_se(ref_scores), "policy": mean_se(pol_scores), "gain": mean_se(gain),
+        "reference": mean_se(ref_scores, [s.prompt_index for s in ref_samples]),
+        "policy": mean_se(pol_scores, prompt_of), "gain": mean_se(gain),
         "kl": (kl.mean, kl.stderr), "examples": examples, "reference_samples": ref_samples,
     }
 

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from dpo_lit.data.io import write_json
+from dpo_lit.sampling.kl import SE_CAPTION
 
 
 @dataclass
@@ -40,6 +41,7 @@ def format_report(reports: list[RoundReport], run_dir: Path | None = None) -> st
             f"{x.policy_reward:>8.3f} ± {x.policy_reward_se:.3f} {x.paired_gain:>+8.3f} ± {x.paired_gain_se:.3f} "
             f"{x.kl:>9.2f} ± {x.kl_se:.2f}"
         )
+    lines.append(f"({SE_CAPTION})")
     if reports[-1].capabilities:
         lines += ["", f"{'capability':<22} {'reference':>10} {'policy':>10} {'delta':>9}"]
         for name, v in reports[-1].capabilities.items():
@@ -67,10 +69,10 @@ def write_report_png(reports: list[RoundReport], path: Path) -> Path:
                  marker="o", capsize=4, label="reference")
     ax1.errorbar(rounds, [x.policy_reward for x in reports], [x.policy_reward_se for x in reports],
                  marker="o", capsize=4, label="DPO policy")
-    ax1.set(title="Held-out reward (mean ± SE)", xlabel="round", ylabel="reward", xticks=rounds)
+    ax1.set(title="Held-out reward (mean ± SE over prompts)", xlabel="round", ylabel="reward", xticks=rounds)
     ax1.legend()
     ax2.errorbar(rounds, [x.kl for x in reports], [x.kl_se for x in reports], marker="o", capsize=4, color="C2")
-    ax2.set(title="KL(π‖π_ref) on policy samples (± SE)", xlabel="round", ylabel="nats", xticks=rounds)
+    ax2.set(title="KL(π‖π_ref) on policy samples (± SE over prompts)", xlabel="round", ylabel="nats", xticks=rounds)
     ax2.set_ylim(bottom=0)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

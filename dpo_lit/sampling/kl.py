@@ -40,7 +40,8 @@ class KLEstimate:
 
     Attributes:
         mean: Mean of the per-sample log-ratios, in nats per completion.
-        stderr: Its standard error, ``std / √n`` (``nan`` for one sample).
+        stderr: Its standard error over prompts: the standard deviation of the per-prompt means
+            over √(prompts) (:func:`mean_se`; ``nan`` for one prompt).
         n: Number of samples.
         per_sample: ``log π(y) − log π_ref(y)`` of every sample, in sample order.
         finished_fraction: Share of samples that ended with an EOS (the rest were cut).
@@ -84,20 +85,45 @@ def sequence_logps(
     return out
 
 
-def mean_se(values: Sequence[float] | Tensor) -> tuple[float, float]:
-    """Mean and standard error of the mean, ``std / √n`` (``nan`` for one value), in float64."""
+SE_CAPTION = "± one standard error over prompts (each prompt's samples averaged first)"
+"""What every table of :func:`mean_se`'s grouped standard errors says under it."""
+
+
+def mean_se(values: Sequence[float] | Tensor, groups: Sequence[int] | None = None) -> tuple[float, float]:
+    """Mean and standard error of the mean, in float64 (``nan`` for one value or one group).
+
+    Without ``groups``: ``std / √n`` over the values. With ``groups`` (the prompt of each value):
+    the values of a prompt are averaged first and the standard error is taken over those prompt
+    means, ``std_p / √P``. k samples of one prompt are not k independent draws (their rewards and
+    log-ratios move together), so the plain ``std / √(P·k)`` would understate the error of a
+    comparison over P prompts; the mean is then the mean over prompts (the plain mean when every
+    prompt has the same number of samples)."""
     values = torch.as_tensor(values, dtype=torch.float64).reshape(-1)
+    if groups is not None:
+        values = prompt_means(values, groups)
     n = values.numel()
     if n == 0:
         raise ValueError("the mean of zero values is undefined")
     return float(values.mean()), float(values.std(unbiased=True)) / math.sqrt(n) if n > 1 else math.nan
 
 
-def summarize(per_sample: Sequence[float], finished: Sequence[bool]) -> KLEstimate:
-    """Mean, standard error and finished share of per-sample log-ratios."""
+def prompt_means(values: Tensor, groups: Sequence[int]) -> Tensor:
+    """The mean of each group's values, (P,), groups in first-seen order."""
+    if len(groups) != values.numel():
+        raise ValueError(f"{values.numel()} values but {len(groups)} group labels")
+    order = {group: k for k, group in enumerate(dict.fromkeys(groups))}
+    index = torch.tensor([order[group] for group in groups])
+    sums = torch.zeros(len(order), dtype=torch.float64).index_add_(0, index, values)
+    counts = torch.zeros(len(order), dtype=torch.float64).index_add_(0, index, torch.ones_like(values))
+    return sums / counts
+
+
+def summarize(per_sample: Sequence[float], finished: Sequence[bool], prompts: Sequence[int] | None = None) -> KLEstimate:
+    """Mean, standard error (over prompts when ``prompts`` gives each sample's) and finished share
+    of per-sample log-ratios."""
     if not per_sample:
         raise ValueError("cannot estimate a KL from zero samples")
-    mean, stderr = mean_se(per_sample)
+    mean, stderr = mean_se(per_sample, prompts)
     return KLEstimate(mean, stderr, len(per_sample), list(per_sample), sum(finished) / len(per_sample))
 
 
@@ -115,7 +141,7 @@ def kl_from_samples(
     """
     ref = sequence_logps(reference, samples, batch_size, reference_context, pad_token_id)
     per_sample = [s.logp - r for s, r in zip(samples, ref)]
-    return summarize(per_sample, [s.finished for s in samples])
+    return summarize(per_sample, [s.finished for s in samples], [s.prompt_index for s in samples])
 
 
 def estimate_kl(
