@@ -30,7 +30,7 @@ from dpo_lit.callbacks.export import ExportPretrained
 from dpo_lit.data.io import atomic_write, write_json
 from dpo_lit.data.prompts import Prompt, encode_prompts, prompt_text, read_prompts
 from dpo_lit.evaluation.evaluate import TaskData, evaluate_task, load_task_data
-from dpo_lit.models import cache_dir, load_model, load_tokenizer, weights_hash
+from dpo_lit.models import cache_dir, load_model, load_tokenizer, model_hash
 from dpo_lit.pipelines.plots import plot_run
 from dpo_lit.pipelines.report import RoundReport, format_report, write_report_json, write_report_png
 from dpo_lit.rewards import Reward, VaderSentiment
@@ -136,7 +136,7 @@ def generate_pairs(
 ) -> bool:
     """``dpo-lit predict`` with ``config``: sample from ``model``, write scored pairs to ``pairs``.
 
-    With ``weights`` (the hash of ``model``'s weights) the pairs are cached under a key of the
+    With ``weights`` (the hash of ``model``'s weights and config) the pairs are cached under a key of the
     weights, the resolved config and the prompt files' bytes, and a later call with the same key
     copies them instead of sampling again (what a sweep's points share). Returns whether it did.
     """
@@ -232,7 +232,7 @@ def run_pipeline(
     source = f"{len(read_prompts(train_prompts))} prompts of {train_prompts}" if train_prompts else generate_config
     tokenizer = load_tokenizer(model_name)
     reference = load_model(model_name)
-    weights = weights_hash(reference)
+    weights = model_hash(reference)  # weights and config: both change what it samples
     # loaded once, here: a missing task file fails before an hour of work
     tasks = [load_task_data(task, limit=capability_limit, seed=0) for task in capability_tasks]
     reports, current = [], model_name
