@@ -43,6 +43,19 @@ def test_the_same_seed_gives_the_same_samples_and_leaves_the_global_rng(
     assert [s.prompt_ids for s in first] == [SHORT] * 3 + [LONG] * 3
 
 
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_prompt_seeds_make_a_prompts_samples_independent_of_its_batch(small_vocab_model: PreTrainedModel, top_p) -> None:
+    """With a seed per prompt, three prompts sampled together in rows of 4 give each prompt the
+    samples it gets alone in one batch: what predict under DDP relies on."""
+    prompts, seeds = [[2, 3, 4], [5, 6], [7, 2, 3, 4]], [11, 22, 33]
+    kwargs = dict(num_samples=3, max_new_tokens=8, temperature=0.9, top_p=top_p, eos_token_id=0, pad_token_id=0)
+    together = sample(small_vocab_model, None, prompts, batch_size=4, prompt_seeds=seeds, **kwargs)
+    for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
+        alone = sample(small_vocab_model, None, [prompt], batch_size=16, prompt_seeds=[seed], **kwargs)
+        assert [s.completion_ids for s in together if s.prompt_index == i] == [s.completion_ids for s in alone]
+    assert len({tuple(s.completion_ids) for s in together}) > 3  # the draws differ between rows
+
+
 def test_completions_stop_at_the_eos_inclusive_and_cut_ones_keep_none(
     small_vocab_model: PreTrainedModel,
 ) -> None:

@@ -17,7 +17,7 @@ and rank 0 alone writes every prompt's pairs, in the prompts file's order.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,7 +34,7 @@ from dpo_lit.data.prompts import encode_prompts, prompt_text, read_prompts
 from dpo_lit.models import load_model, load_tokenizer
 from dpo_lit.rewards import Reward, VaderSentiment
 from dpo_lit.sampling.pairs import PairStats, build_pairs
-from dpo_lit.sampling.sample import Sample, sample
+from dpo_lit.sampling.sample import sample
 
 
 def prompt_seed(seed: int, index: int) -> int:
@@ -95,8 +95,8 @@ class GenerationModule(LightningModule):
         min_margin: skip pairs whose reward difference is below this.
         seed: sampling seed; each prompt samples from :func:`prompt_seed` of it and the prompt's
             index, whatever the batch size or the number of processes.
-        batch_size: samples of one prompt per ``generate`` call (prompts are sampled one by one,
-            each from its own seed).
+        batch_size: rows (prompt × sample) per ``generate`` call; each row draws from a generator
+            of its own (:class:`~dpo_lit.sampling.sample.RowDraws`), so the batching changes no sample.
         dtype: dtype of the loaded weights.
     """
 
@@ -122,13 +122,11 @@ class GenerationModule(LightningModule):
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, list[PromptPairs]]:
         h = self.hparams
-        samples: list[Sample] = []
-        for position, (index, ids) in enumerate(zip(batch["indices"], batch["prompt_ids"])):
-            drawn = sample(
-                self.policy, self.tokenizer, [ids], h.num_samples, h.max_new_tokens, temperature=h.temperature,
-                top_p=h.top_p, batch_size=h.batch_size, seed=prompt_seed(h.seed, index),
-            )
-            samples += [replace(s, prompt_index=position) for s in drawn]
+        seeds = [prompt_seed(h.seed, index) for index in batch["indices"]]
+        samples = sample(
+            self.policy, self.tokenizer, batch["prompt_ids"], h.num_samples, h.max_new_tokens,
+            temperature=h.temperature, top_p=h.top_p, batch_size=h.batch_size, seed=seeds[0], prompt_seeds=seeds,
+        )  # greedy decoding (temperature 0) draws nothing: the same tokens in any batch
         prompts = [prompt_text(batch["prompts"][s.prompt_index]) for s in samples]
         scores = [float(x) for x in self.reward(prompts, [s.text for s in samples], [s.finished for s in samples])]
         results = []

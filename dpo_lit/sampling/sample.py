@@ -21,6 +21,7 @@ switched off, so ``temperature=1, top_p=1, top_k=0`` samples from the model itse
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
+from transformers.generation.logits_process import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from dpo_lit.data.collate import pad_rows
 from dpo_lit.logps import selective_log_softmax
@@ -138,6 +146,34 @@ def generate_kwargs(
     }
 
 
+class RowDraws(LogitsProcessor):
+    """Draws each row's next token from a generator of its own, seeded by ``(prompt seed, sample
+    number)``, and leaves ``generate`` a one-token distribution per row to pick.
+
+    ``generate`` samples a whole batch from one random stream, so a row's tokens depend on the rows
+    beside it. This draws every row apart, from temperature, top-k and top-p applied as
+    ``generate``'s own warpers apply them (it runs before them; they leave a one-token distribution
+    as it is). A row's draws are then a function of its prompt seed and sample number only.
+    """
+
+    def __init__(
+        self, draws: Sequence[tuple[int, int]], temperature: float, top_p: float, top_k: int, device: torch.device
+    ) -> None:
+        self.generators = [torch.Generator(device=device).manual_seed(_row_seed(seed, k)) for seed, k in draws]
+        warpers = [TemperatureLogitsWarper(temperature)] + ([TopKLogitsWarper(top_k)] if top_k > 0 else [])
+        self.warpers = LogitsProcessorList(warpers + ([TopPLogitsWarper(top_p)] if top_p < 1.0 else []))
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        probs = torch.softmax(self.warpers(input_ids, scores).float(), dim=-1)  # (N, V)
+        chosen = torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, self.generators)])  # (N,)
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(1, chosen[:, None], 0.0)
+
+
+def _row_seed(seed: int, sample_number: int) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{sample_number}".encode(), digest_size=8).digest(), "little") >> 1
+
+
 def _completions(new: Tensor, logits: Sequence[Tensor], eos: int) -> list[tuple[list[int], bool, float]]:
     """Cut each generated row after its first EOS; sum the raw log-probs of the kept tokens."""
     # (N, T): log π of each generated token at temperature 1. The same float32 logsumexp as the
@@ -166,6 +202,7 @@ def sample(
     seed: int | None = None,
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
+    prompt_seeds: Sequence[int] | None = None,
 ) -> list[Sample]:
     """``num_samples`` completions of every prompt, in prompt order.
 
@@ -184,6 +221,9 @@ def sample(
             seed, prompts and batch size give the same samples.
         eos_token_id: Ends a completion (default: the tokenizer's, else the model's).
         pad_token_id: Fills the left padding (default: the tokenizer's pad, else the EOS).
+        prompt_seeds: A seed per prompt: each of a prompt's samples then draws its tokens from a
+            generator of its own (:class:`RowDraws`), so a prompt's samples do not depend on the
+            other prompts of its batch, the batch size or the process it runs in.
     """
     if not prompts or num_samples < 1:
         return []
@@ -193,12 +233,17 @@ def sample(
     device = next(model.parameters()).device
     rows = [i for i in range(len(prompts)) for _ in range(num_samples)]
     kwargs = generate_kwargs(max_new_tokens, temperature, top_p, top_k, eos, pad)
+    if prompt_seeds is not None and len(prompt_seeds) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(prompt_seeds)} prompt seeds")
     samples: list[Sample] = []
     with evaluating(model), _seeded(seed, device):
         for start in range(0, len(rows), batch_size):
             batch = rows[start : start + batch_size]
             ids, mask, _ = pad_rows([prompts[i] for i in batch], pad, left=True)  # (N, P)
             ids, mask = ids.to(device), mask.to(device)
+            if prompt_seeds is not None and temperature > 0:
+                draws = [(prompt_seeds[i], (start + k) % num_samples) for k, i in enumerate(batch)]
+                kwargs["logits_processor"] = LogitsProcessorList([RowDraws(draws, temperature, top_p, top_k, device)])
             out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
             new = out.sequences[:, ids.shape[1] :]  # (N, T)
             for i, (completion, finished, logp) in zip(batch, _completions(new, out.logits, eos)):
