@@ -7,6 +7,7 @@ import pickle
 import torch
 
 from dpo_lit.data import PreferenceCollator
+from dpo_lit.data.collate import mismatched_partners
 
 PAD = 0
 
@@ -76,3 +77,28 @@ def test_unpaired_batch_has_mismatched_rows_for_the_kl_reference() -> None:
 def test_collator_pickles() -> None:
     collator = pickle.loads(pickle.dumps(PreferenceCollator(5, max_length=7, pad_to_multiple_of=4)))
     assert (collator.pad_token_id, collator.max_length, collator.pad_to_multiple_of) == (5, 7, 4)
+
+
+def test_kto_mismatched_rows_skip_rows_of_the_same_prompt() -> None:
+    # Pairs unpaired as adjacent rows (chosen, rejected): a shift by one would pair prompt A with
+    # its own rejected completion; the shift by two takes every completion once, from another prompt.
+    examples = [
+        unpaired([1], [2], True, 0),
+        unpaired([1], [3], False, 1),
+        unpaired([4], [5], True, 2),
+        unpaired([4], [6], False, 3),
+    ]
+    batch = PreferenceCollator(PAD)(examples)
+    expected_kl_rows = [[1, 5], [1, 6], [4, 2], [4, 3]]  # prompt_i + completion_(i - 2 mod 4)
+    torch.testing.assert_close(batch["input_ids"][4:], torch.tensor(expected_kl_rows))
+    assert batch["completion_mask"][4:].sum().item() == 4
+
+
+def test_kto_rows_of_a_batch_with_one_prompt_get_no_mismatched_completion() -> None:
+    # No row has another prompt, so no mismatched pair exists: the rows keep only their prompt and
+    # score no token (log-ratio 0, hence z0 = 0), rather than a matched completion.
+    examples = [unpaired([1, 2], [3], True, 0), unpaired([1, 2], [4, 5], False, 1)]
+    batch = PreferenceCollator(PAD)(examples)
+    torch.testing.assert_close(batch["input_ids"][2:], torch.tensor([[1, 2, PAD, PAD]] * 2))
+    assert not batch["completion_mask"][2:].any()
+    assert mismatched_partners([[7], [7], [7], [8]]) == [3, 3, 3, 2]  # no one shift fits: nearest

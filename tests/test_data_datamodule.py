@@ -85,6 +85,40 @@ def test_unpaired_mode_unpairs_pairs_as_trl_does() -> None:
     assert batch["input_ids"].shape[0] == 6 and batch["label"].dtype == torch.bool
 
 
+def assert_kto_mismatched_rows_take_another_prompts_completion(batch: dict) -> None:
+    """Each mismatched row B + i holds prompt_i and the completion of a row whose prompt differs."""
+    b = len(batch["index"])
+    rows = [batch["input_ids"][r][batch["attention_mask"][r].bool()].tolist() for r in range(2 * b)]
+    completions = [batch["input_ids"][r][batch["completion_mask"][r]].tolist() for r in range(2 * b)]
+    prompts = [row[: len(row) - len(c)] for row, c in zip(rows, completions)]
+    for i in range(b):
+        assert prompts[b + i] == prompts[i]
+        sources = [j for j in range(b) if completions[j] == completions[b + i]]
+        assert sources, f"mismatched row {i} holds no completion of its batch"
+        # Some completions recur under several prompts ("No. ..."): one source must hold another prompt.
+        assert any(prompts[j] != prompts[i] for j in sources), (
+            f"mismatched row {i} pairs a prompt with its own completion (rows {sources})"
+        )
+
+
+def test_kto_mismatched_rows_never_share_a_prompt_in_validation() -> None:
+    # Validation is unshuffled: each pair's chosen and rejected rows are adjacent.
+    dm = make(val_files=[VAL], mode="unpaired", eval_batch_size=8)
+    batches = list(dm.val_dataloader())
+    assert len(batches) == 4
+    for batch in batches:
+        assert_kto_mismatched_rows_take_another_prompts_completion(batch)
+
+
+def test_kto_mismatched_rows_never_share_a_prompt_in_shuffled_training() -> None:
+    dm = make(val_files=[VAL], mode="unpaired", batch_size=16)
+    loader = dm.train_dataloader()
+    batches = [batch for _ in range(3) for batch in loader]  # three epochs, three shuffles
+    assert len(batches) == 18
+    for batch in batches:
+        assert_kto_mismatched_rows_take_another_prompts_completion(batch)
+
+
 def test_unpaired_data_in_paired_mode_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "kto.jsonl"
     path.write_text(json.dumps({"prompt": "Hi", "completion": "Hello!", "label": True}) + "\n")

@@ -7,9 +7,12 @@ key                 shape, dtype   content
 ==================  =============  ==========================================================
 ``input_ids``       (2B, T) long   paired: rows 0..B-1 prompt+chosen, rows B..2B-1
                                    prompt+rejected; unpaired: rows 0..B-1 prompt_i +
-                                   completion_i, rows B..2B-1 prompt_i + completion_(i-1 mod B)
-                                   (mismatched pairs, KTO's KL reference point; with B = 1 the
-                                   row is matched); right-padded with ``pad_token_id``
+                                   completion_i, rows B..2B-1 prompt_i + completion_j of a
+                                   row j with another prompt, usually j = (i - k) mod B for
+                                   one k; empty if every row shares one prompt (mismatched
+                                   pairs, KTO's KL reference point; see
+                                   :func:`mismatched_partners`); right-padded with
+                                   ``pad_token_id``
 ``attention_mask``  (2B, T) long   1 on real tokens, 0 on padding
 ``completion_mask`` (2B, T) bool   True exactly on completion tokens (incl. the closing EOS)
 ``index``           (B,) long      the examples' positions in their dataset
@@ -64,6 +67,36 @@ def pad_rows(
     return input_ids, attention_mask, scored_mask
 
 
+def mismatched_partners(prompts: Sequence[Sequence[int]]) -> list[int | None]:
+    """Per row i, the row whose completion KTO's mismatched row i pairs with ``prompts[i]``.
+
+    A mismatched pair must never put a prompt with a completion written for it (token ids
+    compared). A plain shift by one row (TRL's) does wherever neighbouring rows share a prompt:
+    unpaired mode lays each pair out as two adjacent rows (chosen, rejected) of one prompt, so
+    in dataset order every second mismatched row would be matched and bias z0 towards the
+    implied reward. So:
+
+    1. the smallest shift ``k >= 1`` that suits every row, ``j = (i - k) mod B``: the
+       mismatched completions are then the batch's own completions, each once (k = 2 for
+       adjacent pairs, k = 1 for most shuffled batches);
+    2. if no shift suits every row (e.g. most rows share one prompt), each row's nearest
+       earlier row (cyclically) with another prompt; a completion may then serve twice;
+    3. ``None`` where no row has another prompt. That happens to every row at once, when the
+       whole batch shares one prompt (B = 1 included): those rows get an empty completion,
+       their log-ratio is exactly 0, so the batch's z0 is 0 (KTO without a reference point)
+       rather than an estimate from matched pairs.
+    """
+    ids: dict[tuple[int, ...], int] = {}
+    group = [ids.setdefault(tuple(p), len(ids)) for p in prompts]  # equal prompts, equal group
+    n = len(group)
+    for k in range(1, n):
+        if all(group[i - k] != group[i] for i in range(n)):  # i - k < 0 wraps round
+            return [(i - k) % n for i in range(n)]
+    return [
+        next(((i - k) % n for k in range(1, n) if group[i - k] != group[i]), None) for i in range(n)
+    ]
+
+
 class PreferenceCollator:
     """Turn a list of tokenized examples (paired or unpaired) into one batch. Picklable.
 
@@ -97,11 +130,12 @@ class PreferenceCollator:
         return batch
 
     def _unpaired_completions(self, examples: Sequence[TokenizedExample]) -> list[list[int]]:
-        """Matched completions, then each prompt's predecessor's completion (cut to ``max_length``)."""
+        """Matched completions, then each row's mismatched completion (cut to ``max_length``)."""
         matched = [e["completion_ids"] for e in examples]
+        partners = mismatched_partners([e["prompt_ids"] for e in examples])
         mismatched = []
-        for i, e in enumerate(examples):
-            completion = matched[i - 1]  # i = 0 takes the last one: (i - 1) mod B
+        for e, j in zip(examples, partners):
+            completion = matched[j] if j is not None else []
             if self.max_length is not None:
                 completion = completion[: max(self.max_length - len(e["prompt_ids"]), 0)]
             mismatched.append(completion)

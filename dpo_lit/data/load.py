@@ -87,7 +87,12 @@ def shuffled(examples: Sequence[Example], seed: int) -> list[Example]:
 
 
 def prepare(examples: Sequence[Example], mode: Mode, max_examples: int | None) -> list[Example]:
-    """Unpair pairs in unpaired mode, then keep at most ``max_examples``."""
+    """Unpair pairs in unpaired mode, then keep at most ``max_examples``.
+
+    A pair becomes two adjacent examples with one prompt (chosen, then rejected); the collator
+    never takes a KTO mismatched completion from a row with the same prompt
+    (:func:`~dpo_lit.data.collate.mismatched_partners`), so this order is safe unshuffled.
+    """
     if mode == "unpaired":
         examples = [u for e in examples for u in as_unpaired(e)]
     return list(examples[:max_examples] if max_examples is not None else examples)

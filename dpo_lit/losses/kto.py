@@ -44,8 +44,12 @@ class KTOLoss(PreferenceLoss):
 
     z0 is estimated as in the paper and TRL: the batch mean of ``policy_kl - ref_kl`` over
     *mismatched* prompt/completion pairs, clamped at 0 and detached (no gradient flows
-    through it). Departure from TRL: z0 is the mean over this process's batch only (TRL
-    all-gathers it across devices). The scalar loss is ``sum(λ_y·l) / B`` over all B
+    through it). Departures from TRL: z0 is the mean over this process's batch only (TRL
+    all-gathers it across devices); a mismatched row's completion always comes from a row
+    with another prompt (TRL shifts by one row, which pairs a prompt with its own completion
+    wherever neighbouring rows share a prompt; see
+    :func:`~dpo_lit.data.collate.mismatched_partners`); and a batch whose rows all share one
+    prompt has no mismatched pair, so its z0 is 0. The scalar loss is ``sum(λ_y·l) / B`` over all B
     examples (TRL's mean of the concatenated weighted losses), and ``losses`` holds the
     weighted per-example terms so that ``loss == losses.mean()``. ``chosen_rewards`` /
     ``rejected_rewards`` are ``β·r`` of the desirable / undesirable examples (either may be
