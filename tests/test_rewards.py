@@ -1,12 +1,20 @@
-"""Rewards: VADER's sign on obvious sentences, length-rule values worked out by hand, imports."""
+"""Rewards: VADER's sign on obvious sentences, length-rule values worked out by hand, imports, and
+a reward model scoring a conversation as it was trained on it."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 
+from dpo_lit.callbacks.reward_kl import sample_and_score
+from dpo_lit.data.prompts import encode_prompts
+from dpo_lit.models import TINY_ALIAS, load_model
+from dpo_lit.pipelines.onpolicy import score_samples
 from dpo_lit.rewards import CallableReward, ContainsReward, LengthReward, RegexReward, Reward, VaderSentiment
 from dpo_lit.rewards.rules import repeated_fraction
+from dpo_lit.sampling.sample import sample
 
 
 def word_count(prompts: list[str], completions: list[str]) -> list[float]:
@@ -85,3 +93,88 @@ def test_a_subclass_is_checked_for_one_score_per_completion() -> None:
         Broken()(["p", "p"], ["a", "b"])
     with pytest.raises(ValueError, match="2 prompts, 1 completions"):
         LengthReward()(["p", "p"], ["a"])
+
+
+# A Llama-3-like template: it trims every message's content, so the assistant's answer that a reward
+# model is trained on is not the answer's raw tokens.
+TRIMMING_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
+    "message['content'] | trim + '<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+CONVERSATION = [
+    {"role": "system", "content": "Be kind."},
+    {"role": "user", "content": "I want a snack."},
+    {"role": "assistant", "content": "An egg, perhaps?"},
+    {"role": "user", "content": "How do I boil an egg?"},
+]
+
+
+@pytest.mark.parametrize("template", ["own", "trimming"])
+def test_reward_model_scores_the_whole_conversation_as_trained(tmp_path, template: str) -> None:
+    """RewardModel's score of (conversation, completion) is the trained head's output on the very
+    rows RewardModule trains on: PreferenceDataModule's batch of the same conversational record."""
+    from transformers import AutoTokenizer
+
+    from dpo_lit.data import PreferenceDataModule
+    from dpo_lit.models import TINY_ALIAS, resolve
+    from dpo_lit.rewards import RewardModel
+    from dpo_lit.rlhf.reward_model import load_reward_model, sequence_rewards
+
+    torch.manual_seed(0)
+    model = load_reward_model(TINY_ALIAS)  # random backbone and head
+    tokenizer = AutoTokenizer.from_pretrained(resolve(TINY_ALIAS))  # a copy: the shared one stays as is
+    if template == "trimming":
+        tokenizer.chat_template = TRIMMING_TEMPLATE
+    export = tmp_path / "reward"
+    model.save_pretrained(export)
+    tokenizer.save_pretrained(export)
+    chosen, rejected = "Put it in boiling water for nine minutes.", " No. Look it up.\n"
+    record = {"prompt": CONVERSATION, "chosen": [{"role": "assistant", "content": chosen}],
+              "rejected": [{"role": "assistant", "content": rejected}]}  # fmt: skip
+    (tmp_path / "pairs.jsonl").write_text(json.dumps(record) + "\n")
+    data = PreferenceDataModule(str(export), train_files=[str(tmp_path / "pairs.jsonl")], val_fraction=0.0)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))  # rows: prompt + chosen, prompt + rejected
+    with torch.no_grad():
+        trained_view = sequence_rewards(model.eval(), batch["input_ids"], batch["attention_mask"])
+
+    reward = RewardModel(str(export))
+    scores = reward([CONVERSATION] * 2, [chosen, rejected], [True, True])
+    torch.testing.assert_close(scores, trained_view)
+    # The conversation matters: its last message alone is another input with another score.
+    alone = reward([CONVERSATION[-1]["content"]] * 2, [chosen, rejected], [True, True])
+    assert (alone - scores).abs().min() > 1e-4
+
+
+def test_text_rewards_read_a_conversation_as_its_last_message() -> None:
+    reward = CallableReward("test_rewards.prompt_words")
+    torch.testing.assert_close(reward([CONVERSATION, "a b"], ["x", "y"]), torch.tensor([6.0, 2.0]))
+
+
+def prompt_words(prompts: list[str], completions: list[str]) -> list[float]:
+    """A text reward that reads the prompt (a string: the base class reduces conversations)."""
+    return [float(len(p.split())) for p in prompts]
+
+
+class ConversationLength(Reward):
+    """Reads conversations whole, as RewardModel does: the number of messages of each prompt."""
+
+    reads_conversations = True
+
+    def score(self, prompts, completions, finished):
+        return [float(len(p)) if isinstance(p, list) else 0.0 for p in prompts]
+
+
+def test_held_out_scoring_hands_a_reward_the_whole_conversation(tiny_tokenizer) -> None:
+    """The on-policy comparison and HeldoutRewardKL pass each prompt to the reward as it is: a
+    three-message conversation arrives with its three messages, not as its last message's text."""
+    model = load_model(TINY_ALIAS)
+    talk = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "How are you?"}]  # fmt: skip
+    prompts = [talk, "Plain text"]
+    ids = encode_prompts(tiny_tokenizer, prompts)
+    scored = sample_and_score(model, model, None, tiny_tokenizer, prompts, ids, ConversationLength(), 2, 4, 8, seed=0)
+    assert [s.reward for s in scored] == [3.0, 3.0, 0.0, 0.0]
+    samples = sample(model, tiny_tokenizer, ids, 1, 4, seed=0)
+    assert score_samples(ConversationLength(), prompts, samples).tolist() == [3.0, 0.0]

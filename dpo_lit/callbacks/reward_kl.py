@@ -86,7 +86,8 @@ def sample_and_score(
     samples = sample(policy, tokenizer, prompt_ids, num_samples, max_new_tokens, batch_size=batch_size, seed=seed)
     kl = kl_from_samples(samples, reference, batch_size, context, tokenizer.pad_token_id)
     texts = [prompt_text(prompts[s.prompt_index]) for s in samples]
-    scores = reward(texts, [s.text for s in samples], [s.finished for s in samples]).tolist()
+    whole = [prompts[s.prompt_index] for s in samples]  # a reward model reads conversations whole
+    scores = reward(whole, [s.text for s in samples], [s.finished for s in samples]).tolist()
     return [
         HeldoutSample(step, s.prompt_index, text, s.text, score, ratio, s.finished)
         for s, text, score, ratio in zip(samples, texts, scores, kl.per_sample, strict=True)

@@ -40,8 +40,8 @@ from dpo_lit.sampling.sample import Sample, sample
 
 def score_samples(reward: Reward, prompts: Sequence[Prompt], samples: list[Sample]) -> torch.Tensor:
     """The reward of every sample, (N,)."""
-    texts = [prompt_text(prompts[s.prompt_index]) for s in samples]
-    return reward(texts, [s.text for s in samples], [s.finished for s in samples])
+    whole = [prompts[s.prompt_index] for s in samples]  # a reward model reads conversations whole
+    return reward(whole, [s.text for s in samples], [s.finished for s in samples])
 
 
 def compare_on_prompts(

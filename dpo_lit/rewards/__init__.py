@@ -1,4 +1,5 @@
-"""Rewards for on-policy pairs: texts in, one float per completion out.
+"""Rewards for on-policy pairs: prompts (strings or conversations) and completions in, one float per
+completion out.
 
 - :class:`Reward` is the interface (subclass it to plug in a trained classifier or a learned
   reward model, see :mod:`dpo_lit.rewards.base`); :class:`CallableReward` imports a function;

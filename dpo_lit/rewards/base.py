@@ -6,6 +6,12 @@ it scores a batch::
 
     scores = reward(prompts, completions, finished)  # (N,) float32
 
+A prompt is a string or a conversation (a list of ``{"role", "content"}`` messages), passed as
+it is: a reward that reads conversations (:class:`~dpo_lit.rewards.RewardModel`, which renders
+them as its training data was rendered) gets it whole, while a text reward gets the last
+message's content (:func:`~dpo_lit.data.prompts.prompt_text`). A caller that reduces a
+conversation to text itself takes the conversation away from a reward model.
+
 ``finished`` says which completions ended with the model's EOS (the rest were cut by
 ``max_new_tokens``); rewards that do not need it ignore it.
 
@@ -23,23 +29,28 @@ import inspect
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
+from dpo_lit.data.prompts import Prompt, prompt_text
 from dpo_lit.errors import ConfigError
 
 
 class Reward(ABC):
     """Scores completions of prompts; subclasses implement :meth:`score`."""
 
+    reads_conversations: ClassVar[bool] = False
+    """Whether :meth:`score` gets message-list prompts whole (else their last message's text)."""
+
     def __call__(
-        self, prompts: Sequence[str], completions: Sequence[str], finished: Sequence[bool] | None = None
+        self, prompts: Sequence[Prompt], completions: Sequence[str], finished: Sequence[bool] | None = None
     ) -> Tensor:
         """Scores of shape (N,), float32, one per completion.
 
         Args:
-            prompts: The prompt of each completion, as text.
+            prompts: The prompt of each completion: a string or a list of messages.
             completions: The completions, as text (without special tokens).
             finished: Whether each completion ended with the EOS (``None``: unknown).
         """
@@ -48,7 +59,8 @@ class Reward(ABC):
                 f"{self.name}: {len(prompts)} prompts, {len(completions)} completions"
                 + ("" if finished is None else f", {len(finished)} finished flags")
             )
-        scores = torch.as_tensor(self.score(list(prompts), list(completions), finished), dtype=torch.float32)
+        given = list(prompts) if self.reads_conversations else [prompt_text(p) for p in prompts]
+        scores = torch.as_tensor(self.score(given, list(completions), finished), dtype=torch.float32)
         if scores.shape != (len(completions),):
             raise ValueError(
                 f"{self.name}: expected {len(completions)} scores, got shape {tuple(scores.shape)}"
@@ -59,7 +71,10 @@ class Reward(ABC):
     def score(
         self, prompts: list[str], completions: list[str], finished: Sequence[bool] | None
     ) -> Tensor | Sequence[float]:
-        """One score per completion (any float sequence; :meth:`__call__` checks and converts it)."""
+        """One score per completion (any float sequence; :meth:`__call__` checks and converts it).
+
+        ``prompts`` are strings, or strings and message lists if :attr:`reads_conversations`.
+        """
 
     @property
     def name(self) -> str:

@@ -30,7 +30,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from dpo_lit.data.io import write_json, write_jsonl
-from dpo_lit.data.prompts import encode_prompts, prompt_text, read_prompts
+from dpo_lit.data.prompts import encode_prompts, read_prompts
 from dpo_lit.models import load_model, load_tokenizer
 from dpo_lit.rewards import Reward, VaderSentiment
 from dpo_lit.sampling.pairs import PairStats, build_pairs
@@ -127,7 +127,7 @@ class GenerationModule(LightningModule):
             self.policy, self.tokenizer, batch["prompt_ids"], h.num_samples, h.max_new_tokens,
             temperature=h.temperature, top_p=h.top_p, batch_size=h.batch_size, seed=seeds[0], prompt_seeds=seeds,
         )  # greedy decoding (temperature 0) draws nothing: the same tokens in any batch
-        prompts = [prompt_text(batch["prompts"][s.prompt_index]) for s in samples]
+        prompts = [batch["prompts"][s.prompt_index] for s in samples]  # whole: a reward model reads conversations
         scores = [float(x) for x in self.reward(prompts, [s.text for s in samples], [s.finished for s in samples])]
         results = []
         for position, index in enumerate(batch["indices"]):
