@@ -195,3 +195,56 @@ def test_lora_reward_model_export_scores_as_in_training(tmp_path, monkeypatch):
         expected = sequence_rewards(module.reward_model.eval(), ids, mask)
     torch.testing.assert_close(reward(prompts, completions, [True, True]), expected, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(expected, torch.zeros(2))
+
+
+def test_ppo_linear_schedule_reaches_zero_lr_at_the_last_update(tmp_path, monkeypatch):
+    """max_steps counts optimizer updates (4 per batch of prompts here: 32 rollouts, minibatches of
+    16, 2 PPO epochs) and a linear schedule is sized in them: after the 8th update its LR is 0 and
+    it has stepped 8 times (stepped once per batch of prompts, it stopped at 3e-3 · 6/8 = 0.00225)."""
+    from dpo_lit.cli import build_cli
+
+    monkeypatch.chdir(ROOT)
+    cli = build_cli("fit", ["configs/ppo/tiny.yaml"], {
+        "model.init_args.scheduler": "linear", "trainer.max_steps": 8, "trainer.limit_val_batches": 0,
+        "trainer.default_root_dir": str(tmp_path), "trainer.enable_progress_bar": False, "export.enabled": False,
+    })  # fmt: skip
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    scheduler = cli.trainer.lr_scheduler_configs[0].scheduler
+    assert cli.trainer.global_step == 8
+    assert scheduler.last_epoch == 8
+    assert cli.trainer.optimizers[0].param_groups[0]["lr"] == 0.0
+
+
+def test_ppo_temperature_tempers_old_new_and_reference_logps_alike(tmp_path, monkeypatch):
+    """At temperature T the rollouts come from softmax(logits / T), so the log-probs of the
+    surrogate and of the KL penalty are taken there too: token_outputs at T equals log_softmax of
+    the model's own logits / T (and the entropy is that distribution's); a PPO run at T = 0.5 with
+    lr 0 sees the policy equal to its reference: ratio 1, KL 0."""
+    from dpo_lit.cli import build_cli
+    from dpo_lit.data.collate import pad_rows
+    from dpo_lit.models import TINY_ALIAS, load_model
+    from dpo_lit.rlhf.ppo import token_outputs
+
+    model = load_model(TINY_ALIAS).eval()
+    rows = [[5, 6, 7, 8, 9, 10], [11, 12, 13, 14]]
+    ids, mask, completion = pad_rows(rows, 0, first_scored=[2, 3])
+    with torch.no_grad():
+        out = token_outputs(model, ids, mask, completion, width=4, entropy=True, temperature=0.5)
+        logps = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float() / 0.5, -1)  # (B, T, V)
+    for b, (row, first) in enumerate(zip(rows, [2, 3])):
+        want = torch.stack([logps[b, t - 1, row[t]] for t in range(first, len(row))])
+        torch.testing.assert_close(out.logps[b, : len(want)], want, rtol=0, atol=1e-5)
+        p = logps[b, first - 1].exp()
+        torch.testing.assert_close(out.entropy[b, 0], -(p * logps[b, first - 1]).sum(), rtol=0, atol=1e-4)
+
+    monkeypatch.chdir(ROOT)
+    cli = build_cli("fit", ["configs/ppo/tiny.yaml"], {
+        "model.init_args.temperature": 0.5, "model.init_args.optimizer.init_args.lr": 0.0, "trainer.max_steps": 4,
+        "trainer.limit_val_batches": 0, "trainer.default_root_dir": str(tmp_path), "trainer.enable_progress_bar": False,
+        "export.enabled": False,
+    })  # fmt: skip
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    metrics = cli.trainer.callback_metrics
+    assert metrics["train/kl"].item() == 0.0
+    assert metrics["train/approx_kl"].item() == pytest.approx(0.0, abs=1e-6)  # ratio 1 at every token
+    assert metrics["train/clipfrac"].item() == 0.0

@@ -25,7 +25,13 @@ its adapter off under LoRA, else a frozen copy — :mod:`dpo_lit.reference`'s ob
 SampledKL, SampleTable and CapabilityEval callbacks work unchanged.
 
 ``trainer.max_steps`` counts optimizer updates, ``ppo_epochs · ceil(rollouts / minibatch_size)``
-per batch of prompts; the learning-rate schedule steps once per batch of prompts.
+per batch of prompts; the learning-rate schedule, sized in those updates, steps after each one.
+
+With ``temperature`` T ≠ 1 the rollouts are drawn from softmax(logits / T), and every log-prob of
+the iteration is taken from that same tempered distribution — the policy's old and new ones (the
+ratio of the surrogate), the reference's (the per-token KL penalty and ``train/kl``) and the
+entropy — as TRL's PPO did: the surrogate is then that of the distribution sampled from, and
+``train/kl`` the KL between the tempered policy and the tempered reference.
 """
 
 from __future__ import annotations
@@ -41,7 +47,6 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
 from dpo_lit.data.collate import pad_rows
-from dpo_lit.data.prompts import prompt_text
 from dpo_lit.errors import ConfigError
 from dpo_lit.logps import completion_states, head_logits, selective_log_softmax
 from dpo_lit.models import evaluating, load_model, load_tokenizer
@@ -79,13 +84,17 @@ def to_grid(values: Tensor, rows: Tensor, cols: Tensor, shape: tuple[int, int]) 
 
 def token_outputs(
     model: nn.Module, ids: Tensor, mask: Tensor, completion_mask: Tensor, width: int,
-    value_head: nn.Module | None = None, entropy: bool = False,
+    value_head: nn.Module | None = None, entropy: bool = False, temperature: float = 1.0,
 ) -> TokenOutputs:
     """One forward of ``model`` over right-padded rollouts: each response token's log-prob, the
     value of the state before it (``value_head`` on the last hidden state) and the entropy of the
-    distribution it was drawn from (no gradient), laid out (B, width)."""
+    distribution it was drawn from (no gradient), laid out (B, width); log-probs and entropy are
+    those of softmax(logits / ``temperature``), the distribution rollouts at that temperature
+    are drawn from."""
     states, targets, rows = completion_states(model, ids, mask, completion_mask)  # (M, H), (M,), (M,)
     logits = head_logits(model, states)  # (M, V)
+    if temperature != 1.0:
+        logits = logits / temperature
     target_mask = completion_mask[:, 1:]
     cols = target_mask.cumsum(-1)[target_mask] - 1  # (M,) position within the response
     shape = (len(ids), width)
@@ -111,7 +120,8 @@ class PPOModule(LightningModule):
         lora: train a LoRA adapter (the reference is then the policy with it off).
         samples_per_prompt: rollouts per prompt of a batch.
         max_new_tokens: bound on a rollout's tokens (a cut rollout keeps no EOS).
-        temperature: sampling temperature of the rollouts (1: the policy itself).
+        temperature: sampling temperature of the rollouts (1: the policy itself); the policy's
+            and the reference's log-probs are taken at the same temperature.
         missing_eos_penalty: subtracted from the score of rollouts cut by ``max_new_tokens``.
         kl_coef: initial coefficient of the per-token KL penalty.
         target_kl: sequence-level KL the coefficient adapts towards (None: fixed coefficient).
@@ -126,7 +136,8 @@ class PPOModule(LightningModule):
         whiten_advantages: normalise advantages over each batch of rollouts.
         max_grad_norm: clip the gradient's norm (None: no clipping).
         optimizer: optimizer class and its arguments.
-        scheduler: learning-rate schedule by its ``transformers`` name, stepped per batch of prompts.
+        scheduler: learning-rate schedule by its ``transformers`` name, sized in optimizer updates
+            (``max_steps``) and stepped after each.
         warmup_ratio: fraction of the schedule spent warming up.
         scheduler_kwargs: further arguments of that schedule.
         dtype: dtype of the loaded weights.
@@ -168,6 +179,8 @@ class PPOModule(LightningModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
+        if temperature <= 0:
+            raise ConfigError(f"model.temperature: PPO samples its rollouts, so it must be > 0, got {temperature}")
         for key, value in (("kl_coef", kl_coef), ("samples_per_prompt", samples_per_prompt),
                            ("ppo_epochs", ppo_epochs), ("minibatch_size", minibatch_size)):  # fmt: skip
             if value < 0 or (value == 0 and key != "kl_coef"):
@@ -199,7 +212,7 @@ class PPOModule(LightningModule):
             self.policy, self.tokenizer, batch["prompt_ids"], h.samples_per_prompt, h.max_new_tokens,
             temperature=h.temperature, batch_size=h.generation_batch_size, seed=seed,
         )
-        prompts = [prompt_text(batch["prompts"][s.prompt_index]) for s in samples]
+        prompts = [batch["prompts"][s.prompt_index] for s in samples]  # whole: a reward model reads conversations
         scores = self.reward(prompts, [s.text for s in samples], [s.finished for s in samples])
         return samples, scores.to(self.device)
 
@@ -223,26 +236,26 @@ class PPOModule(LightningModule):
         ids, mask, completion_mask, response = self._pad(samples)
         width = response.shape[1]
         with evaluating(self.policy):
-            old = token_outputs(self.policy, ids, mask, completion_mask, width, self.value_head, entropy=True)
+            old = token_outputs(
+                self.policy, ids, mask, completion_mask, width, self.value_head, entropy=True, temperature=h.temperature
+            )
             reference, context = self.reference.model(self.policy)
             with context():
-                ref_logps = token_outputs(reference, ids, mask, completion_mask, width).logps
+                ref_logps = token_outputs(reference, ids, mask, completion_mask, width, temperature=h.temperature).logps
         kl_coef = self.kl.coef
         rewards = token_rewards(penalised, old.logps, ref_logps, response, kl_coef)
         advantages, returns = gae(rewards, old.values, response, h.gamma, h.lam)
         if h.whiten_advantages:
             advantages = whiten(advantages, response)
+        lr = self.optimizers().param_groups[0]["lr"]  # the LR of this iteration's first update
         stats = self._update(ids, mask, completion_mask, response, old, advantages, returns)
-        scheduler = self.lr_schedulers()
-        if scheduler is not None:
-            scheduler.step()
         sequence_kl = ((old.logps - ref_logps) * response).sum(-1)  # (B,)
         self.kl.update(sequence_kl.mean().item(), len(samples))
         logged = {
             "reward": scores.mean(), "kl": sequence_kl.mean(), "kl_coef": kl_coef,
             "non_score_reward": (rewards.sum(-1) - penalised).mean(),
             "entropy": masked_mean(old.entropy, response), "response_length": response.sum(-1).mean(),
-            "finished": finished.float().mean(), "lr": self.optimizers().param_groups[0]["lr"],
+            "finished": finished.float().mean(), "lr": lr,
             **{name: torch.stack(values).mean() for name, values in stats.items()},
         }
         for name, value in logged.items():
@@ -251,7 +264,7 @@ class PPOModule(LightningModule):
     def _update(self, ids, mask, completion_mask, response, old: TokenOutputs, advantages, returns) -> dict:
         """``ppo_epochs`` passes of minibatch updates; the losses and diagnostics of each update."""
         h = self.hparams
-        optimizer = self.optimizers()
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         stats: dict[str, list[Tensor]] = defaultdict(list)
         for _ in range(h.ppo_epochs):
             order = torch.randperm(len(ids), device=self.device)
@@ -260,7 +273,7 @@ class PPOModule(LightningModule):
                 length = int(mask[idx].sum(-1).max())  # right padding: columns beyond are all padding
                 new = token_outputs(
                     self.policy, ids[idx, :length], mask[idx, :length], completion_mask[idx, :length],
-                    response.shape[1], self.value_head,
+                    response.shape[1], self.value_head, temperature=h.temperature,
                 )
                 pg = policy_loss(new.logps, old.logps[idx], advantages[idx], response[idx], h.clip_range)
                 vf = value_loss(new.values, old.values[idx], returns[idx], response[idx], h.clip_range_value)
@@ -269,6 +282,8 @@ class PPOModule(LightningModule):
                 if h.max_grad_norm is not None:
                     self.clip_gradients(optimizer, gradient_clip_val=h.max_grad_norm, gradient_clip_algorithm="norm")
                 optimizer.step()
+                if scheduler is not None:  # sized in optimizer updates (max_steps): one step per update
+                    scheduler.step()
                 for name, value in (("policy_loss", pg.loss), ("value_loss", vf), ("clipfrac", pg.clipfrac),
                                     ("approx_kl", pg.approx_kl)):  # fmt: skip
                     stats[name].append(value.detach())
@@ -282,6 +297,8 @@ class PPOModule(LightningModule):
         kl = kl_from_samples(samples, reference, reference_context=context, pad_token_id=self.tokenizer.pad_token_id)
         size = len(samples)
         self.log("val/reward", scores.mean(), batch_size=size, prog_bar=True)
+        # The samples' log-probs are the untempered model's: at temperature != 1 this is the mean
+        # log-ratio over tempered samples, not a KL (SampledKL samples at temperature 1 for that).
         self.log("val/kl_rollouts", kl.mean, batch_size=size)
         self.log("val/response_length", float(sum(len(s.completion_ids) for s in samples)) / size, batch_size=size)
 
