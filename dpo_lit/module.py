@@ -94,13 +94,14 @@ def check_targets(model, targets: str | list[str]) -> None:
         )
 
 
-def optimizer_and_schedule(module: LightningModule, params: list) -> dict:
+def optimizer_and_schedule(module: LightningModule, params: list, total: int | None = None) -> dict:
     """``configure_optimizers``' answer for a module with ``optimizer_factory`` and the hparams
-    ``scheduler``, ``warmup_ratio`` and ``scheduler_kwargs``: the schedule steps every optimizer step."""
+    ``scheduler``, ``warmup_ratio`` and ``scheduler_kwargs``: a schedule over ``total`` optimizer
+    steps (None: Lightning's estimate, one step per batch), stepped every optimizer step."""
     from transformers import get_scheduler
 
     optimizer = module.optimizer_factory(params)
-    total = max(1, int(module.trainer.estimated_stepping_batches))
+    total = max(1, int(module.trainer.estimated_stepping_batches if total is None else total))
     hparams = module.hparams
     try:
         scheduler = get_scheduler(

@@ -1,11 +1,14 @@
 """The RLHF baseline: PPO's arithmetic against values worked out by hand, the reward model and PPO
 trained through the CLI on the tiny model."""
 
+import copy
 import math
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
+from lightning import Callback
 
 from dpo_lit.cli import run
 from dpo_lit.pipelines.plots import read_scalars
@@ -197,30 +200,76 @@ def test_lora_reward_model_export_scores_as_in_training(tmp_path, monkeypatch):
     assert not torch.allclose(expected, torch.zeros(2))
 
 
-def test_ppo_linear_schedule_reaches_zero_lr_at_the_last_update(tmp_path, monkeypatch):
-    """max_steps counts optimizer updates (4 per batch of prompts here: 32 rollouts, minibatches of
-    16, 2 PPO epochs) and a linear schedule is sized in them: after the 8th update its LR is 0 and
-    it has stepped 8 times (stepped once per batch of prompts, it stopped at 3e-3 · 6/8 = 0.00225)."""
+class UpdateRecorder(Callback):
+    """What a PPO run did, read from outside: the LR of every optimizer update (just before it is
+    applied); at each batch's start a copy of the policy, the batch and ``global_step``; at its end
+    the ``train/`` metrics."""
+
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+        self.starts: list[tuple[torch.nn.Module, dict, int]] = []
+        self.metrics: list[dict[str, float]] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.lrs.append(optimizer.param_groups[0]["lr"])
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.starts.append((copy.deepcopy(pl_module.policy).eval(), batch, trainer.global_step))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.metrics.append({k: v.item() for k, v in trainer.callback_metrics.items() if k.startswith("train/")})
+
+
+def _fit_ppo(tmp_path, overrides: dict) -> tuple:
+    """configs/ppo/tiny.yaml (8 prompts x 4 rollouts a batch, minibatches of 16, 2 PPO epochs: 4
+    updates a batch) fitted with ``overrides``, no validation; the CLI and an UpdateRecorder."""
     from dpo_lit.cli import build_cli
 
-    monkeypatch.chdir(ROOT)
     cli = build_cli("fit", ["configs/ppo/tiny.yaml"], {
-        "model.init_args.scheduler": "linear", "trainer.max_steps": 8, "trainer.limit_val_batches": 0,
-        "trainer.default_root_dir": str(tmp_path), "trainer.enable_progress_bar": False, "export.enabled": False,
+        "trainer.limit_val_batches": 0, "trainer.default_root_dir": str(tmp_path), "trainer.enable_progress_bar": False,
+        "export.enabled": False, **overrides,
     })  # fmt: skip
+    recorder = UpdateRecorder()
+    cli.trainer.callbacks.append(recorder)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    return cli, recorder
+
+
+@pytest.mark.parametrize("length", [
+    {"trainer.max_steps": 8},
+    {"trainer.max_steps": 6},  # reached after the 2nd batch's 2nd update: the batch still runs all 4
+    {"trainer.max_epochs": 1, "trainer.limit_train_batches": 2},  # Lightning's estimate: 2 (batches)
+], ids=["max_steps", "max_steps_mid_batch", "max_epochs"])  # fmt: skip
+def test_ppo_linear_schedule_reaches_zero_lr_at_the_last_update(tmp_path, monkeypatch, length):
+    """The schedule is sized in the updates the run makes (8: two batches of 4) and steps once per
+    update, however the trainer's length is given: update k runs at 3e-3 · (8 - k) / 8 and the LR
+    is 0 after the last. Stepped once per batch of prompts and sized in max_steps it stopped at
+    3e-3 · 6/8 = 0.00225; sized in Lightning's estimate (batches, or max_steps) it reached 0 early."""
+    monkeypatch.chdir(ROOT)
+    cli, recorder = _fit_ppo(tmp_path, {"model.init_args.scheduler": "linear", **length})
     scheduler = cli.trainer.lr_scheduler_configs[0].scheduler
-    assert cli.trainer.global_step == 8
-    assert scheduler.last_epoch == 8
+    assert cli.trainer.global_step == len(recorder.lrs) == scheduler.last_epoch == 8
+    assert recorder.lrs == pytest.approx([3e-3 * (8 - k) / 8 for k in range(8)], rel=1e-6)
     assert cli.trainer.optimizers[0].param_groups[0]["lr"] == 0.0
 
 
-def test_ppo_temperature_tempers_old_new_and_reference_logps_alike(tmp_path, monkeypatch):
-    """At temperature T the rollouts come from softmax(logits / T), so the log-probs of the
-    surrogate and of the KL penalty are taken there too: token_outputs at T equals log_softmax of
-    the model's own logits / T (and the entropy is that distribution's); a PPO run at T = 0.5 with
-    lr 0 sees the policy equal to its reference: ratio 1, KL 0."""
-    from dpo_lit.cli import build_cli
+def test_ppo_planned_updates_count_the_last_batch_and_a_smaller_one():
+    from dpo_lit.rlhf.schedule import planned_updates, updates_per_batch
+
+    # configs/ppo/smollm2_everyday_vader.yaml: 68 prompts in batches of 8 (the 9th has 4), 2 rollouts
+    # each, minibatches of 8, 2 PPO epochs: 4 updates a batch, 2 for the small one, 34 an epoch.
+    sizes = [8] * 8 + [4]
+    updates = partial(updates_per_batch, samples_per_prompt=2, minibatch_size=8, ppo_epochs=2)
+    assert planned_updates(sizes, updates, max_epochs=-1, max_steps=48) == 50  # 13 batches: 34 + 4 · 4
+    assert planned_updates(sizes, updates, max_epochs=-1, max_steps=34) == 34
+    assert planned_updates(sizes, updates, max_epochs=2, max_steps=-1) == 68
+    assert planned_updates(sizes, updates, max_epochs=1, max_steps=100) == 34
+    assert planned_updates(sizes, updates, max_epochs=-1, max_steps=-1) is None
+
+
+def test_ppo_token_outputs_at_temperature_are_log_softmax_of_tempered_logits():
+    """token_outputs at T equals log_softmax of the model's own logits / T at each response token,
+    and its entropy is that distribution's."""
     from dpo_lit.data.collate import pad_rows
     from dpo_lit.models import TINY_ALIAS, load_model
     from dpo_lit.rlhf.ppo import token_outputs
@@ -237,14 +286,51 @@ def test_ppo_temperature_tempers_old_new_and_reference_logps_alike(tmp_path, mon
         p = logps[b, first - 1].exp()
         torch.testing.assert_close(out.entropy[b, 0], -(p * logps[b, first - 1]).sum(), rtol=0, atol=1e-4)
 
+
+def _tempered_kl_and_entropy(policy, reference, samples, temperature: float) -> tuple[float, float]:
+    """Mean over ``samples`` of sum_t [log π_T(y_t) - log π_ref,T(y_t)], and the mean entropy of π_T
+    over their response tokens, each row alone (no padding): π_T = softmax(logits / T)."""
+    kls, entropies = [], []
+    with torch.no_grad():
+        for s in samples:
+            ids, first = torch.tensor([s.prompt_ids + s.completion_ids]), len(s.prompt_ids)
+            targets = ids[0, first:]  # (N,)
+            tempered = [torch.log_softmax(m(input_ids=ids).logits[0, first - 1 : -1].float() / temperature, -1)
+                        for m in (policy, reference)]  # fmt: skip  # (N, V) each
+            logp, ref = (t.gather(-1, targets[:, None]).squeeze(-1) for t in tempered)
+            kls.append((logp - ref).sum())
+            entropies.append(-(tempered[0].exp() * tempered[0]).sum(-1))
+    return torch.stack(kls).mean().item(), torch.cat(entropies).mean().item()
+
+
+def test_ppo_temperature_tempers_old_new_and_reference_logps_alike(tmp_path, monkeypatch):
+    """At T = 0.5 the rollouts come from softmax(logits / T), and PPO takes every log-prob there:
+    the 2nd batch's train/kl (policy moved by 4 updates) is the KL between the tempered policy and
+    the tempered reference on its rollouts, worked out apart here (drawn again with the same seed
+    from a copy of the policy at that batch's start), and train/entropy the tempered entropy. At
+    step 0 (policy == reference) the KL is 0, and at lr 0 every ratio is 1: no clipping, approx_kl 0."""
+    from dpo_lit.sampling.sample import sample
+
     monkeypatch.chdir(ROOT)
-    cli = build_cli("fit", ["configs/ppo/tiny.yaml"], {
-        "model.init_args.temperature": 0.5, "model.init_args.optimizer.init_args.lr": 0.0, "trainer.max_steps": 4,
-        "trainer.limit_val_batches": 0, "trainer.default_root_dir": str(tmp_path), "trainer.enable_progress_bar": False,
-        "export.enabled": False,
+    temperature = 0.5
+    cli, recorder = _fit_ppo(tmp_path, {"model.init_args.temperature": temperature, "trainer.max_steps": 8})
+    h, reference = cli.model.hparams, cli.model.reference.frozen
+    assert recorder.metrics[0]["train/kl"] == 0.0
+    policy, batch, step = recorder.starts[1]
+    samples = sample(
+        policy, cli.model.tokenizer, batch["prompt_ids"], h.samples_per_prompt, h.max_new_tokens,
+        temperature=temperature, batch_size=h.generation_batch_size, seed=h.seed + step,
+    )
+    kl, entropy = _tempered_kl_and_entropy(policy, reference, samples, temperature)
+    untempered_kl, _ = _tempered_kl_and_entropy(policy, reference, samples, 1.0)
+    assert abs(kl - untempered_kl) > 0.01  # the check below tells the two apart
+    assert recorder.metrics[1]["train/kl"] == pytest.approx(kl, abs=1e-4)
+    assert recorder.metrics[1]["train/entropy"] == pytest.approx(entropy, abs=1e-4)
+
+    cli, recorder = _fit_ppo(tmp_path / "lr0", {
+        "model.init_args.temperature": temperature, "model.init_args.optimizer.init_args.lr": 0.0,
+        "trainer.max_steps": 4,
     })  # fmt: skip
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    metrics = cli.trainer.callback_metrics
-    assert metrics["train/kl"].item() == 0.0
-    assert metrics["train/approx_kl"].item() == pytest.approx(0.0, abs=1e-6)  # ratio 1 at every token
-    assert metrics["train/clipfrac"].item() == 0.0
+    assert recorder.metrics[0]["train/kl"] == 0.0
+    assert recorder.metrics[0]["train/approx_kl"] == pytest.approx(0.0, abs=1e-6)  # ratio 1 at every token
+    assert recorder.metrics[0]["train/clipfrac"] == 0.0

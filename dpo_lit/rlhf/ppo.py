@@ -25,7 +25,8 @@ its adapter off under LoRA, else a frozen copy — :mod:`dpo_lit.reference`'s ob
 SampledKL, SampleTable and CapabilityEval callbacks work unchanged.
 
 ``trainer.max_steps`` counts optimizer updates, ``ppo_epochs · ceil(rollouts / minibatch_size)``
-per batch of prompts; the learning-rate schedule, sized in those updates, steps after each one.
+per batch of prompts; the learning-rate schedule is sized in the updates the run makes, whether
+``max_steps`` or ``max_epochs`` ends it (:mod:`dpo_lit.rlhf.schedule`), and steps after each one.
 
 With ``temperature`` T ≠ 1 the rollouts are drawn from softmax(logits / T), and every log-prob of
 the iteration is taken from that same tempered distribution — the policy's old and new ones (the
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -62,6 +64,7 @@ from dpo_lit.rlhf.objectives import (
     value_loss,
     whiten,
 )
+from dpo_lit.rlhf.schedule import epoch_batch_sizes, planned_updates, updates_per_batch
 from dpo_lit.sampling.kl import kl_from_samples
 from dpo_lit.sampling.sample import Sample, sample
 
@@ -136,8 +139,8 @@ class PPOModule(LightningModule):
         whiten_advantages: normalise advantages over each batch of rollouts.
         max_grad_norm: clip the gradient's norm (None: no clipping).
         optimizer: optimizer class and its arguments.
-        scheduler: learning-rate schedule by its ``transformers`` name, sized in optimizer updates
-            (``max_steps``) and stepped after each.
+        scheduler: learning-rate schedule by its ``transformers`` name, sized in the optimizer
+            updates of the run and stepped after each.
         warmup_ratio: fraction of the schedule spent warming up.
         scheduler_kwargs: further arguments of that schedule.
         dtype: dtype of the loaded weights.
@@ -282,7 +285,7 @@ class PPOModule(LightningModule):
                 if h.max_grad_norm is not None:
                     self.clip_gradients(optimizer, gradient_clip_val=h.max_grad_norm, gradient_clip_algorithm="norm")
                 optimizer.step()
-                if scheduler is not None:  # sized in optimizer updates (max_steps): one step per update
+                if scheduler is not None:  # sized in the updates of the run: one step per update
                     scheduler.step()
                 for name, value in (("policy_loss", pg.loss), ("value_loss", vf), ("clipfrac", pg.clipfrac),
                                     ("approx_kl", pg.approx_kl)):  # fmt: skip
@@ -319,6 +322,15 @@ class PPOModule(LightningModule):
         self.kl.coef = checkpoint.get("kl_coef", self.kl.coef)
         self.reference.load_state_dict(checkpoint.get("reference", {}))
 
-    def configure_optimizers(self):
+    def configure_optimizers(self) -> dict:
+        """The optimizer and the schedule, sized in the updates the run makes (:mod:`~dpo_lit.rlhf.schedule`)."""
+        h, trainer = self.hparams, self.trainer
         params = [p for p in self.policy.parameters() if p.requires_grad] + list(self.value_head.parameters())
-        return optimizer_and_schedule(self, params)
+        updates = partial(
+            updates_per_batch, samples_per_prompt=h.samples_per_prompt, minibatch_size=h.minibatch_size,
+            ppo_epochs=h.ppo_epochs,
+        )
+        sizes = epoch_batch_sizes(trainer)
+        # None (an iterable dataset or an unbounded run): Lightning's estimate (max_steps)
+        total = None if sizes is None else planned_updates(sizes, updates, trainer.max_epochs, trainer.max_steps)
+        return optimizer_and_schedule(self, params, total)
