@@ -22,12 +22,14 @@ from dpo_lit.pipelines.frontier import make_prefixes
 from dpo_lit.pipelines.frontier_report import (
     COLUMNS,
     JUDGED_COLUMNS,
+    judge_samples,
     paired_gain,
     read_frontier_csv,
     vader_accuracy,
     write_frontier_png,
 )  # fmt: skip
-from dpo_lit.rewards.classifier import SentimentClassifier, train_sentiment_classifier
+from dpo_lit.rewards import VaderSentiment
+from dpo_lit.rewards.classifier import SentimentClassifier, clean_review, train_sentiment_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
 SENTIMENT = ROOT.parent / "shared" / "data" / "sentiment"
@@ -87,6 +89,55 @@ def test_reward_and_kl_of_a_model_against_itself_is_zero_and_paired_by_seed():
     assert [s.prompt for s in samples[2:4]] == prompts
     assert [s.reward for s in samples] == [float(len(s.completion)) for s in samples]
     assert sum(s.reward for s in samples) / 6 == pytest.approx(point.reward)
+
+
+def _se_over_prompts(per_prompt: list[float]) -> float:
+    """The standard error of the mean of the prompts' own values, worked out long-hand."""
+    mean = sum(per_prompt) / len(per_prompt)
+    return math.sqrt(sum((v - mean) ** 2 for v in per_prompt) / (len(per_prompt) - 1) / len(per_prompt))
+
+
+def test_standard_errors_are_over_prompts_in_heldout_reward_and_kl():
+    """A reward that is the prompt's own value (1, 2, 6) makes the 4 samples of a prompt agree
+    exactly: HeldoutRewardKL's reward error is that of 3 prompt means, 1.528, not the std / √12 =
+    0.651 of 12 independent draws; its KL error is over the prompts' mean log-ratios too."""
+    tokenizer, model = load_tokenizer("tiny-random-llama"), load_model("tiny-random-llama")
+    reference = load_model("tiny-random-llama")
+    with torch.no_grad():  # another model, so that the log-ratios vary
+        for weight in reference.parameters():
+            weight.add_(0.2 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(weight.numel())))
+    values = {"This film": 1.0, "I watched it twice and": 2.0, "The ending": 6.0}
+    prompts = list(values)
+
+    class PromptValue:  # every sample of a prompt gets the same reward: perfectly correlated
+        def __call__(self, prompts, completions, finished=None):
+            return torch.tensor([values[p] for p in prompts])
+
+    ids = encode_prompts(tokenizer, prompts, chat=False)
+    args = (model, reference, contextlib.nullcontext, tokenizer, prompts, ids, PromptValue(), 4, 6, 4, 5)
+    point = reward_and_kl(*args)
+    assert (point.reward, point.reward_se) == pytest.approx((3.0, _se_over_prompts([1.0, 2.0, 6.0])))
+    assert point.reward_se == pytest.approx(1.5275, abs=1e-4)
+    ratios = torch.tensor([s.log_ratio for s in sample_and_score(*args)]).view(3, 4)  # (P, k), same draws
+    assert point.kl_se == pytest.approx(_se_over_prompts(ratios.mean(-1).tolist()))
+    assert abs(point.kl_se - ratios.std().item() / math.sqrt(12)) > 0.01  # not the SE over samples
+
+
+def test_standard_errors_are_over_prompts_in_judged_csv(tmp_path):
+    """judged.csv's VADER error: 3 samples of each of 3 prompts, identical within a prompt, so the
+    error is std over the 3 prompts' scores / √3 (the 9 samples as independent draws gave less)."""
+    texts = {0: ("I loved this film, ", "it was wonderful."), 1: ("It was terrible ", "and boring."),
+             2: ("An ordinary film ", "about a town.")}  # fmt: skip
+    for name in ("sft-point", "dpo"):
+        rows = [{"method": name, "setting": "", "step": 0, "prompt_index": p, "prompt": prompt, "completion": completion,
+                 "reward": float(p), "log_ratio": 0.0, "finished": True}
+                for p, (prompt, completion) in texts.items() for _ in range(3)]  # fmt: skip
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    per_prompt = VaderSentiment()([""] * 3, [clean_review(a + b) for a, b in texts.values()], None).tolist()
+    assert len(set(per_prompt)) == 3  # three different scores: a spread over prompts to measure
+    for row in judge_samples(tmp_path):
+        assert row["vader"] == pytest.approx(sum(per_prompt) / 3)
+        assert row["vader_se"] == pytest.approx(_se_over_prompts(per_prompt))
 
 
 def test_paired_gain_removes_the_prompts_own_spread():

@@ -132,16 +132,16 @@ def test_summary_mean_and_standard_error() -> None:
 def test_standard_errors_are_over_prompts_when_samples_share_a_prompt() -> None:
     """4 samples of each of 3 prompts that agree within their prompt (as samples of one prompt tend
     to): the error of the mean is that of 3 prompt means, std([1, 2, 6]) / √3 = 1.528, not the
-    std / √12 = 0.674 of 12 independent draws. The KL summary and the held-out reward/KL points
+    std / √12 = 0.651 of 12 independent draws. The KL summary and the held-out reward/KL points
     report the same."""
     values, prompts = [1.0] * 4 + [2.0] * 4 + [6.0] * 4, [0] * 4 + [1] * 4 + [2] * 4
     expected = math.sqrt(((1 - 3) ** 2 + (2 - 3) ** 2 + (6 - 3) ** 2) / 2) / math.sqrt(3)
-    assert mean_se(values, prompts) == pytest.approx((3.0, expected))
-    assert summarize(values, [True] * 12, prompts).stderr == pytest.approx(expected)
     samples = [HeldoutSample(0, p, "prompt", "completion", v, 2 * v, True) for v, p in zip(values, prompts)]
     point = summarize_samples(samples)
     assert (point.reward, point.reward_se) == pytest.approx((3.0, expected))
     assert (point.kl, point.kl_se) == pytest.approx((6.0, 2 * expected))
+    assert mean_se(values, prompts) == pytest.approx((3.0, expected))
+    assert summarize(values, [True] * 12, prompts).stderr == pytest.approx(expected)
 
 
 def test_kl_from_samples_takes_its_standard_error_over_prompts(policy, reference) -> None:

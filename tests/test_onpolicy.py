@@ -1,6 +1,7 @@
 """On-policy generation (dpo-lit predict) and the generate → fit → evaluate pipeline, on the tiny model."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +39,27 @@ def test_compare_identical_models_gives_zero_gain_and_kl():
     assert result["gain"] == (0.0, 0.0)
     assert abs(result["kl"][0]) < 1e-5
     assert result["reference"] == result["policy"]
+
+
+def test_standard_errors_are_over_prompts_in_the_onpolicy_comparison():
+    """A reward that is the prompt's own value (1, 2, 6) makes the 4 samples of a prompt agree
+    exactly: the reference's and the policy's reward errors are those of 3 prompt means,
+    std([1, 2, 6]) / √3 = 1.528, as the paired gain's already was, not the std / √12 = 0.651 of 12
+    independent draws."""
+    from dpo_lit.models import load_model, load_tokenizer
+
+    values = {"Hi there.": 1.0, "Tell me a story.": 2.0, "What is tea?": 6.0}
+
+    class PromptValue:  # every sample of a prompt gets the same reward: perfectly correlated
+        def __call__(self, prompts, completions, finished=None):
+            return torch.tensor([values[p] for p in prompts])
+
+    model, tok = load_model("tiny-random-llama"), load_tokenizer("tiny-random-llama")
+    result = compare_on_prompts(model, model, tok, list(values), PromptValue(), 4, 6, seed=5)
+    expected = math.sqrt(((1 - 3) ** 2 + (2 - 3) ** 2 + (6 - 3) ** 2) / 2) / math.sqrt(3)
+    assert result["reference"] == pytest.approx((3.0, expected))
+    assert result["policy"] == pytest.approx((3.0, expected))
+    assert result["gain"] == (0.0, 0.0)
 
 
 def test_mean_se():

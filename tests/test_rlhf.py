@@ -334,3 +334,50 @@ def test_ppo_temperature_tempers_old_new_and_reference_logps_alike(tmp_path, mon
     assert recorder.metrics[0]["train/kl"] == 0.0
     assert recorder.metrics[0]["train/approx_kl"] == pytest.approx(0.0, abs=1e-6)  # ratio 1 at every token
     assert recorder.metrics[0]["train/clipfrac"] == 0.0
+
+
+def test_ppo_temperature_logps_are_those_of_the_distribution_generate_samples_from():
+    """At T = 0.5 the log-prob token_outputs gives each sampled token is log_softmax of generate's
+    own scores at that step (the logits after its temperature warper: what it drew from), and not
+    the untempered model's."""
+    from dpo_lit.data.collate import pad_rows
+    from dpo_lit.models import TINY_ALIAS, load_model, load_tokenizer
+    from dpo_lit.rlhf.ppo import token_outputs
+    from dpo_lit.sampling.sample import generate_kwargs
+
+    model, tokenizer = load_model(TINY_ALIAS).eval(), load_tokenizer(TINY_ALIAS)
+    prompt = torch.tensor([[5, 6, 7, 8]])  # (1, P)
+    kwargs = generate_kwargs(8, 0.5, 1.0, 0, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), output_scores=True, **kwargs)
+    drawn = out.sequences[0, prompt.shape[1] :]  # (N,) one row: no padding after an EOS
+    sampler = torch.stack([torch.log_softmax(s[0].float(), -1)[t] for s, t in zip(out.scores, drawn)])  # (N,)
+    ids, mask, completion = pad_rows([out.sequences[0].tolist()], 0, first_scored=[prompt.shape[1]])
+    with torch.no_grad():
+        tempered, plain = (token_outputs(model, ids, mask, completion, len(drawn), temperature=t).logps[0] for t in (0.5, 1.0))
+    torch.testing.assert_close(tempered, sampler, rtol=0, atol=1e-4)
+    assert (plain - sampler).abs().max() > 0.1  # the untempered log-probs are another distribution's
+
+
+def test_ppo_temperature_val_kl_rollouts_is_the_tempered_kl(tmp_path, monkeypatch):
+    """After 4 updates at T = 0.5, val/kl_rollouts on the first held-out batch is the KL between the
+    tempered policy and the tempered reference on that batch's rollouts (drawn again here with
+    validation's seed), as train/kl is; it was the untempered log-ratio, which is no KL at T != 1."""
+    from dpo_lit.sampling.sample import sample
+
+    monkeypatch.chdir(ROOT)
+    temperature = 0.5
+    cli, _ = _fit_ppo(tmp_path, {"model.init_args.temperature": temperature, "trainer.max_steps": 4})
+    cli.trainer.limit_val_batches = 1
+    metrics = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)[0]
+    h, policy, reference = cli.model.hparams, cli.model.policy, cli.model.reference.frozen
+    batch = next(iter(cli.datamodule.val_dataloader()))
+    samples = sample(
+        policy, cli.model.tokenizer, batch["prompt_ids"], h.samples_per_prompt, h.max_new_tokens,
+        temperature=temperature, batch_size=h.generation_batch_size, seed=h.seed + 10_000,
+    )
+    kl, _ = _tempered_kl_and_entropy(policy, reference, samples, temperature)
+    untempered_kl, _ = _tempered_kl_and_entropy(policy, reference, samples, 1.0)
+    assert abs(kl - untempered_kl) > 0.01  # the check below tells the two apart
+    assert metrics["val/kl_rollouts"] == pytest.approx(kl, abs=1e-4)

@@ -3,7 +3,8 @@
 :class:`SampledKL` samples completions of a fixed set of held-out prompts from the policy at
 temperature 1 without top-k/top-p, scores them under the reference, and logs the mean log-ratio:
 an unbiased estimate of the sequence-level KL between the ``max_new_tokens``-truncated sampling
-distributions, in nats per completion, with its standard error. The prompts and the sampling seed
+distributions, in nats per completion, with its standard error over prompts (each prompt's samples
+averaged first: :func:`~dpo_lit.sampling.kl.mean_se`). The prompts and the sampling seed
 are the same at every evaluation, so consecutive values are paired: they differ by the policy's
 change, not by a new draw of prompts or random numbers. It logs
 

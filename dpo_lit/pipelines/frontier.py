@@ -19,7 +19,8 @@ The stages, each a normal ``dpo-lit`` job built from its own config (``configs/f
 Every run starts from the SFT model, which is also the reference of every KL. Along each run
 (every ``eval_every`` optimizer steps, and at its end) :class:`~dpo_lit.callbacks.HeldoutRewardKL`
 samples completions of the same held-out prefixes with the same seed, and records the mean
-classifier reward and the sampled sequence-level KL(π‖π_SFT), each ± SE. Everything lands in
+classifier reward and the sampled sequence-level KL(π‖π_SFT), each ± its SE over prompts (each
+prompt's samples averaged first). Everything lands in
 ``out_dir``:
 
 - ``frontier.csv`` (``method, setting, step, reward, reward_se, kl, kl_se``) and ``frontier.png``

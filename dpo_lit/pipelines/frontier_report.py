@@ -52,7 +52,7 @@ METHOD_COLORS = {"dpo": "Blues", "ppo-gt": "Reds", "ppo-rm": "Oranges", "preferr
 
 def write_frontier_png(rows: Sequence[dict[str, Any]], path: Path, title: str = "") -> Path:
     """Reward against KL(π‖π_SFT), paper-style: a line through each run's points in step order,
-    from the SFT model (the point at KL 0) on, coloured by method, ± SE bars."""
+    from the SFT model (the point at KL 0) on, coloured by method, with bars of ± one SE over prompts."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -78,7 +78,7 @@ def write_frontier_png(rows: Sequence[dict[str, Any]], path: Path, title: str = 
         )  # fmt: skip
     ax.set_xlabel("KL(π ‖ π_SFT), nats per completion (sampled)")
     ax.set_ylabel("reward: classifier P(positive) (held-out prefixes)")
-    ax.set_title(title or "IMDb sentiment: reward vs KL")
+    ax.set_title(f"{title or 'IMDb sentiment: reward vs KL'}\n(bars: {SE_CAPTION})", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2, loc="lower right")
     fig.tight_layout()

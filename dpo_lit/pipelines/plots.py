@@ -85,7 +85,7 @@ def _line(ax: Axes, series: Series, label: str, color: str | None, marker: str |
 
 
 def _band(ax: Axes, scalars: Scalars, tag: str, label: str, color: str) -> None:
-    """``tag`` with a ±1 standard-error band from ``tag + '_stderr'``."""
+    """``tag`` with a ±1 standard-error band from ``tag + '_stderr'`` (SampledKL's: over prompts)."""
     _line(ax, scalars[tag], label, color, marker="o")
     errors = dict(scalars.get(f"{tag}_stderr", []))
     points = [(s, v, errors[s]) for s, v in scalars[tag] if s in errors and math.isfinite(errors[s])]
@@ -93,7 +93,7 @@ def _band(ax: Axes, scalars: Scalars, tag: str, label: str, color: str) -> None:
         steps, values, err = zip(*points)
         low = [v - e for v, e in zip(values, err)]
         high = [v + e for v, e in zip(values, err)]
-        ax.fill_between(steps, low, high, color=color, alpha=0.2, linewidth=0, label=f"{label} ± 1 s.e.")
+        ax.fill_between(steps, low, high, color=color, alpha=0.2, linewidth=0, label=f"{label} ± 1 s.e. over prompts")
 
 
 def _finish(ax: Axes, title: str, ylabel: str, legend: str | None = "best") -> None:

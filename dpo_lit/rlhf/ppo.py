@@ -32,7 +32,8 @@ With ``temperature`` T ≠ 1 the rollouts are drawn from softmax(logits / T), an
 the iteration is taken from that same tempered distribution — the policy's old and new ones (the
 ratio of the surrogate), the reference's (the per-token KL penalty and ``train/kl``) and the
 entropy — as TRL's PPO did: the surrogate is then that of the distribution sampled from, and
-``train/kl`` the KL between the tempered policy and the tempered reference.
+``train/kl`` (and ``val/kl_rollouts``, on held-out prompts) the KL between the tempered policy and
+the tempered reference.
 """
 
 from __future__ import annotations
@@ -65,7 +66,6 @@ from dpo_lit.rlhf.objectives import (
     whiten,
 )
 from dpo_lit.rlhf.schedule import epoch_batch_sizes, planned_updates, updates_per_batch
-from dpo_lit.sampling.kl import kl_from_samples
 from dpo_lit.sampling.sample import Sample, sample
 
 
@@ -242,9 +242,7 @@ class PPOModule(LightningModule):
             old = token_outputs(
                 self.policy, ids, mask, completion_mask, width, self.value_head, entropy=True, temperature=h.temperature
             )
-            reference, context = self.reference.model(self.policy)
-            with context():
-                ref_logps = token_outputs(reference, ids, mask, completion_mask, width, temperature=h.temperature).logps
+            ref_logps = self._reference_logps(ids, mask, completion_mask, width)
         kl_coef = self.kl.coef
         rewards = token_rewards(penalised, old.logps, ref_logps, response, kl_coef)
         advantages, returns = gae(rewards, old.values, response, h.gamma, h.lam)
@@ -295,15 +293,29 @@ class PPOModule(LightningModule):
     # ---- validation: the policy's rollouts on held-out prompts ---------------------------------
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        samples, scores = self._rollouts(batch, seed=self.hparams.seed + 10_000 + batch_idx)
-        reference, context = self.reference.model(self.policy)
-        kl = kl_from_samples(samples, reference, reference_context=context, pad_token_id=self.tokenizer.pad_token_id)
+        h = self.hparams
+        samples, scores = self._rollouts(batch, seed=h.seed + 10_000 + batch_idx)
+        ids, mask, completion_mask, response = self._pad(samples)
+        width = response.shape[1]
+        with evaluating(self.policy):
+            logps = token_outputs(self.policy, ids, mask, completion_mask, width, temperature=h.temperature).logps
+            ref_logps = self._reference_logps(ids, mask, completion_mask, width)
+        # train/kl's estimate on held-out prompts: at temperature T the KL between the tempered
+        # policy and the tempered reference, the distributions the rollouts are drawn from and
+        # scored under (the samples' own logp is the untempered model's: not a KL at T != 1)
+        kl = ((logps - ref_logps) * response).sum(-1)  # (B,)
         size = len(samples)
         self.log("val/reward", scores.mean(), batch_size=size, prog_bar=True)
-        # The samples' log-probs are the untempered model's: at temperature != 1 this is the mean
-        # log-ratio over tempered samples, not a KL (SampledKL samples at temperature 1 for that).
-        self.log("val/kl_rollouts", kl.mean, batch_size=size)
-        self.log("val/response_length", float(sum(len(s.completion_ids) for s in samples)) / size, batch_size=size)
+        self.log("val/kl_rollouts", kl.mean(), batch_size=size)
+        self.log("val/response_length", response.sum(-1).mean(), batch_size=size)
+
+    def _reference_logps(self, ids: Tensor, mask: Tensor, completion_mask: Tensor, width: int) -> Tensor:
+        """The reference's log-prob of each response token, (B, width), at the rollouts'
+        temperature, as :func:`token_outputs` takes the policy's."""
+        reference, context = self.reference.model(self.policy)
+        with context():
+            outputs = token_outputs(reference, ids, mask, completion_mask, width, temperature=self.hparams.temperature)
+        return outputs.logps
 
     # ---- hooks -------------------------------------------------------------------------------
 

@@ -1,8 +1,10 @@
 """Sequence-level KL(π ‖ π_ref) estimated on samples from the policy.
 
 For completions ``y_1..y_n ~ π(· | x)``, ``mean_i [log π(y_i | x) − log π_ref(y_i | x)]`` is an
-unbiased estimate of ``KL(π(·|x) ‖ π_ref(·|x))`` averaged over the prompts, and its standard error
-is ``std / √n``. What exactly it estimates:
+unbiased estimate of ``KL(π(·|x) ‖ π_ref(·|x))`` averaged over the prompts. Its standard error is
+taken over prompts (:func:`mean_se`): the k samples of a prompt are averaged first and the error is
+``std / √P`` over those P prompt means, since samples of one prompt are not independent draws.
+What exactly it estimates:
 
 - the distributions are those of *truncated* sampling: a completion ends at its EOS or after
   ``max_new_tokens`` tokens, and both models score the same token sequence (a cut completion has
