@@ -12,8 +12,10 @@ import pytest
 import torch
 from lightning import Callback, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins import MixedPrecision
 
 import dpo_lit
+from dpo_lit.callbacks.guard import NonFiniteError, NonFiniteGuard
 from dpo_lit.callbacks.health import TrainingHealth, slope
 from dpo_lit.callbacks.kl import KLPoint, SampledKL, kl_jumped
 from dpo_lit.callbacks.samples import SampleRow, SampleTable, markdown_table
@@ -249,3 +251,48 @@ def test_monitored_config_logs_every_metric_and_plots(tmp_path, monkeypatch, sha
     names = ["loss", "margins", "accuracy", "kl", "capability", "overview"]
     assert [p.name for p in written] == [f"{n}.png" for n in names]
     assert all(p.stat().st_size > 10_000 for p in written)
+
+
+# ---- NonFiniteGuard under fp16 mixed precision -----------------------------------------------------
+
+
+class PoisonAt(Callback):
+    """Sets one policy weight to NaN before training step ``step``: every loss from then on is NaN,
+    as in a run that diverged (the scaler skips every update, so the weight stays NaN)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                next(pl_module.policy.parameters()).view(-1)[0] = float("nan")
+
+
+def fp16_plugin(init_scale: float) -> MixedPrecision:
+    """16-mixed on CPU with a CPU GradScaler starting at ``init_scale`` (Lightning makes none on CPU)."""
+    return MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=init_scale))
+
+
+def test_guard_leaves_fp16_overflow_steps_to_the_grad_scaler_and_counts_them_apart(tmp_path):
+    """From a scale of 2^24 the fp16 gradients overflow until the GradScaler has halved its scale
+    enough: each overflow is a step the scaler skips (it halves on an overflow and grows only after
+    2000 clean steps, so it skipped log2(2^24 / final scale) steps). The guard, even at
+    max_in_a_row=1, neither warns nor stops; it counts those steps in train/scaler_skipped_steps and
+    none in train/skipped_steps. A NaN loss under the same scaler still warns and stops the run."""
+    plugin = fp16_plugin(2.0**24)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = fit_tiny(tmp_path / "overflow", 1e-3, 10, [NonFiniteGuard(max_in_a_row=1)],
+                           plugins=[plugin])
+    overflows = math.log2(2.0**24 / plugin.scaler.get_scale())
+    assert overflows >= 2 and trainer.global_step == 10
+    assert not messages(caught, "optimizer step skipped")
+    scalars = read_scalars(find_event_dir(tmp_path / "overflow"))
+    assert scalars["train/scaler_skipped_steps"][-1][1] == overflows
+    assert [v for _, v in scalars["train/skipped_steps"]] == [0.0] * 10
+
+    with pytest.warns(UserWarning, match="step 3: non-finite loss or gradient, optimizer step skipped"):
+        with pytest.raises(NonFiniteError, match="training stopped at step 4: 2 optimizer steps in a row"):
+            callbacks = [PoisonAt(3), NonFiniteGuard(max_in_a_row=2)]
+            fit_tiny(tmp_path / "nan", 1e-3, 8, callbacks, plugins=[fp16_plugin(2.0**8)])

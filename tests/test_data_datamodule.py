@@ -119,6 +119,21 @@ def test_kto_mismatched_rows_never_share_a_prompt_in_shuffled_training() -> None
         assert_kto_mismatched_rows_take_another_prompts_completion(batch)
 
 
+def test_kto_mismatched_rows_never_take_another_pair_of_the_same_prompt(tmp_path: Path) -> None:
+    # Datasets hold several pairs of one prompt (UltraFeedback: several per prompt): a completion of
+    # the prompt's other pair is still written for that prompt, so prompts, not pairs, are compared.
+    rows = [json.loads(line) for line in Path(VAL).read_text().splitlines()]
+    second = [{**r, "chosen": r["chosen"] + " Really.", "rejected": r["rejected"] + " Sorry."} for r in rows]
+    path = tmp_path / "two_pairs_a_prompt.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows + second))
+    dm = make(train_files=[str(path)], val_files=[str(path)], mode="unpaired", batch_size=8, eval_batch_size=8)
+    loader = dm.train_dataloader()
+    batches = [*dm.val_dataloader(), *(batch for _ in range(3) for batch in loader)]
+    assert len(batches) == 8 + 3 * 8
+    for batch in batches:
+        assert_kto_mismatched_rows_take_another_prompts_completion(batch)
+
+
 def test_unpaired_data_in_paired_mode_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "kto.jsonl"
     path.write_text(json.dumps({"prompt": "Hi", "completion": "Hello!", "label": True}) + "\n")

@@ -14,6 +14,8 @@ from dpo_lit.models import TINY_ALIAS, load_model
 from dpo_lit.pipelines.onpolicy import score_samples
 from dpo_lit.rewards import CallableReward, ContainsReward, LengthReward, RegexReward, Reward, VaderSentiment
 from dpo_lit.rewards.rules import repeated_fraction
+from dpo_lit.rlhf.ppo import PPOModule
+from dpo_lit.sampling.predict import GenerationModule, PromptDataModule
 from dpo_lit.sampling.sample import sample
 
 
@@ -178,3 +180,22 @@ def test_held_out_scoring_hands_a_reward_the_whole_conversation(tiny_tokenizer) 
     assert [s.reward for s in scored] == [3.0, 3.0, 0.0, 0.0]
     samples = sample(model, tiny_tokenizer, ids, 1, 4, seed=0)
     assert score_samples(ConversationLength(), prompts, samples).tolist() == [3.0, 0.0]
+
+
+def test_predict_and_ppo_rollouts_hand_a_reward_the_whole_conversation(tmp_path) -> None:
+    """predict's scoring of its samples and PPO's rollouts pass each prompt of a prompts file to the
+    reward as it is: a three-message conversation arrives with its three messages (they passed its
+    last message's text, so a reward model scored another input than it was trained on)."""
+    talk = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "How are you?"}]  # fmt: skip
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in (talk, "Plain text")))
+    data = PromptDataModule(TINY_ALIAS, str(path), batch_size=2)
+    data.setup("predict")
+    batch = data.collate(data.items)
+    generation = GenerationModule(TINY_ALIAS, reward=ConversationLength(), num_samples=2, max_new_tokens=4)
+    assert [r.scores for r in generation.predict_step(batch, 0)["prompts"]] == [[3.0, 3.0], [0.0, 0.0]]
+    ppo = PPOModule(TINY_ALIAS, reward=ConversationLength(), samples_per_prompt=2, max_new_tokens=4)
+    samples, scores = ppo._rollouts(batch, seed=0)
+    by_prompt = [(s.prompt_index, score) for s, score in zip(samples, scores.tolist())]
+    assert by_prompt == [(0, 3.0), (0, 3.0), (1, 0.0), (1, 0.0)]

@@ -104,3 +104,22 @@ def test_sweep_best_is_the_lowest_bits_per_byte_and_nll_and_absent_without_a_dir
         assert metrics[f"{tag}/final"] == pytest.approx(curves[tag][-1]), tag
     assert "val/rewards/chosen/best" not in metrics
     assert metrics["val/rewards/chosen/final"] == pytest.approx(0.2)
+
+
+def test_sweep_best_capability_delta_goes_its_metrics_way(tmp_path):
+    """CapabilityEval logs ``cap/<task>/<metric>_delta`` (policy − reference) and ``_ref``: the best
+    bits-per-byte and perplexity delta is the lowest, the best accuracy delta the highest; the
+    reference's own score has no best."""
+    writer = SummaryWriter(str(tmp_path / "lightning_logs" / "version_0"))
+    curves = {"cap/wikitext/bits_per_byte_delta": [0.05, -0.02, 0.01], "cap/wikitext/ppl_delta": [0.3, 0.9],
+              "cap/arc_easy/acc_delta": [-0.1, 0.05, 0.0], "cap/wikitext/bits_per_byte_ref": [1.1]}  # fmt: skip
+    for tag, values in curves.items():
+        for step, value in enumerate(values):
+            writer.add_scalar(tag, value, step)
+    writer.close()
+    metrics = fit_metrics(tmp_path)
+    bests = {"cap/wikitext/bits_per_byte_delta": -0.02, "cap/wikitext/ppl_delta": 0.3, "cap/arc_easy/acc_delta": 0.05}
+    for tag, best in bests.items():
+        assert metrics[f"{tag}/best"] == pytest.approx(best), tag
+    assert "cap/wikitext/bits_per_byte_ref/best" not in metrics
+    assert metrics["cap/wikitext/bits_per_byte_ref/final"] == pytest.approx(1.1)

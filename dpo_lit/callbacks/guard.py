@@ -11,7 +11,8 @@ warns naming the batch's records (``file:line``), and stops the run with one lin
 Under fp16 mixed precision a ``GradScaler`` already skips every step whose scaled gradients
 overflowed, and lowers its scale: an overflow there is the scaler finding its range, not a diverged
 run. With a scaler the guard leaves the gradients and the skipping to it and counts only the steps
-whose loss itself was not finite.
+whose loss itself was not finite. A step the scaler skips updates nothing all the same, so those
+are counted apart, in ``train/scaler_skipped_steps`` (a run's updates are its steps less these).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class NonFiniteGuard(Callback):
         self.max_in_a_row = max_in_a_row
         self.skipped = 0
         self.in_a_row = 0
+        self.scaler_skipped = 0  # steps a GradScaler skipped (overflowed gradients): not divergence
         self._indices: list[int] = []  # examples of the micro-batches since the last step
         self._loss_finite = True  # every micro-batch's loss since the last step
 
@@ -55,11 +57,15 @@ class NonFiniteGuard(Callback):
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
         scaler = getattr(trainer.precision_plugin, "scaler", None)
+        grads_finite = finite_gradients(optimizer)  # unscaled by now, as the scaler's own check sees them
         if scaler is not None:  # the scaler skips overflowed steps itself: only a non-finite loss counts
+            self.scaler_skipped += not grads_finite
+            pl_module.log(
+                "train/scaler_skipped_steps", float(self.scaler_skipped), on_step=True, on_epoch=False
+            )
             finite = self._loss_finite
         else:
-            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-            finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
+            finite = grads_finite
         finite = bool(trainer.strategy.reduce_boolean_decision(finite, all=True))  # skip on every rank
         records, self._indices, self._loss_finite = self._indices, [], True
         if finite:
@@ -69,24 +75,35 @@ class NonFiniteGuard(Callback):
                 for group in optimizer.param_groups:  # no gradient: the optimizer passes the parameter by
                     for p in group["params"]:
                         p.grad = None
-            self.skipped += 1
-            self.in_a_row += 1
-            where = describe_records(trainer, records)
-            if self.in_a_row >= self.max_in_a_row:
-                raise NonFiniteError(
-                    f"training stopped at step {trainer.global_step}: {self.in_a_row} optimizer steps in a row had a "
-                    f"non-finite loss or gradient (last batch: {where}); lower the learning rate, clip gradients "
-                    "(trainer.gradient_clip_val) or train in float32"
-                )
-            rank_zero_warn(f"step {trainer.global_step}: non-finite loss or gradient, optimizer step skipped ({where})")
+            self._skip(trainer, records)
         pl_module.log("train/skipped_steps", float(self.skipped), on_step=True, on_epoch=False)
 
+    def _skip(self, trainer: Trainer, records: list[int]) -> None:
+        """Count a skipped step; warn naming its records, or stop after ``max_in_a_row``."""
+        self.skipped += 1
+        self.in_a_row += 1
+        where = describe_records(trainer, records)
+        if self.in_a_row >= self.max_in_a_row:
+            raise NonFiniteError(
+                f"training stopped at step {trainer.global_step}: {self.in_a_row} optimizer steps in a row had a "
+                f"non-finite loss or gradient (last batch: {where}); lower the learning rate, clip gradients "
+                "(trainer.gradient_clip_val) or train in float32"
+            )
+        rank_zero_warn(f"step {trainer.global_step}: non-finite loss or gradient, optimizer step skipped ({where})")
+
     def state_dict(self) -> dict[str, Any]:
-        return {"skipped": self.skipped, "in_a_row": self.in_a_row}
+        return {"skipped": self.skipped, "in_a_row": self.in_a_row, "scaler_skipped": self.scaler_skipped}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.skipped = state_dict.get("skipped", 0)
         self.in_a_row = state_dict.get("in_a_row", 0)
+        self.scaler_skipped = state_dict.get("scaler_skipped", 0)
+
+
+def finite_gradients(optimizer: Optimizer) -> bool:
+    """Whether every gradient the optimizer would apply is finite (True when it has none)."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
 
 
 def describe_records(trainer: Trainer, indices: list[int], limit: int = 4) -> str:

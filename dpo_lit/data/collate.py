@@ -71,10 +71,11 @@ def mismatched_partners(prompts: Sequence[Sequence[int]]) -> list[int | None]:
     """Per row i, the row whose completion KTO's mismatched row i pairs with ``prompts[i]``.
 
     A mismatched pair must never put a prompt with a completion written for it (token ids
-    compared). A plain shift by one row (TRL's) does wherever neighbouring rows share a prompt:
-    unpaired mode lays each pair out as two adjacent rows (chosen, rejected) of one prompt, so
-    in dataset order every second mismatched row would be matched and bias z0 towards the
-    implied reward. So:
+    compared: rather than the source pair, since datasets hold several pairs of one prompt, and
+    the ids are what the model sees). A plain shift by one row (TRL's) does wherever neighbouring
+    rows share a prompt: unpaired mode lays each pair out as two adjacent rows (chosen, rejected)
+    of one prompt, so in dataset order every second mismatched row would be matched and bias z0
+    towards the implied reward. So:
 
     1. the smallest shift ``k >= 1`` that suits every row, ``j = (i - k) mod B``: the
        mismatched completions are then the batch's own completions, each once (k = 2 for

@@ -21,11 +21,11 @@ later ``dpo-lit sweep`` call only gathers them. Points run one after another her
   (seconds for the configs here).
 - **Summary**: ``OUT_DIR/summary.csv`` has one row per point: the grid values, the seed, each
   ``val/`` metric's final and best value (``cap/`` too; best is the lowest for losses, perplexities,
-  bits per byte, NLL and KL, the highest for accuracies and rewards, and not given for metrics
-  without a direction: :mod:`dpo_lit.metrics`) from the run's TensorBoard log (for
-  ``onpolicy``, the report's reward, paired gain, KL and capability deltas), and the seconds the
-  point took; ``OUT_DIR/summary.png`` plots each metric against the first grid key, mean and range
-  over seeds (and, for ``onpolicy``, reward against KL).
+  bits per byte, NLL and KL, the highest for accuracies and rewards, a capability delta's that of
+  its metric, and not given for metrics without a direction: :mod:`dpo_lit.metrics`) from the
+  run's TensorBoard log (for ``onpolicy``, the report's reward, paired gain, KL and capability
+  deltas), and the seconds the point took; ``OUT_DIR/summary.png`` plots each metric against the
+  first grid key, mean and range over seeds (and, for ``onpolicy``, reward against KL).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -114,10 +114,20 @@ def fit_metrics(out: Path) -> dict[str, float]:
             continue
         values = [v for _, v in points]
         metrics[f"{tag}/final"] = values[-1]
-        direction = better(tag)
+        direction = summary_direction(tag)
         if direction is not None:  # a metric without a direction (rewards/chosen, kto_z0) has no best
             metrics[f"{tag}/best"] = min(values) if direction == "lower" else max(values)
     return metrics
+
+
+def summary_direction(tag: str) -> Literal["higher", "lower"] | None:
+    """Which way the summary's best of ``tag`` lies: its metric's (:func:`dpo_lit.metrics.better`).
+
+    A capability delta (``cap/<task>/<metric>_delta``, policy − reference) goes its metric's way (the
+    lowest ``bits_per_byte_delta``, the highest ``acc_delta``); the reference's own score (``_ref``)
+    and a metric without a direction have none (None: no best is reported, rather than a guess).
+    """
+    return better(tag.removesuffix("_delta"))
 
 
 def onpolicy_metrics(out: Path) -> dict[str, float]:
