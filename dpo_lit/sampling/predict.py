@@ -16,7 +16,6 @@ and rank 0 alone writes every prompt's pairs, in the prompts file's order.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -34,15 +33,14 @@ from dpo_lit.data.prompts import encode_prompts, read_prompts
 from dpo_lit.models import load_model, load_tokenizer
 from dpo_lit.rewards import Reward, VaderSentiment
 from dpo_lit.sampling.pairs import PairStats, build_pairs
-from dpo_lit.sampling.sample import sample
+from dpo_lit.sampling.sample import derived_seed, sample
 
 
 def prompt_seed(seed: int, index: int) -> int:
     """The sampling seed of the prompt at ``index`` in the prompts file: a function of the run's
     seed and the index only, so a prompt gets the same samples in whatever process, batch or batch
-    position it lands (``seed + index`` would give seed 0's prompt 1 seed 1's prompt 0)."""
-    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1  # below 2**63, inside torch.manual_seed's range
+    position it lands."""
+    return derived_seed(seed, index)
 
 
 @dataclass

@@ -159,7 +159,7 @@ class RowDraws(LogitsProcessor):
     def __init__(
         self, draws: Sequence[tuple[int, int]], temperature: float, top_p: float, top_k: int, device: torch.device
     ) -> None:
-        self.generators = [torch.Generator(device=device).manual_seed(_row_seed(seed, k)) for seed, k in draws]
+        self.generators = [torch.Generator(device=device).manual_seed(derived_seed(seed, k)) for seed, k in draws]
         warpers = [TemperatureLogitsWarper(temperature)] + ([TopKLogitsWarper(top_k)] if top_k > 0 else [])
         self.warpers = LogitsProcessorList(warpers + ([TopPLogitsWarper(top_p)] if top_p < 1.0 else []))
 
@@ -170,8 +170,11 @@ class RowDraws(LogitsProcessor):
         return out.scatter_(1, chosen[:, None], 0.0)
 
 
-def _row_seed(seed: int, sample_number: int) -> int:
-    return int.from_bytes(hashlib.blake2b(f"{seed}:{sample_number}".encode(), digest_size=8).digest(), "little") >> 1
+def derived_seed(seed: int, index: int) -> int:
+    """A seed that is a function of ``seed`` and ``index`` only (``seed + index`` would give seed 0's
+    index 1 the seed of seed 1's index 0), below 2**63: inside ``torch.manual_seed``'s range."""
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def _completions(new: Tensor, logits: Sequence[Tensor], eos: int) -> list[tuple[list[int], bool, float]]:
