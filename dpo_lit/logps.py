@@ -1,15 +1,18 @@
 """Per-sequence log-probabilities of completions, from one forward pass over a batch of rows.
 
 A DPO step needs ``sum_t log π(y_t | x, y_<t)`` over the completion tokens of every row (chosen and
-rejected rows sit in the same batch, so one forward serves both). With SmolLM2's 49,152-token
-vocabulary the logits dominate the cost: materialising a float32 log-softmax for every position of
-a (2B, T) batch would hold 2B·T·V·4 bytes for the backward pass. Here:
+rejected rows sit in the same batch, so one forward serves both). With real vocabularies the LM
+head, not the decoder, sets peak memory: (M × V) logits for M scored tokens are 0.5 GB per 1k tokens
+of a 128,256-token vocabulary in float32, the logits' gradient as much again. Here:
 
 1. the decoder runs once and returns hidden states (2B, T, H);
 2. only the hidden states that predict a completion token are kept, (M, H) with M ≪ 2B·T;
-3. the LM head and a memory-lean log-softmax (:class:`_SelectiveLogSoftmax`) run over those rows
-   in chunks; the float32 normaliser is recomputed chunk by chunk in the backward pass instead of
-   being stored.
+3. the head and the log-softmax run fused, chunk by chunk (:func:`head_outputs`,
+   :class:`_FusedHead`): the forward keeps each row's float32 log-normaliser only, the backward
+   recomputes a chunk's logits and turns them into the gradients of the hidden states and the head
+   weight at once. No (M × V) tensor is saved or allocated; the price is the head's matmul run
+   twice (as Liger's fused linear cross-entropy does for a scalar loss; here the upstream gradient
+   of every token's log-prob comes from a pluggable loss, hence the recomputation).
 
 Skipping the model's own forward also skips what some families do after their LM head (Granite
 divides its logits by ``logits_scaling``, Cohere multiplies them by ``logit_scale``, Gemma 2
@@ -24,7 +27,7 @@ WPO's aligned log-probs); without options the computation is exactly the above.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -284,6 +287,203 @@ def check_head(model: nn.Module, tokens: int = 8) -> None:
     base._dpo_lit_head_checked = True
 
 
+# ---- the fused head ----------------------------------------------------------------------------
+# Elements of one chunk's (rows × V) logits: 2**25 float32 values are 128 MB, so a chunk's few
+# float32 temporaries stay well under a GB whatever the vocabulary (682 rows at 49k, 261 at 128k).
+CHUNK_ELEMENTS = 1 << 25
+
+
+def chunk_rows(vocab: int, chunk: int | None = None) -> int:
+    """Rows of (rows × ``vocab``) logits computed at once: ``chunk`` if given, else
+    :data:`CHUNK_ELEMENTS` // ``vocab``."""
+    return max(1, chunk if chunk is not None else CHUNK_ELEMENTS // max(vocab, 1))
+
+
+@dataclass
+class HeadOutputs:
+    """Per scored token, (M,) each: the target's log-prob (differentiable) and, where asked, the
+    distribution's entropy, ``log Σ_v p_v²`` and whether the target is the most likely token
+    (no gradient; None where not asked)."""
+
+    logps: Tensor
+    entropy: Tensor | None = None
+    log_sum_sq: Tensor | None = None
+    is_argmax: Tensor | None = None
+
+
+# Elementwise operations on a chunk's logits (after the head's matmul), each with its derivative
+# written from its output: ``(value, output) -> d output / d input``.
+_DERIVATIVE: dict[str, Callable[[float, Tensor], Tensor | float]] = {
+    "divide": lambda c, z: 1.0 / c,
+    "multiply": lambda c, z: c,
+    "softcap": lambda c, z: 1 - (z / c) ** 2,  # z = c·tanh(u / c)
+}
+
+
+def _compute_dtype(weight: Tensor) -> torch.dtype:
+    """The dtype a linear layer over ``weight`` computes in here: autocast's where it is on."""
+    if torch.is_autocast_enabled(weight.device.type):
+        return torch.get_autocast_dtype(weight.device.type)
+    return weight.dtype
+
+
+def _chunk_logits(states: Tensor, weight: Tensor, bias: Tensor | None, ops, dtype: torch.dtype) -> Tensor:
+    """``ops(states @ weight.T + bias)`` for one chunk, in ``dtype`` as the model's head and forward
+    compute them (the matmul in autocast's dtype, the scalings on its output)."""
+    z = torch.nn.functional.linear(states.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+    for op, value in ops:
+        z = _ON_LOGITS[op](z, value)
+    return z
+
+
+class _FusedHead(torch.autograd.Function):
+    """``log_softmax(ops(states @ W.T + b))[i, target_i]`` without an (M × V) tensor.
+
+    Forward computes the logits chunk by chunk and keeps only each row's float32 log-normaliser;
+    backward recomputes a chunk's logits and turns d/dz_j = g·(1[j = target] − p_j) into
+    d(states) and d(W), d(b) right away. Saved: the inputs and (M,) floats.
+    """
+
+    @staticmethod
+    def forward(ctx, states, weight, bias, targets, ops, rows, stats):
+        dtype = _compute_dtype(weight)
+        acc = torch.promote_types(dtype, torch.float32)  # float32, or float64 in gradcheck
+        m = len(states)
+        lse = states.new_empty(m, dtype=acc)
+        picked = states.new_empty(m, dtype=acc)
+        extra = {name: states.new_empty(m, dtype=torch.bool if name == "is_argmax" else acc) for name in stats}
+        with torch.autocast(weight.device.type, enabled=False), torch.no_grad():
+            w = weight.to(dtype)  # one cast for all chunks (autocast would cast per call)
+            for start in range(0, m, rows):
+                sl = slice(start, start + rows)
+                z = _chunk_logits(states[sl], w, bias, ops, dtype).to(acc)  # (r, V)
+                lse[sl] = torch.logsumexp(z, dim=-1)
+                picked[sl] = z.gather(-1, targets[sl, None]).squeeze(-1)
+                if "entropy" in extra:
+                    extra["entropy"][sl] = lse[sl] - (torch.softmax(z, dim=-1) * z).sum(-1)
+                if "log_sum_sq" in extra:
+                    extra["log_sum_sq"][sl] = torch.logsumexp(2 * z, dim=-1) - 2 * lse[sl]
+                if "is_argmax" in extra:
+                    extra["is_argmax"][sl] = z.argmax(-1) == targets[sl]
+        ctx.save_for_backward(states, weight, bias, targets, lse)
+        ctx.ops, ctx.rows, ctx.dtype = ops, rows, dtype
+        outputs = tuple(extra[name] for name in stats)
+        ctx.mark_non_differentiable(*outputs)
+        return (picked - lse, *outputs)
+
+    @staticmethod
+    def backward(ctx, grad, *_):
+        states, weight, bias, targets, lse = ctx.saved_tensors
+        dtype, acc = ctx.dtype, lse.dtype
+        need_states, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_states = torch.empty_like(states) if need_states else None
+        # float32 accumulation across chunks, as one matmul would accumulate
+        grad_weight = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, acc)) if need_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=grad_weight.dtype if need_weight else acc) if need_bias else None
+        with torch.autocast(weight.device.type, enabled=False):
+            w = weight.to(dtype)
+            for start in range(0, len(states), ctx.rows):
+                sl = slice(start, start + ctx.rows)
+                s = states[sl].to(dtype)
+                z = torch.nn.functional.linear(s, w, None if bias is None else bias.to(dtype))  # (r, V) pre-ops
+                derivative = 1.0
+                for op, value in ctx.ops:
+                    z = _ON_LOGITS[op](z, value)
+                    derivative = derivative * _DERIVATIVE[op](value, z.to(acc))
+                g = grad[sl, None].to(acc)
+                dz = torch.exp(z.to(acc) - lse[sl, None]).mul_(-g)  # (r, V): g·(1[target] − p)
+                dz.scatter_add_(-1, targets[sl, None], g)
+                dz = (dz * derivative).to(dtype)
+                if need_states:
+                    grad_states[sl] = (dz @ w).to(states.dtype)
+                if need_weight:
+                    if grad_weight.dtype == dtype:
+                        grad_weight.addmm_(dz.T, s)
+                    else:
+                        grad_weight += dz.T @ s
+                if need_bias:
+                    grad_bias += dz.sum(0)
+        grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
+        grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)
+        return grad_states, grad_weight, grad_bias, None, None, None, None
+
+
+STATS = ("entropy", "log_sum_sq", "is_argmax")
+
+
+def fused_head(
+    states: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, ops: Sequence[tuple[str, float]] = (),
+    chunk: int | None = None, stats: Sequence[str] = (),
+) -> HeadOutputs:
+    """Log-probs of ``targets`` (M,) under ``ops(states @ weight.T + bias)``, chunk by chunk.
+
+    Args:
+        states: (M, H) hidden states.
+        weight, bias: the LM head's (V, H) weight and (V,) bias (or None).
+        targets: (M,) token ids.
+        ops: elementwise ``(operation, value)`` steps on the logits (``divide``, ``multiply``,
+            ``softcap``), in order.
+        chunk: rows computed at once (None: :func:`chunk_rows`).
+        stats: any of :data:`STATS`, computed without gradient.
+    """
+    unknown = set(stats) - set(STATS)
+    if unknown:
+        raise ValueError(f"unknown head statistics {sorted(unknown)}; expected some of {STATS}")
+    stats = tuple(name for name in STATS if name in stats)
+    rows = chunk_rows(weight.shape[0], chunk)
+    logps, *extra = _FusedHead.apply(states, weight, bias, targets, tuple(ops), rows, stats)
+    return HeadOutputs(logps, **dict(zip(stats, extra)))
+
+
+def _plain_head(model, states, targets, temperature, chunk, stats) -> HeadOutputs:
+    """:func:`head_outputs` through the head module itself: (M × V) logits held for the backward."""
+    logits = head_logits(model, states)
+    if temperature != 1.0:
+        logits = logits / temperature
+    rows = chunk_rows(logits.shape[-1], chunk)
+    out = HeadOutputs(selective_log_softmax(logits, targets, rows))
+    with torch.no_grad():
+        if "entropy" in stats:
+            out.entropy = torch.cat([_entropy(z.float()) for z in logits.split(rows)])
+        if "log_sum_sq" in stats:
+            out.log_sum_sq = log_sum_squared_probs(logits, rows)
+        if "is_argmax" in stats:
+            out.is_argmax = logits.argmax(-1) == targets
+    return out
+
+
+def _entropy(z: Tensor) -> Tensor:
+    return torch.logsumexp(z, -1) - (z.softmax(-1) * z).sum(-1)
+
+
+def head_outputs(
+    model: nn.Module, states: Tensor, targets: Tensor, *, temperature: float = 1.0, chunk: int | None = None,
+    stats: Sequence[str] = (), fused: bool = True,
+) -> HeadOutputs:
+    """The model's LM head over hidden states (M, H): each target's log-prob under
+    softmax(logits / ``temperature``), with the family's own head steps (:func:`head_transforms`),
+    and the ``stats`` asked for (:data:`STATS`).
+
+    With ``fused`` (and a plain ``nn.Linear`` head, the case of every Hugging Face causal LM) no
+    (M × V) tensor is kept or allocated at once (:func:`fused_head`); otherwise the head module
+    computes all M rows of logits, held for the backward.
+    """
+    head = decoder_and_head(model)[1]
+    if not fused or type(head) is not nn.Linear:
+        return _plain_head(model, states, targets, temperature, chunk, stats)
+    weight, bias, ops = head.weight, head.bias, []
+    for op, value in head_transforms(model):
+        if op == "divide_states":
+            states = states / value
+        elif op == "truncate":
+            weight, bias = weight[: int(value)], None if bias is None else bias[: int(value)]
+        else:
+            ops.append((op, value))
+    if temperature != 1.0:
+        ops.append(("divide", temperature))
+    return fused_head(states, weight, bias, targets, ops, chunk, stats)
+
+
 def completion_logits(
     model: nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor, packing: str = "prefix"
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -298,9 +498,10 @@ def completion_logps(
     input_ids: Tensor,
     attention_mask: Tensor,
     completion_mask: Tensor,
-    chunk: int = 1024,
+    chunk: int | None = None,
     options: LogpsOptions | None = None,
     packing: str = "prefix",
+    fused: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Summed log-probs of the completion tokens of every row, and their counts.
 
@@ -309,16 +510,20 @@ def completion_logps(
         input_ids: (N, T) prompt + completion, right-padded.
         attention_mask: (N, T), 1 on real tokens.
         completion_mask: (N, T) bool, True on completion tokens (these get scored).
-        chunk: rows of the (M, V) logits handled at once by the log-softmax.
+        chunk: rows of logits computed at once (None: as many as fit :data:`CHUNK_ELEMENTS`).
         options: what a loss asks for beyond plain sums (see :class:`LogpsOptions`).
         packing: ``"prefix"``, ``"rows"`` or ``"none"`` (see :func:`completion_states`).
+        fused: compute the LM head chunk by chunk, forward and backward, never holding the
+            (M × V) logits (:func:`head_outputs`); False keeps them for the backward.
 
     Returns:
         ``(logps, tokens)``: float32 tensors of shape (N,); ``logps`` is (N, 2) with
         ``options.aligned`` (column 1: the aligned sums).
     """
-    logits, targets, rows = completion_logits(model, input_ids, attention_mask, completion_mask, packing)
-    token_logps = selective_log_softmax(logits, targets, chunk)  # (M,)
+    states, targets, rows = completion_states(model, input_ids, attention_mask, completion_mask, packing)
+    aligned = options is not None and options.aligned
+    head = head_outputs(model, states, targets, chunk=chunk, stats=("log_sum_sq",) if aligned else (), fused=fused)
+    token_logps = head.logps  # (M,)
     target_mask = completion_mask[:, 1:]  # (N, T-1)
     zeros = torch.zeros(len(input_ids), device=input_ids.device, dtype=torch.float32)
     tokens = target_mask.sum(-1).float()  # (N,)
@@ -328,7 +533,7 @@ def completion_logps(
     if options.ld_alpha is not None:
         weighted = token_logps * ld_token_weights(target_mask, options.ld_alpha)  # (M,)
     logps = zeros.index_add(0, rows, weighted)  # (N,)
-    if options.aligned:
-        aligned = token_logps.detach() - log_sum_squared_probs(logits, chunk)  # (M,)
-        logps = torch.stack([logps, zeros.index_add(0, rows, aligned)], dim=-1)  # (N, 2)
+    if aligned:
+        aligned_logps = token_logps.detach() - head.log_sum_sq  # (M,)
+        logps = torch.stack([logps, zeros.index_add(0, rows, aligned_logps)], dim=-1)  # (N, 2)
     return logps, tokens

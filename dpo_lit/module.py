@@ -135,7 +135,12 @@ class PreferenceModule(LightningModule):
         dtype: dtype of the loaded weights (use ``trainer.precision`` for mixed precision).
         trust_remote_code: allow the Hub model's own Python code to run (off unless asked).
         gradient_checkpointing: recompute activations in the backward pass to save memory.
-        logps_chunk: rows of completion logits normalised at once (memory vs speed).
+        logps_chunk: rows of completion logits computed at once (memory vs speed; None: as many as
+            make 2**25 logits, 261 rows of a 128k vocabulary).
+        fused_head: compute the policy's LM head and log-softmax chunk by chunk in the forward and
+            again in the backward, never holding (tokens × vocabulary) logits
+            (:func:`dpo_lit.logps.head_outputs`); False keeps the logits for the backward (the
+            references always run chunk by chunk: they need no backward).
         packing: how a batch's rows meet the model (:mod:`dpo_lit.packing`): ``prefix`` (default)
             packs their real tokens into one sequence without padding and computes the prompt a
             chosen and a rejected row share once; ``rows`` packs without sharing; ``none`` runs
@@ -155,7 +160,8 @@ class PreferenceModule(LightningModule):
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         trust_remote_code: bool = False,
         gradient_checkpointing: bool = False,
-        logps_chunk: int = 1024,
+        logps_chunk: int | None = None,
+        fused_head: bool = True,
         packing: Literal["prefix", "rows", "none"] = "prefix",
     ) -> None:
         super().__init__()
@@ -199,7 +205,7 @@ class PreferenceModule(LightningModule):
         """Loss and per-example metric values for one collated batch."""
         policy_rows, tokens = completion_logps(
             self.policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
-            self.hparams.logps_chunk, self.loss.logps_options, self.hparams.packing,
+            self.hparams.logps_chunk, self.loss.logps_options, self.hparams.packing, self.hparams.fused_head,
         )  # (2B,) or, if the loss asks for an extra column, (2B, 2); (2B,)
         ref_rows = self.reference.logps(self.policy, batch, split)
         logps = self.loss.gather(policy_rows, ref_rows, tokens, batch)

@@ -75,7 +75,7 @@ SplitData = Mapping[str, tuple[Dataset, Callable[[Sequence[int] | None], DataLoa
 
 
 def row_logps(
-    model: nn.Module, batch: dict, chunk: int, options: LogpsOptions | None = None, packing: str = "prefix"
+    model: nn.Module, batch: dict, chunk: int | None, options: LogpsOptions | None = None, packing: str = "prefix"
 ) -> Tensor:
     """Completion log-probs of every row of a collated batch, (2B,), summed with the token weights
     ``options`` asks for (LD-DPO), if any."""
@@ -98,7 +98,7 @@ class NoReference:
     """No reference log-probs (reference-free losses)."""
 
     def setup(
-        self, policy: nn.Module, *, lora: bool, paired: bool, chunk: int, options: LogpsOptions | None = None,
+        self, policy: nn.Module, *, lora: bool, paired: bool, chunk: int | None, options: LogpsOptions | None = None,
         packing: str = "prefix", initial: Callable[[], nn.Module] | None = None,
     ) -> None:
         """Once, in the module's ``__init__``: the policy as loaded, before any adapter is added
@@ -108,7 +108,7 @@ class NoReference:
             policy: the freshly loaded policy.
             lora: whether a LoRA adapter will be added to it.
             paired: whether the loss trains on pairs (False: unpaired rows, KTO).
-            chunk: rows of logits normalised at once (``model.logps_chunk``).
+            chunk: rows of logits computed at once (``model.logps_chunk``; None: by the vocabulary).
             options: token weighting of the sums the loss asks of its reference (LD-DPO), if any.
             packing: how rows are laid out for the forward (``model.packing``, :mod:`dpo_lit.packing`).
             initial: loads the policy's initial weights again (None: they cannot be), for a
@@ -155,7 +155,7 @@ class CopyReference(NoReference):
     """A frozen copy of the policy as it was before training."""
 
     def setup(
-        self, policy: nn.Module, *, lora: bool, paired: bool, chunk: int, options: LogpsOptions | None = None,
+        self, policy: nn.Module, *, lora: bool, paired: bool, chunk: int | None, options: LogpsOptions | None = None,
         packing: str = "prefix", initial: Callable[[], nn.Module] | None = None,
     ) -> None:
         super().setup(policy, lora=lora, paired=paired, chunk=chunk, options=options, packing=packing)
@@ -181,7 +181,7 @@ class AdapterReference(NoReference):
     """The policy with its LoRA adapter disabled (peft's ``disable_adapter``)."""
 
     def setup(
-        self, policy: nn.Module, *, lora: bool, paired: bool, chunk: int, options: LogpsOptions | None = None,
+        self, policy: nn.Module, *, lora: bool, paired: bool, chunk: int | None, options: LogpsOptions | None = None,
         packing: str = "prefix", initial: Callable[[], nn.Module] | None = None,
     ) -> None:
         if not lora:
@@ -208,7 +208,7 @@ class PrecomputedReference(NoReference):
     """
 
     def setup(
-        self, policy: nn.Module, *, lora: bool, paired: bool, chunk: int, options: LogpsOptions | None = None,
+        self, policy: nn.Module, *, lora: bool, paired: bool, chunk: int | None, options: LogpsOptions | None = None,
         packing: str = "prefix", initial: Callable[[], nn.Module] | None = None,
     ) -> None:
         if not paired:
@@ -362,7 +362,7 @@ class SyncedReference(CopyReference):
         self.last_step = 0
 
     def setup(
-        self, policy: nn.Module, *, lora: bool, paired: bool, chunk: int, options: LogpsOptions | None = None,
+        self, policy: nn.Module, *, lora: bool, paired: bool, chunk: int | None, options: LogpsOptions | None = None,
         packing: str = "prefix", initial: Callable[[], nn.Module] | None = None,
     ) -> None:
         if lora:

@@ -103,11 +103,35 @@ def test_the_models_own_generation_config_does_not_leak_into_sampling(
         ids, mask, _ = pad_rows([SHORT, LONG], PAD, left=True)
         kwargs = generate_kwargs(6, 1.0, 1.0, 0, EOS, PAD)
         with torch.no_grad():
-            out = small_vocab_model.generate(input_ids=ids, attention_mask=mask, output_scores=True, **kwargs)
+            out = small_vocab_model.generate(input_ids=ids, attention_mask=mask, output_scores=True, output_logits=True, **kwargs)
         for scores, logits in zip(out.scores, out.logits):  # processed == raw: nothing was applied
             torch.testing.assert_close(scores, logits, rtol=0, atol=0)
     finally:
         config.repetition_penalty, config.no_repeat_ngram_size, config.min_new_tokens = 1.0, 0, None
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 0.0], ids=["t1", "t0.7", "greedy"])
+def test_logps_taken_step_by_step_equal_those_of_generates_stored_logits(small_vocab_model, temperature) -> None:
+    """sample() keeps no step's logits beyond the next (StepLogps); the samples and their
+    temperature-1 logp are those that generate's ``output_logits`` (every step's, kept) gives."""
+    from dpo_lit.logps import selective_log_softmax
+
+    prompts = [SHORT, LONG, [3, 4, 5]]
+    ours = sample(small_vocab_model, None, prompts, 2, 7, temperature=temperature, seed=5, eos_token_id=EOS, pad_token_id=PAD)
+    rows = [p for p in prompts for _ in range(2)]
+    ids, mask, _ = pad_rows(rows, PAD, left=True)
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(5)
+        out = small_vocab_model.generate(
+            input_ids=ids, attention_mask=mask, output_logits=True, **generate_kwargs(7, temperature, 1.0, 0, EOS, PAD)
+        )
+    new = out.sequences[:, ids.shape[1] :]
+    stored = torch.stack([selective_log_softmax(step, new[:, t]) for t, step in enumerate(out.logits)], dim=1)
+    if temperature > 0:  # rows that stopped at an EOS (padded after it) and rows cut at 7 tokens
+        assert any(s.finished for s in ours) and any(not s.finished for s in ours)
+    for row, s in enumerate(ours):
+        assert s.completion_ids == new[row, : len(s.completion_ids)].tolist()
+        assert s.logp == pytest.approx(float(stored[row, : len(s.completion_ids)].sum()), abs=1e-6)
 
 
 def test_eval_mode_inside_and_the_mode_restored_after(small_vocab_model: PreTrainedModel) -> None:

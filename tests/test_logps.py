@@ -145,3 +145,99 @@ def test_packed_rows_of_hybrid_models_do_not_leak_state_across_rows(model_type):
                 packed, _ = completion_logps(model, *batch, packing=packing)
                 torch.testing.assert_close(packed, padded, rtol=0, atol=1e-5, msg=lambda m, packing=packing: f"packing={packing}: {m}")
     assert any("carries state across positions outside attention" in str(w.message) for w in said)
+
+
+# ---- the fused head: the same values and gradients as the plain path, without (M × V) tensors ----
+
+
+def fused_and_plain(model, batch, **kwargs):
+    """``completion_logps`` and its gradients in every parameter, fused and plain."""
+    out = {}
+    params = [p for p in model.parameters() if p.requires_grad]
+    for fused in (True, False):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # families that cannot pack say so and run padded
+            logps, _ = completion_logps(model, *batch, fused=fused, **kwargs)
+        weights = torch.linspace(-1, 2, logps.numel()).reshape(logps.shape)  # any upstream gradient
+        out[fused] = logps.detach(), torch.autograd.grad((logps * weights).sum(), params, allow_unused=True)
+    return out[True], out[False]
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "cohere", "granite", "minicpm3", "hyperclovax"])
+def test_the_fused_head_equals_the_plain_head_in_values_and_gradients_with_each_familys_logit_steps(model_type):
+    model = tiny_family_model(model_type).train()
+    model.config.attention_dropout = 0.0
+    (fused, fused_grads), (plain, plain_grads) = fused_and_plain(model, paired_rows(model.config.vocab_size), chunk=3)
+    torch.testing.assert_close(fused, plain, rtol=0, atol=1e-5)
+    for (name, _), f, p in zip(model.named_parameters(), fused_grads, plain_grads):
+        assert (f is None) == (p is None), name
+        if f is not None:
+            torch.testing.assert_close(f, p, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def llama(vocab: int, tied: bool, **config):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**{**SMALL, "vocab_size": vocab, "tie_word_embeddings": tied, **config})
+    return LlamaForCausalLM(config)
+
+
+@pytest.mark.parametrize("vocab", [97, 128_256], ids=["97", "128k"])
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_the_fused_head_equals_the_plain_head_for_tied_and_untied_heads_and_a_llama3_vocabulary(vocab, tied):
+    model = llama(vocab, tied)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    (fused, fused_grads), (plain, plain_grads) = fused_and_plain(model, paired_rows(vocab), chunk=5)
+    torch.testing.assert_close(fused, plain, rtol=0, atol=1e-5)
+    for (name, _), f, p in zip(model.named_parameters(), fused_grads, plain_grads):
+        torch.testing.assert_close(f, p, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_the_fused_head_takes_the_biased_heads_gradient_and_passes_gradcheck():
+    from dpo_lit.logps import fused_head
+
+    g = torch.Generator().manual_seed(0)
+    states = torch.randn(7, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    weight = torch.randn(11, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    bias = torch.randn(11, dtype=torch.float64, generator=g, requires_grad=True)
+    targets = torch.randint(0, 11, (7,), generator=g)
+    ops = (("multiply", 0.5), ("softcap", 1.5), ("divide", 0.7))  # temperature is the last divide
+    assert torch.autograd.gradcheck(lambda s, w, b: fused_head(s, w, b, targets, ops, chunk=3).logps, (states, weight, bias))
+    z = torch.tanh(((states @ weight.T + bias) * 0.5) / 1.5) * 1.5 / 0.7
+    out = fused_head(states, weight, bias, targets, ops, chunk=2, stats=("entropy", "log_sum_sq", "is_argmax"))
+    p = z.softmax(-1)
+    torch.testing.assert_close(out.logps, z.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1))
+    torch.testing.assert_close(out.entropy, -(p * p.log()).sum(-1))
+    torch.testing.assert_close(out.log_sum_sq, (p**2).sum(-1).log())
+    assert torch.equal(out.is_argmax, z.argmax(-1) == targets)
+
+
+class LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the most elements of any tensor an operation returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.most = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.most = max(self.most, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
+def test_the_fused_head_allocates_no_tokens_by_vocabulary_tensor_in_forward_or_backward(fused):
+    vocab, chunk, width = 128_256, 4, 16
+    model = llama(vocab, tied=False, hidden_size=width)
+    batch = paired_rows(vocab)
+    scored = int(batch[2][:, 1:].sum())  # M = 32 scored tokens
+    with LargestTensor() as largest:
+        logps, _ = completion_logps(model, *batch, chunk=chunk, fused=fused)
+        logps.sum().backward()
+    if fused:  # the weight and its gradient (V × H), one chunk's (chunk × V): never (M × V)
+        assert largest.most == max(vocab * width, chunk * vocab) < scored * vocab
+    else:
+        assert largest.most >= scored * vocab

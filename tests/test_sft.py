@@ -206,6 +206,24 @@ def test_val_loss_is_the_token_mean_over_the_whole_validation_set():
         assert result["val/ppl"] == pytest.approx(math.exp(nll / tokens), rel=1e-5)
 
 
+def test_the_packed_fused_loss_and_its_gradients_equal_the_models_own_cross_entropy():
+    """forward_batch packs the rows and runs the head chunk by chunk; Hugging Face's padded
+    ``model(labels=...)`` loss is the same number with the same gradients."""
+    module = SFTModule(TINY_ALIAS)
+    data = tiny_pairs(batch_size=5)
+    data.setup()
+    batch = next(iter(data.train_dataloader()))
+    params = list(module.policy.parameters())
+    loss, tokens = module.forward_batch(batch)
+    grads = torch.autograd.grad(loss, params)
+    theirs = module.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    expected = torch.autograd.grad(theirs, params)
+    assert int(tokens) == int((batch["labels"][:, 1:] != -100).sum())
+    torch.testing.assert_close(loss, theirs, rtol=0, atol=1e-5)
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+
+
 def test_lora_sft_trains_only_the_adapter(tmp_path):
     module = SFTModule(TINY_ALIAS, lora=LoRASettings(r=4, alpha=8), optimizer=lambda p: torch.optim.AdamW(p, 1e-2))
     before = {name: p.detach().clone() for name, p in module.policy.named_parameters()}

@@ -3,7 +3,8 @@
 Every evaluation reduces to *rows*: a list of token ids of which the tokens from ``first_scored``
 on are scored, each by the model's log-probability given everything before it. Rows are sorted by
 length (longest first, as lm-evaluation-harness does) so that each right-padded batch wastes
-little, and each batch is one forward pass through :func:`dpo_lit.logps.completion_logits`. Each
+little, and each batch is one forward pass through :func:`dpo_lit.logps.completion_states` and the head
+(:func:`dpo_lit.logps.head_outputs`). Each
 row gets its summed log-probability, its number of scored tokens and whether greedy decoding
 reproduces all its scored tokens (lm-evaluation-harness's ``is_greedy``).
 """
@@ -20,7 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from dpo_lit.data.collate import pad_rows
 from dpo_lit.data.tokenize import added_prefix
-from dpo_lit.logps import completion_logits, selective_log_softmax
+from dpo_lit.logps import completion_states, head_outputs
 from dpo_lit.models import evaluating
 
 __all__ = ["Row", "RowScore", "added_prefix", "evaluating", "max_positions", "pad_id", "score_rows", "start_token"]
@@ -84,13 +85,13 @@ def score_rows(model: nn.Module, rows: Sequence[Row], pad_id: int, batch_size: i
         ids, attention, scored = pad_rows(
             [rows[i].ids for i in batch], pad_id, first_scored=[rows[i].first_scored for i in batch]
         )  # (n, T) each
-        logits, targets, owner = completion_logits(
+        states, targets, owner = completion_states(
             model, ids.to(device), attention.to(device), scored.to(device)
-        )  # (M, V), (M,), (M,): M scored tokens in all, each with its row in the batch
-        token_logps = selective_log_softmax(logits, targets)  # (M,)
-        logps = token_logps.new_zeros(len(batch)).index_add(0, owner, token_logps)  # (n,)
+        )  # (M, H), (M,), (M,): M scored tokens in all, each with its row in the batch
+        head = head_outputs(model, states, targets, stats=("is_argmax",))
+        logps = head.logps.new_zeros(len(batch)).index_add(0, owner, head.logps)  # (n,)
         tokens = torch.bincount(owner, minlength=len(batch))  # (n,)
-        misses = torch.bincount(owner[logits.argmax(-1) != targets], minlength=len(batch))  # (n,)
+        misses = torch.bincount(owner[~head.is_argmax], minlength=len(batch))  # (n,)
         for i, logp, count, missed in zip(batch, logps.tolist(), tokens.tolist(), misses.tolist()):
             results[i] = RowScore(logp, int(count), missed == 0)
     return results

@@ -51,7 +51,7 @@ from torch import Tensor, nn
 
 from dpo_lit.data.collate import pad_rows
 from dpo_lit.errors import ConfigError
-from dpo_lit.logps import completion_states, head_logits, selective_log_softmax
+from dpo_lit.logps import completion_states, head_outputs
 from dpo_lit.models import evaluating, load_model, load_tokenizer
 from dpo_lit.module import LoRASettings, optimizer_and_schedule, trainable
 from dpo_lit.reference import SHORTCUTS
@@ -95,21 +95,15 @@ def token_outputs(
     those of softmax(logits / ``temperature``), the distribution rollouts at that temperature
     are drawn from."""
     states, targets, rows = completion_states(model, ids, mask, completion_mask)  # (M, H), (M,), (M,)
-    logits = head_logits(model, states)  # (M, V)
-    if temperature != 1.0:
-        logits = logits / temperature
+    head = head_outputs(model, states, targets, temperature=temperature, stats=("entropy",) if entropy else ())
     target_mask = completion_mask[:, 1:]
     cols = target_mask.cumsum(-1)[target_mask] - 1  # (M,) position within the response
     shape = (len(ids), width)
-    logps = to_grid(selective_log_softmax(logits, targets), rows, cols, shape)
+    logps = to_grid(head.logps, rows, cols, shape)
     values = torch.zeros(shape, device=ids.device)
     if value_head is not None:
         values = to_grid(value_head(states).squeeze(-1).float(), rows, cols, shape)
-    entropies = torch.zeros(shape, device=ids.device)
-    if entropy:
-        with torch.no_grad():
-            z = logits.float()
-            entropies = to_grid(torch.logsumexp(z, -1) - (z.softmax(-1) * z).sum(-1), rows, cols, shape)
+    entropies = torch.zeros(shape, device=ids.device) if head.entropy is None else to_grid(head.entropy, rows, cols, shape)
     return TokenOutputs(logps, values, entropies)
 
 
@@ -197,7 +191,7 @@ class PPOModule(LightningModule):
         self.kl = KLController(kl_coef, target_kl, kl_horizon)
         self.policy = load_model(model_name, dtype=dtype, trust_remote_code=trust_remote_code)
         self.reference = SHORTCUTS["copy" if lora is None else "adapter"]()
-        self.reference.setup(self.policy, lora=lora is not None, paired=True, chunk=1024)
+        self.reference.setup(self.policy, lora=lora is not None, paired=True, chunk=None)
         self.policy = trainable(self.policy, lora, gradient_checkpointing)
         self.value_head = nn.Linear(self.policy.config.hidden_size, 1)
         nn.init.zeros_(self.value_head.weight)  # values start at 0: the first advantages are the rewards

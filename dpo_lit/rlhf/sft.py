@@ -19,6 +19,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from dpo_lit.data.sft import IGNORE_INDEX
+from dpo_lit.logps import completion_states, head_outputs
 from dpo_lit.models import load_model, load_tokenizer
 from dpo_lit.module import LoRASettings, optimizer_and_schedule, trainable
 from dpo_lit.reference import NoReference
@@ -71,10 +72,16 @@ class SFTModule(LightningModule):
         return self._tokenizer
 
     def forward_batch(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """The mean cross-entropy over the batch's loss tokens, and how many there are."""
+        """The mean cross-entropy over the batch's loss tokens, and how many there are.
+
+        The rows are packed without padding and the LM head runs chunk by chunk over the loss
+        tokens only (:func:`dpo_lit.logps.head_outputs`): no (tokens × vocabulary) logits.
+        """
         labels = batch["labels"]  # (B, T), unshifted: the model predicts labels[:, 1:]
-        out = self.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels)
-        return out.loss, (labels[:, 1:] != IGNORE_INDEX).sum()
+        scored = labels != IGNORE_INDEX  # (B, T); the labels are the input ids there
+        states, targets, _ = completion_states(self.policy, batch["input_ids"], batch["attention_mask"], scored)
+        logps = head_outputs(self.policy, states, targets).logps  # (M,)
+        return -logps.mean(), torch.tensor(len(logps), device=logps.device)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss, _ = self.forward_batch(batch)

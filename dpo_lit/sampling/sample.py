@@ -7,9 +7,10 @@ On-policy pairs and KL estimates need three things that decoded text loses:
 - whether the model ended the completion (its EOS is kept, inclusive) or ``max_new_tokens`` cut
   it (no EOS is added: the model never wrote one there);
 - ``log π(y | x)`` under the model's *unmodified* distribution (temperature 1, no top-k/top-p),
-  summed over the completion tokens including the EOS. It is read off ``generate``'s raw
-  ``logits`` (not its ``scores``, which temperature and top-p have processed), so a KL estimate
-  needs only the reference's forward. With temperature ≠ 1 or top-p/top-k the *samples* follow
+  summed over the completion tokens including the EOS. It is read off the raw logits of each step
+  as ``generate`` goes (:class:`StepLogps`, before temperature and top-p process them), so a KL
+  estimate needs only the reference's forward, and no step's (rows × vocabulary) logits are kept
+  beyond the next step. With temperature ≠ 1 or top-p/top-k the *samples* follow
   the processed distribution while ``logp`` still scores them under the model.
 
 Prompts are token ids, left-padded into batches; attention masks come from the prompts' lengths,
@@ -141,9 +142,41 @@ def generate_kwargs(
         "eos_token_id": eos,
         "pad_token_id": pad,
         "num_return_sequences": 1,
-        "output_logits": True,
         "return_dict_in_generate": True,
     }
+
+
+class StepLogps(LogitsProcessor):
+    """Records the temperature-1 log-prob of every token ``generate`` picks, step by step.
+
+    Runs first among the processors, so it sees each step's raw logits. The token a step picks is
+    known at the next call (the last one of ``input_ids``), so only one step's (N × V) logits are
+    held at a time, where ``output_logits`` would keep every step's until the end (16 rows × 512
+    steps × 152k vocabulary: 5 GB). :meth:`finish` takes the last step's token.
+    """
+
+    def __init__(self) -> None:
+        self.logps: list[Tensor] = []  # (N,) per generated token
+        self.previous: Tensor | None = None  # the last step's raw logits (N, V)
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        self._picked(input_ids[:, -1])
+        self.previous = scores.clone()  # later processors return new tensors; a copy is safe regardless
+        return scores
+
+    def _picked(self, tokens: Tensor) -> None:
+        if self.previous is not None:
+            # The same float32 logsumexp as the training forward: torch.log_softmax over 49k float32
+            # logits reads ~6e-6 nats/token high on CPU.
+            self.logps.append(selective_log_softmax(self.previous, tokens))
+            self.previous = None
+
+    def finish(self, new: Tensor) -> Tensor:
+        """(N, T) log-probs of the generated tokens ``new`` (N, T)."""
+        self._picked(new[:, -1])
+        if len(self.logps) != new.shape[1]:
+            raise RuntimeError(f"generate made {new.shape[1]} tokens but called its processors {len(self.logps)} times")
+        return torch.stack(self.logps, dim=1) if self.logps else new.new_zeros(new.shape, dtype=torch.float32)
 
 
 class RowDraws(LogitsProcessor):
@@ -177,13 +210,8 @@ def derived_seed(seed: int, index: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def _completions(new: Tensor, logits: Sequence[Tensor], eos: int) -> list[tuple[list[int], bool, float]]:
-    """Cut each generated row after its first EOS; sum the raw log-probs of the kept tokens."""
-    # (N, T): log π of each generated token at temperature 1. The same float32 logsumexp as the
-    # training forward: torch.log_softmax over 49k float32 logits reads ~6e-6 nats/token high on CPU.
-    token_logps = torch.stack(
-        [selective_log_softmax(step, new[:, t]) for t, step in enumerate(logits)], dim=1
-    )
+def _completions(new: Tensor, token_logps: Tensor, eos: int) -> list[tuple[list[int], bool, float]]:
+    """Cut each generated row after its first EOS; sum the log-probs (N, T) of the kept tokens."""
     is_eos = new == eos  # (N, T)
     finished = is_eos.any(-1)  # (N,)
     length = torch.where(finished, is_eos.int().argmax(-1) + 1, new.shape[1])  # (N,) incl. the EOS
@@ -244,12 +272,13 @@ def sample(
             batch = rows[start : start + batch_size]
             ids, mask, _ = pad_rows([prompts[i] for i in batch], pad, left=True)  # (N, P)
             ids, mask = ids.to(device), mask.to(device)
+            processors = LogitsProcessorList([step_logps := StepLogps()])
             if prompt_seeds is not None and temperature > 0:
                 draws = [(prompt_seeds[i], (start + k) % num_samples) for k, i in enumerate(batch)]
-                kwargs["logits_processor"] = LogitsProcessorList([RowDraws(draws, temperature, top_p, top_k, device)])
-            out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+                processors.append(RowDraws(draws, temperature, top_p, top_k, device))
+            out = model.generate(input_ids=ids, attention_mask=mask, logits_processor=processors, **kwargs)
             new = out.sequences[:, ids.shape[1] :]  # (N, T)
-            for i, (completion, finished, logp) in zip(batch, _completions(new, out.logits, eos)):
+            for i, (completion, finished, logp) in zip(batch, _completions(new, step_logps.finish(new), eos)):
                 text = tokenizer.decode(completion, skip_special_tokens=True) if tokenizer is not None else ""
                 samples.append(Sample(i, list(prompts[i]), completion, finished, logp, text))
     return samples
