@@ -24,20 +24,31 @@ Mechanics: the decoder runs with ``position_ids`` and no attention mask, and eac
 receives the layout through a keyword argument, which Hugging Face models pass down to their
 attention function. :func:`_sdpa_or_segments` is registered as transformers' ``"sdpa"`` attention:
 without the keyword it is transformers' own SDPA function, unchanged; with it, it attends segment by
-segment with :func:`torch.nn.functional.scaled_dot_product_attention`. A model that does not route
-its attention through that function (eager or flash attention, or an architecture with its own
-attention code), asks for attention the segments do not reproduce (a sliding window, a soft cap),
-or mixes positions outside attention (the state-space or convolution layers of a hybrid model,
-found by :func:`check_packable` before its first packed forward) falls back to padded rows.
+segment (so does a gradient-checkpointing recomputation, which replays the layers with the same
+keywords). For the packed forward itself, an SDPA model's attention implementation is
+:data:`IMPLEMENTATION`, the same function registered with no mask function, so that transformers
+builds no mask (from packed ``position_ids`` it would build a dense (1, 1, L, L) one, 0.6 GB at
+L = 24k, that the segments never read). Each segment is one
+:func:`~torch.nn.functional.scaled_dot_product_attention` call without a mask tensor: causal, or,
+for a segment after a shared prompt, the bottom-right causal bias
+(:func:`torch.nn.attention.bias.causal_lower_right`), which a GPU runs with its fused kernels where
+a boolean mask would send it to the math kernel. A model that does not route its attention through
+that function (eager or flash attention, or an architecture with its own attention code), asks for attention the
+segments do not reproduce (a sliding window, a soft cap), or mixes positions outside attention (the
+state-space or convolution layers of a hybrid model, found by :func:`check_packable` before its
+first packed forward) falls back to padded rows.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention.bias import causal_lower_right
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import AttentionInterface
 
@@ -45,17 +56,18 @@ from dpo_lit.models import evaluating
 
 PACKING = ("prefix", "rows", "none")
 KWARG = "dpo_lit_segments"
+IMPLEMENTATION = "dpo_lit_segments"  # the attention implementation of packed forwards
 
 
 @dataclass
 class Segment:
     """Queries at packed positions ``[start, end)``; keys and values: ``prefix`` (a packed range,
-    a shared prompt) followed by the same ``[start, end)``, causal within it."""
+    a shared prompt) followed by the same ``[start, end)``, causal within it: every query sees the
+    whole prefix (the bottom-right causal pattern)."""
 
     start: int
     end: int
     prefix: tuple[int, int] | None = None
-    mask: Tensor | None = None  # (end - start, prefix + end - start) bool, True where attention is allowed
 
 
 @dataclass
@@ -107,8 +119,7 @@ def layout(input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor, s
             rest = length - plen
             where[i, s : s + plen] = torch.arange(p_start, p_start + plen)
             where[i, s + plen : s + length] = torch.arange(offset, offset + rest)
-            mask = torch.ones(rest, plen + rest, dtype=torch.bool).tril(diagonal=plen)
-            segments.append(Segment(offset, offset + rest, (p_start, p_start + plen), mask))
+            segments.append(Segment(offset, offset + rest, (p_start, p_start + plen)))
             src.append(i * t + torch.arange(s + plen, s + length))
             pos.append(torch.arange(plen, length))
             offset += rest
@@ -123,9 +134,6 @@ def layout(input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor, s
     if not segments:
         return None
     device = input_ids.device
-    for seg in segments:
-        if seg.mask is not None:
-            seg.mask = seg.mask.to(device)
     return Layout(
         input_ids=input_ids.reshape(-1)[torch.cat(src).to(device)][None],
         position_ids=torch.cat(pos).to(device)[None],
@@ -150,7 +158,8 @@ def _segment_attention(
             a, b = seg.prefix
             k = torch.cat([key[:, :, a:b], k], dim=2)
             v = torch.cat([value[:, :, a:b], v], dim=2)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=seg.mask, dropout_p=dropout, scale=scaling, enable_gqa=gqa)
+            bias = causal_lower_right(seg.end - seg.start, k.shape[2])  # query i sees keys up to i + prefix length
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=scaling, enable_gqa=gqa)
         outs.append(o)
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous()
 
@@ -173,6 +182,32 @@ def _sdpa_or_segments(module: nn.Module, query: Tensor, key: Tensor, value: Tens
 
 
 AttentionInterface.register("sdpa", _sdpa_or_segments)
+AttentionInterface.register(IMPLEMENTATION, _sdpa_or_segments)  # and no mask function: no mask is built
+
+
+def _configs(config) -> Iterator:
+    """A config and its sub-configs (a multimodal model's text config, ...), recursively."""
+    yield config
+    for key in getattr(config, "sub_configs", {}):
+        if (sub := getattr(config, key, None)) is not None:
+            yield from _configs(sub)
+
+
+@contextlib.contextmanager
+def _packed_attention(decoder: nn.Module) -> Iterator[None]:
+    """An SDPA decoder's attention implementation is :data:`IMPLEMENTATION` inside; each config's
+    own setting is restored after. Other implementations are left as they are (and do not pack)."""
+    config = getattr(decoder, "config", None)
+    if config is None or config._attn_implementation != "sdpa":
+        yield
+        return
+    saved = [(c, c._attn_implementation_internal) for c in _configs(config)]
+    config._attn_implementation = IMPLEMENTATION
+    try:
+        yield
+    finally:
+        for c, implementation in saved:
+            c._attn_implementation_internal = implementation
 
 
 def packed_hidden(decoder: nn.Module, plan: Layout) -> Tensor:
@@ -183,9 +218,10 @@ def packed_hidden(decoder: nn.Module, plan: Layout) -> Tensor:
             transformers' SDPA function) or asks for attention the segments do not reproduce.
     """
     plan.calls = 0
-    hidden = decoder(
-        input_ids=plan.input_ids, position_ids=plan.position_ids, use_cache=False, **{KWARG: plan}
-    ).last_hidden_state
+    with _packed_attention(decoder):
+        hidden = decoder(
+            input_ids=plan.input_ids, position_ids=plan.position_ids, use_cache=False, **{KWARG: plan}
+        ).last_hidden_state
     if plan.calls == 0:
         raise Unpackable("does not run its attention through transformers' SDPA function")
     return hidden

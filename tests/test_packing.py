@@ -117,3 +117,52 @@ def test_a_model_with_other_attention_falls_back_to_padded_rows():
     assert any("computed padded" in str(w.message) for w in caught)
     padded, _ = completion_logps(model, *batch, packing="none")
     torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
+
+
+def test_a_segment_after_a_shared_prompt_attends_through_the_bottom_right_causal_bias():
+    """The rejected row's queries see the whole prompt and their own earlier tokens: exactly the
+    boolean mask tril(diagonal=prompt length), here without a mask tensor."""
+    from dpo_lit.packing import _segment_attention
+
+    ids, attention, completion = paired_batch(97)
+    plan = layout(ids, attention, completion)
+    after = [seg for seg in plan.segments if seg.prefix is not None]
+    assert after and all(not hasattr(seg, "mask") for seg in plan.segments)
+    g = torch.Generator().manual_seed(0)
+    length = plan.input_ids.shape[1]
+    q = torch.randn(1, 4, length, 8, generator=g)
+    k, v = torch.randn(1, 2, length, 8, generator=g), torch.randn(1, 2, length, 8, generator=g)
+    out = _segment_attention(q, k, v, plan, 0.0, None)  # (1, L, 4, 8)
+    for seg in after:
+        (a, b), rest = seg.prefix, seg.end - seg.start
+        keys = torch.cat([k[:, :, a:b], k[:, :, seg.start : seg.end]], 2)
+        values = torch.cat([v[:, :, a:b], v[:, :, seg.start : seg.end]], 2)
+        mask = torch.ones(rest, b - a + rest, dtype=torch.bool).tril(diagonal=b - a)
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, seg.start : seg.end], keys, values, attn_mask=mask, enable_gqa=True
+        )
+        torch.testing.assert_close(out[0, seg.start : seg.end], expected[0].transpose(0, 1), rtol=0, atol=1e-6)
+
+
+def test_the_packed_forward_builds_no_attention_mask(tiny_model, monkeypatch):
+    """transformers would build a dense (1, 1, L, L) mask from the packed position_ids that the
+    segments never read; the packed forward asks for none, the padded one still does."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    built = []
+    sdpa_mask = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping["sdpa"]
+
+    def spy(*args, **kwargs):
+        mask = sdpa_mask(*args, **kwargs)
+        built.append(None if mask is None else tuple(mask.shape))
+        return mask
+
+    monkeypatch.setitem(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, "sdpa", spy)
+    batch = paired_batch(tiny_model.config.vocab_size)
+    with torch.no_grad():
+        packed, _ = completion_logps(tiny_model, *batch, packing="prefix")
+        assert built == []
+        padded, _ = completion_logps(tiny_model, *batch, packing="none")
+    assert built  # the padded rows' own mask
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
+    assert tiny_model.config._attn_implementation == "sdpa"  # restored after the packed forward
