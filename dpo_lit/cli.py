@@ -47,6 +47,7 @@ from dpo_lit.callbacks import EpochsFromSteps, ExportPretrained, LastCheckpoint,
 from dpo_lit.data import PreferenceDataModule
 from dpo_lit.errors import ConfigError, UserError
 from dpo_lit.module import PreferenceModule
+from dpo_lit.precision import Trainer, cpu_bf16_flags
 from dpo_lit.sampling.predict import GenerationModule, PromptDataModule, WritePairs
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict", "onpolicy", "compare", "frontier", "sweep", "plots")
@@ -72,6 +73,10 @@ class _ArgsFromCode(LightningCLI):
     that silently ignore their command line; :func:`build_cli` passes a job's own arguments on
     purpose while ``sys.argv`` holds the pipeline's.
     """
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("trainer_class", Trainer)  # trainer.precision may be "auto"
+        super().__init__(*args, **kwargs)
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         kwargs.setdefault("exit_on_error", False)  # a bad option ends in one line (parse_arguments), not the usage
@@ -180,13 +185,10 @@ def warn_slow_bf16(trainer) -> None:
     from lightning.pytorch.accelerators import CPUAccelerator
     from lightning.pytorch.utilities import rank_zero_warn
 
-    capability = torch.backends.cpu.get_cpu_capability()
-    if isinstance(trainer.accelerator, CPUAccelerator) and "bf16" in str(trainer.precision) and capability in (
-        "DEFAULT", "AVX2"
-    ):
+    if isinstance(trainer.accelerator, CPUAccelerator) and "bf16" in str(trainer.precision) and not cpu_bf16_flags():
         rank_zero_warn(
-            f"trainer.precision={trainer.precision} on a CPU without native bf16 ({capability}): bf16 autocast "
-            "ran 4.5x slower than float32 on such a CPU; --trainer.precision 32-true is faster here"
+            f"trainer.precision={trainer.precision} on a CPU without native bf16 (AMX or AVX512-BF16): bf16 autocast "
+            "ran 4.5x slower than float32 on such a CPU; --trainer.precision auto (or 32-true) is faster here"
         )
 
 

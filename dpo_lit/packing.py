@@ -148,6 +148,10 @@ def _segment_attention(
     """Attention over the layout's segments; query (1, Hq, L, D), key/value (1, Hkv, L, D) ->
     (1, L, Hq, D)."""
     gqa = query.shape[1] != key.shape[1]
+    device = query.device.type
+    if torch.is_autocast_enabled(device):  # as autocast casts SDPA's inputs (RoPE leaves q, k float32, v bf16)
+        dtype = torch.get_autocast_dtype(device)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     outs = []
     for seg in plan.segments:
         q = query[:, :, seg.start : seg.end]

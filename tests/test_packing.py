@@ -166,3 +166,16 @@ def test_the_packed_forward_builds_no_attention_mask(tiny_model, monkeypatch):
     assert built  # the padded rows' own mask
     torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
     assert tiny_model.config._attn_implementation == "sdpa"  # restored after the packed forward
+
+
+def test_packed_rows_under_bf16_autocast_equal_padded_rows(tiny_model):
+    """Under autocast RoPE leaves queries and keys float32 and values bf16; the segments cast them
+    as SDPA's autocast does (the bottom-right bias checks dtypes before autocast would)."""
+    batch = paired_batch(tiny_model.config.vocab_size, seed=3)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        packed, _ = completion_logps(tiny_model, *batch, packing="prefix")
+        padded, _ = completion_logps(tiny_model, *batch, packing="none")
+    with torch.no_grad():
+        full, _ = completion_logps(tiny_model, *batch, packing="none")
+    torch.testing.assert_close(packed, padded, rtol=0, atol=1e-2)
+    assert (padded - full).abs().max() > 1e-4  # bf16 did compute them

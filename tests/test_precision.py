@@ -1,0 +1,50 @@
+"""``trainer.precision: auto``: bf16 mixed precision where the hardware has fast bf16, float32 elsewhere."""
+
+from pathlib import Path
+
+import pytest
+
+from dpo_lit.cli import run as main
+from dpo_lit.precision import auto_precision, cpu_bf16_flags
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    ("accelerator", "cuda_bf16", "cpu_flags", "expected"),
+    [
+        ("cpu", None, ["amx_bf16", "avx512_bf16"], "bf16-mixed"),  # Sapphire Rapids and later Xeons
+        ("cpu", None, ["avx512_bf16"], "bf16-mixed"),  # Cooper Lake, Zen 4
+        ("cpu", None, [], "32-true"),  # AVX2 only: bf16 emulated, 4.5x slower
+        ("gpu", True, None, "bf16-mixed"),  # Ampere and later
+        ("cuda", False, None, "32-true"),  # V100, T4: no bf16
+        ("mps", None, None, "32-true"),
+    ],
+)
+def test_auto_precision_follows_the_hardware(accelerator, cuda_bf16, cpu_flags, expected):
+    precision, why = auto_precision(accelerator, cuda_bf16=cuda_bf16, cpu_flags=cpu_flags)
+    assert precision == expected and why
+
+
+def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_tile amx_bf16\n\nprocessor\t: 1\n")
+    assert cpu_bf16_flags(cpuinfo) == ["amx_bf16", "avx512_bf16"]
+    cpuinfo.write_text("flags\t\t: fpu sse avx2\n")
+    assert cpu_bf16_flags(cpuinfo) == []
+    assert cpu_bf16_flags(tmp_path / "missing") == []
+
+
+def test_fit_with_auto_precision_says_what_it_chose_and_trains_in_it(tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(ROOT)
+    expected, _ = auto_precision("cpu")
+    with caplog.at_level("INFO"):
+        cli = main([
+            "fit", "--config", "configs/dpo/tiny.yaml", "--trainer.precision=auto", "--trainer.accelerator=cpu",
+            "--trainer.max_steps=2", "--trainer.limit_val_batches=1", f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.enable_progress_bar=false",
+        ])
+    assert cli.trainer.precision == expected
+    assert cli.trainer.global_step == 2
+    said = [r.getMessage() for r in caplog.records if "trainer.precision=auto" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith(f"trainer.precision=auto: {expected} on ")
