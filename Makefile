@@ -42,9 +42,11 @@ clean:
 
 # make bench — dpo-lit next to TRL 1.16 (each in its own process): tokens/s, s/step and peak RSS of DPO
 # steps on SmolLM2-135M-Instruct and HH-RLHF pairs: LoRA (reference = adapter off), full fine-tuning with
-# the reference precomputed, then with a frozen copy (benchmarks/README.md).
-# Float32, as configs/trainer/cpu.yaml trains (on this CPU, without native bf16, autocast made those
-# configs 4.5x slower), and so the two sides' per-step losses can be compared to 4 decimals.
+# the reference precomputed, then with a frozen copy (benchmarks/README.md); LoRA again with each side at
+# this machine's best precision (bf16 autocast where bf16 is native); a DPO step on a 128,256-token
+# vocabulary (4 pairs x 1k tokens), where the LM head sets peak memory; and generation on that vocabulary.
+# The comparisons are float32 (the best-precision line aside), so that the two sides' per-step losses can
+# be compared to 4 decimals and the figures mean the same on every machine.
 # TRL lives in its own venv, benchmarks/.venv-trl: it is never a dependency of dpo_lit.
 TRL_VENV  := benchmarks/.venv-trl
 TRL_STAMP := $(TRL_VENV)/.installed
@@ -62,6 +64,9 @@ bench: venv $(TRL_STAMP)
 	$(PY) benchmarks/dpo_step.py --model smollm2-135m-instruct --variant lora --impl both --steps 8 --threads $(DPO_LIT_THREADS) --no-bf16 --out runs/bench/dpo_step_lora.json
 	$(PY) benchmarks/dpo_step.py --model smollm2-135m-instruct --variant full --impl both --steps 8 --threads $(DPO_LIT_THREADS) --no-bf16 --out runs/bench/dpo_step_full.json
 	$(PY) benchmarks/dpo_step.py --model smollm2-135m-instruct --variant full --full-reference copy --impl both --steps 8 --threads $(DPO_LIT_THREADS) --no-bf16 --out runs/bench/dpo_step_full_copy.json
+	$(PY) benchmarks/dpo_step.py --model smollm2-135m-instruct --variant lora --impl both --steps 8 --threads $(DPO_LIT_THREADS) --best-precision --out runs/bench/dpo_step_lora_best_precision.json
+	$(PY) benchmarks/dpo_step.py --big-vocab --variant full --full-reference copy --length 1024 --batch-size 4 --steps 2 --warmup 1 --lr 1e-3 --impl both --threads $(DPO_LIT_THREADS) --no-bf16 --out runs/bench/big_vocab.json
+	$(PY) benchmarks/generation.py --model big-vocab --rows 16 --new-tokens 512 --threads $(DPO_LIT_THREADS)
 
 # make compare — DPO (the quickstart's recipe) and PPO (configs/ppo/smollm2_everyday_vader.yaml) from
 # SmolLM2-135M-Instruct on the same prompts and reward, measured on the same held-out prompts and seeds.

@@ -40,6 +40,8 @@ class Spec:
     lora_r: int = 16
     lora_alpha: int = 32
     packing: str = "prefix"  # dpo-lit's model.packing (TRL's rows are always padded)
+    tokenized: bool = False  # pairs are token ids (prompt_ids/chosen_ids/rejected_ids), trained on as given
+    fused_head: bool = True  # dpo-lit's model.fused_head
 
     @property
     def total_steps(self) -> int:

@@ -7,6 +7,7 @@ PreferenceModule + PreferenceDataModule driven by ``lightning.Trainer(max_steps=
 
 from __future__ import annotations
 
+import inspect
 import sys
 import time
 
@@ -57,7 +58,7 @@ def build(spec: Spec, clock: StepClock):
     seed_everything(spec.seed, verbose=False)
     t0 = time.perf_counter()
     data = Data(
-        tokenizer_name=spec.model_path, train_files=[spec.pairs_jsonl], format="implicit",
+        tokenizer_name=spec.model_path, train_files=[spec.pairs_jsonl], format="tokenized" if spec.tokenized else "implicit",
         on_bad_record="skip", max_length=spec.max_length, max_prompt_length=spec.max_prompt_length,
         batch_size=spec.batch_size, val_fraction=0.0, seed=spec.seed, num_workers=0,
     )
@@ -70,7 +71,8 @@ def build(spec: Spec, clock: StepClock):
         lora=lora if spec.variant == "lora" else None,
         optimizer=partial(torch.optim.AdamW, lr=spec.lr, weight_decay=0.0),
         scheduler="constant", warmup_ratio=0.0, gradient_checkpointing=False, packing=spec.packing,
-    )
+        **({"fused_head": spec.fused_head} if "fused_head" in inspect.signature(PreferenceModule).parameters else {}),
+    )  # (an older checkout, measured for comparison, has no fused_head)
     clock.timings["load_s"] = time.perf_counter() - t0
     trainer = Trainer(
         accelerator="cpu", devices=1, max_steps=spec.total_steps,

@@ -56,16 +56,17 @@ def config(spec: Spec):
     )
 
 
-def trainer_class(clock: StepClock):
+def trainer_class(clock: StepClock, spec: Spec):
     from transformers import TrainerCallback
     from trl import DPOTrainer
 
     class Trainer(DPOTrainer):
         """DPOTrainer that times its data preparation and precompute and counts each step's tokens."""
 
-        def _prepare_dataset(self, *args, **kwargs):
+        def _prepare_dataset(self, dataset, *args, **kwargs):
             t0 = time.perf_counter()
-            out = super()._prepare_dataset(*args, **kwargs)
+            # token ids are trained on as given (what TRL's tokenisation would produce; its collator reads them)
+            out = dataset if spec.tokenized else super()._prepare_dataset(dataset, *args, **kwargs)
             clock.timings["tokenize_s"] = clock.timings.get("tokenize_s", 0.0) + time.perf_counter() - t0
             return out
 
@@ -107,14 +108,15 @@ def main(spec_path: str) -> None:
     from dpo_lit.models import load_tokenizer
 
     pairs = json.loads(Path(spec.pairs_json).read_text())
-    dataset = Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
+    keys = ("prompt_ids", "chosen_ids", "rejected_ids") if spec.tokenized else ("prompt", "chosen", "rejected")
+    dataset = Dataset.from_list([{k: p[k] for k in keys} for p in pairs])
     peft_config = None
     if spec.variant == "lora":  # the same LoraConfig as dpo_lit.module.PreferenceModule._add_lora
         peft_config = LoraConfig(
             r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=0.0,
             target_modules="all-linear", task_type="CAUSAL_LM",
         )
-    trainer_cls, clock_cls = trainer_class(clock)
+    trainer_cls, clock_cls = trainer_class(clock, spec)
     callback = clock_cls()
     t0 = time.perf_counter()
     trainer = trainer_cls(

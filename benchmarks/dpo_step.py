@@ -2,6 +2,7 @@
 
     python benchmarks/dpo_step.py --model smollm2-135m-instruct --variant lora --impl both --threads 2
     python benchmarks/dpo_step.py --model tiny-random-llama --steps 3 --threads 1 --impl both  # smoke run
+    python benchmarks/dpo_step.py --big-vocab --variant full --full-reference copy --length 1024 --steps 2 --warmup 1
 
 Each implementation runs in a fresh subprocess (so that peak RSS is its own): dpo-lit with this
 interpreter (``_side_dpolit.py``), TRL with ``benchmarks/.venv-trl/bin/python`` (``_side_trl.py``).
@@ -41,6 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
     p.add_argument("--threads", type=int, default=2, help="torch threads (and OMP_NUM_THREADS) per run")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast")
+    p.add_argument("--best-precision", action="store_true",
+                   help="each side at this machine's best precision: bf16 autocast where bf16 is native (AMX or "
+                        "AVX512-BF16), float32 where it is emulated (dpo-lit's trainer.precision auto); overrides --bf16")
     p.add_argument("--full-reference", choices=["precomputed", "copy"], default="precomputed",
                    help="reference of the full fine-tuning variant (LoRA always disables its adapter)")
     p.add_argument("--packing", choices=["prefix", "rows", "none"], default="prefix",
@@ -55,6 +59,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trl-python", default=str(HERE / ".venv-trl" / "bin" / "python"))
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--workdir", default=None, help="keep pairs, specs and logs here (default: a temp dir)")
+    p.add_argument("--big-vocab", action="store_true",
+                   help="a 2-layer Llama of width 64 with Llama-3's 128,256-token vocabulary (random weights) on "
+                        "random token-id pairs: the LM head sets the memory (--model and --data are not used)")
+    p.add_argument("--length", type=int, default=1024,
+                   help="--big-vocab: tokens per row: a prompt of length/2 and completions of length/2")
+    p.add_argument("--fused-head", action=argparse.BooleanOptionalAction, default=True,
+                   help="dpo-lit's model.fused_head (the LM head chunk by chunk, no tokens x vocabulary logits)")
     return p.parse_args(argv)
 
 
@@ -114,6 +125,65 @@ def write_pairs(pairs: list, workdir: Path, seed: int) -> tuple[Path, Path]:
     return jsonl, strings
 
 
+BIG_VOCAB = 128_256  # Llama 3's
+
+
+def big_vocab_model(workdir: Path) -> str:
+    """A 2-layer Llama of width 64 with a 128,256-token vocabulary and untied embeddings (as
+    Llama-3-8B), random weights (seed 0), saved once for both sides, with a word-level tokenizer of
+    the same vocabulary (pairs are token ids: it only names the special ids 0-2 and the size)."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    from dpo_lit.models import build_tiny_model
+
+    folder = workdir / "big_vocab_model"
+    model = build_tiny_model(BIG_VOCAB, seed=0)
+    model.config.max_position_embeddings = 8192
+    model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id = 0, 1, 2
+    model.save_pretrained(folder)
+    vocab = {f"<t{i}>": i for i in range(BIG_VOCAB)}
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="<t0>")),
+        bos_token="<t0>", eos_token="<t1>", pad_token="<t2>", unk_token="<t0>",
+    )
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def write_token_pairs(workdir: Path, args: argparse.Namespace) -> tuple[Path, Path, dict]:
+    """Random token-id pairs (seed ``args.seed``): a prompt of length/2 tokens and two completions of
+    length/2, ids drawn uniformly from 3..128,000 (clear of special ids). ``pairs.jsonl`` in the
+    ``tokenized`` format for PreferenceDataModule; ``pairs.json`` the same ids in its training order
+    for TRL."""
+    import random
+
+    from dpo_lit.data import DataReport, read_examples
+    from dpo_lit.data.load import split_examples
+
+    rng = random.Random(args.seed)
+    half = args.length // 2
+    ids = lambda: [rng.randrange(3, 128_000) for _ in range(half)]  # noqa: E731
+    need = (args.warmup + args.steps) * args.batch_size
+    jsonl = workdir / "pairs.jsonl"
+    with jsonl.open("w") as f:
+        for _ in range(need):
+            f.write(json.dumps({"prompt_ids": ids(), "chosen_ids": ids(), "rejected_ids": ids()}) + "\n")
+    order, _ = split_examples(read_examples([str(jsonl)], "tokenized", "paired", DataReport("raise")), 0.0, args.seed)
+    strings = workdir / "pairs.json"
+    strings.write_text(json.dumps([e.token_ids for e in order]))
+    return jsonl, strings, {"synthetic": need, "tokens_per_row": 2 * half, "vocab": BIG_VOCAB}
+
+
+def cpu_bf16() -> str:
+    """What this CPU offers bf16 matmuls (dpo-lit's precision auto reads the same flags)."""
+    from dpo_lit.precision import cpu_bf16_flags
+
+    flags = cpu_bf16_flags()
+    return f"native bf16 ({', '.join(flags)})" if flags else "no native bf16 (bf16 autocast is emulated)"
+
+
 # ---- the runs -------------------------------------------------------------------------------
 
 
@@ -152,7 +222,8 @@ def settings_line(args: argparse.Namespace, lr: float) -> str:
         f"batch {args.batch_size} pairs = {2 * args.batch_size} rows | max_length {args.max_length} | "
         f"max_prompt_length {args.max_prompt_length} (dpo-lit; TRL 1.16 has none, pairs picked so neither "
         f"truncates) | threads {args.threads} | AdamW lr {lr:g} constant, clip 1.0 | beta {args.beta} | "
-        f"seed {args.seed} | {args.warmup} warm-up + {args.steps} timed steps | dpo-lit packing {args.packing}"
+        f"seed {args.seed} | {args.warmup} warm-up + {args.steps} timed steps | dpo-lit packing {args.packing}, "
+        f"fused head {'on' if args.fused_head else 'off'}"
     )
 
 
@@ -188,9 +259,10 @@ def print_table(results: list[dict], args: argparse.Namespace, lr: float) -> Non
     if len(results) == 2:
         a, b = results
         diff = max(abs(x - y) for x, y in zip(a["real_tokens"], b["real_tokens"]))
+        loss_diff = max(abs(x - y) for x, y in zip(a["losses"], b["losses"]))
         print(f"\nsame tokens per step: {'yes' if diff == 0 else f'no (largest difference {diff})'}; "
               f"{a['impl']}/{b['impl']}: {a['tokens_per_s'] / b['tokens_per_s']:.2f}x tokens/s, "
-              f"{a['peak_rss_gb'] / b['peak_rss_gb']:.2f}x peak RSS")
+              f"{a['peak_rss_gb'] / b['peak_rss_gb']:.2f}x peak RSS; largest per-step loss difference {loss_diff:.2e}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -198,14 +270,23 @@ def main(argv: list[str] | None = None) -> None:
     from dpo_lit.models import resolve
 
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.variant]
+    if args.best_precision:
+        from dpo_lit.precision import cpu_bf16_flags
+
+        args.bf16 = bool(cpu_bf16_flags())
     impls = ["dpo-lit", "trl"] if args.impl == "both" else [args.impl]
     if "trl" in impls and not Path(args.trl_python).exists():
         sys.exit(f"{args.trl_python} not found: create benchmarks/.venv-trl (make bench, or see benchmarks/README.md)")
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="dpo-step-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    model_path = resolve(args.model)
-    pairs, selection = select_pairs(ROOT / args.data, model_path, args)
-    jsonl, strings = write_pairs(pairs, workdir, args.seed)
+    if args.big_vocab:
+        model_path = big_vocab_model(workdir)
+        args.max_length, args.max_prompt_length = args.length, args.length // 2  # nothing is cut
+        jsonl, strings, selection = write_token_pairs(workdir, args)
+    else:
+        model_path = resolve(args.model)
+        pairs, selection = select_pairs(ROOT / args.data, model_path, args)
+        jsonl, strings = write_pairs(pairs, workdir, args.seed)
     reference = "adapter" if args.variant == "lora" else args.full_reference
     results = []
     for impl in impls:
@@ -214,11 +295,14 @@ def main(argv: list[str] | None = None) -> None:
             pairs_json=str(strings), out_dir=str(workdir / impl), reference=reference, steps=args.steps,
             warmup=args.warmup, batch_size=args.batch_size, max_length=args.max_length,
             max_prompt_length=args.max_prompt_length, beta=args.beta, lr=lr, bf16=args.bf16,
-            threads=args.threads, seed=args.seed, packing=args.packing,
+            threads=args.threads, seed=args.seed, packing=args.packing, tokenized=args.big_vocab,
+            fused_head=args.fused_head,
         )
         results.append({**run_side(spec, sys.executable if impl == "dpo-lit" else args.trl_python),
                         "spec": asdict(spec)})
-    print(f"\nmodel {args.model} ({model_path}); pairs: {selection}")
+    name = f"big-vocab (vocabulary {BIG_VOCAB}, width 64, 2 layers)" if args.big_vocab else args.model
+    print(f"\nmodel {name} ({model_path}); pairs: {selection}; CPU: {cpu_bf16()}"
+          + (f"; best precision here: {'bf16 autocast' if args.bf16 else 'float32'}" if args.best_precision else ""))
     print_table(results, args, lr)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

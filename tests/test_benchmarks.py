@@ -32,3 +32,25 @@ def test_dpo_step_benchmark_runs_and_packing_keeps_the_losses(tmp_path, shared_d
     assert packed["real_tokens"] == padded["real_tokens"] and sum(packed["real_tokens"]) > 0
     assert packed["losses"][0] == pytest.approx(0.693147, abs=1e-5)  # policy = reference at the first step
     assert packed["losses"] == pytest.approx(padded["losses"], abs=1e-5)
+
+
+def test_big_vocabulary_benchmark_runs_with_and_without_the_fused_head(tmp_path):
+    """--big-vocab: the 128,256-token model on token-id pairs; the fused head gives the plain head's
+    losses (a learning rate large enough that the later steps' losses move)."""
+    results = {}
+    for fused in ("--fused-head", "--no-fused-head"):
+        out = tmp_path / f"{fused}.json"
+        proc = subprocess.run(
+            [sys.executable, "benchmarks/dpo_step.py", "--big-vocab", "--impl", "dpo-lit", "--variant", "full",
+             "--full-reference", "copy", "--length", "64", "--batch-size", "2", "--steps", "2", "--warmup", "1",
+             "--lr", "1e-2", "--threads", "1", "--no-bf16", fused, "--out", str(out)],
+            cwd=ROOT, capture_output=True, text=True, timeout=600,
+        )
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert "vocabulary 128256" in proc.stdout and "CPU: " in proc.stdout
+        results[fused] = json.loads(out.read_text())["results"][0]
+    fused, plain = results["--fused-head"], results["--no-fused-head"]
+    assert fused["real_tokens"] == [256, 256, 256]  # 2 pairs x 2 rows x 64 tokens a step, nothing cut
+    assert fused["losses"][0] == pytest.approx(0.693147, abs=1e-5)
+    assert abs(fused["losses"][-1] - fused["losses"][0]) > 1e-3  # training moved the policy
+    assert fused["losses"] == pytest.approx(plain["losses"], abs=1e-4)
