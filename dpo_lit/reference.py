@@ -225,8 +225,10 @@ class PrecomputedReference(NoReference):
         self.paths: dict[str, Path] = {}  # split -> its cache file
 
     def _key(self, dataset: Dataset, precision: str) -> str:
-        """Hash of the initial model, how it is run (precision, chunking, packing) and the token ids."""
-        h = hashlib.sha256(f"{self.identity}|{precision}|{self.chunk}|{self.options!r}|{self.packing}".encode())
+        """Hash of the initial model, how it is run (precision, the fused head's chunking, packing) and
+        the token ids."""
+        how = f"{precision}|fused head, chunk {self.chunk}|{self.options!r}|{self.packing}"
+        h = hashlib.sha256(f"{self.identity}|{how}".encode())
         for example in dataset:
             for key in sorted(k for k in example if k.endswith("_ids")):
                 h.update(key.encode())
