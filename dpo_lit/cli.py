@@ -76,10 +76,14 @@ class _ArgsFromCode(LightningCLI):
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("trainer_class", Trainer)  # trainer.precision may be "auto"
+        # The module configures its own optimizer and schedule (model.optimizer, model.scheduler):
+        # Lightning's --optimizer/--lr_scheduler would silently replace them and drop the schedule.
+        kwargs.setdefault("auto_configure_optimizers", False)
         super().__init__(*args, **kwargs)
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         kwargs.setdefault("exit_on_error", False)  # a bad option ends in one line (parse_arguments), not the usage
+        kwargs.setdefault("allow_abbrev", False)  # --trainer.max_step is a typo, not max_steps
         return super().init_parser(**kwargs)
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:

@@ -1,4 +1,5 @@
-"""``trainer.precision: auto``: bf16 mixed precision where the hardware computes bf16 fast, float32 where not.
+"""The command line's Trainer: ``precision: auto`` (bf16 mixed precision where the hardware computes
+bf16 fast, float32 where not) and integer validation intervals that count across epochs.
 
 bf16 autocast is a large win or a large loss depending on the machine: on a GPU with bf16 and on a
 CPU with AMX or AVX512-BF16 instructions a bf16 matmul runs several times faster than a float32 one
@@ -14,6 +15,7 @@ do that.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 from typing import Literal
 
@@ -55,14 +57,25 @@ def auto_precision(accelerator: str, cuda_bf16: bool | None = None, cpu_flags: l
 
 
 class Trainer(LightningTrainer):
-    """Lightning's Trainer that also takes ``precision="auto"`` (:func:`auto_precision`)."""
+    """Lightning's Trainer as the command line builds it: ``precision="auto"`` is
+    :func:`auto_precision`'s choice, and an integer ``val_check_interval`` counts training batches
+    across epochs (``check_val_every_n_epoch=None``) unless an epoch interval other than 1 is given.
+
+    Lightning counts an integer interval within each epoch and refuses one longer than the epoch, so a
+    short run of a config made for a long one (``--data.max_examples 16``) would stop with a traceback.
+    """
 
     def __init__(
         self, *args, accelerator: str | Accelerator = "auto", precision: _PRECISION_INPUT | Literal["auto"] | None = None,
-        **kwargs,
+        val_check_interval: int | float | str | timedelta | dict[str, int] | None = None, check_val_every_n_epoch: int | None = 1, **kwargs,
     ) -> None:
         if precision == AUTO:
             name = accelerator if isinstance(accelerator, str) else type(accelerator).__name__.lower()
             precision, why = auto_precision(name)
             rank_zero_info(f"trainer.precision=auto: {precision} on {why}")
-        super().__init__(*args, precision=precision, accelerator=accelerator, **kwargs)
+        if isinstance(val_check_interval, int) and check_val_every_n_epoch == 1:
+            check_val_every_n_epoch = None
+        super().__init__(
+            *args, precision=precision, accelerator=accelerator, val_check_interval=val_check_interval,
+            check_val_every_n_epoch=check_val_every_n_epoch, **kwargs,
+        )

@@ -350,3 +350,38 @@ def test_a_short_run_leaves_last_ckpt_and_ckpt_path_last_resumes_it(tmp_path, mo
     with pytest.raises(ConfigError, match="no last.ckpt under"):
         main(["validate", *common[:1], "configs/dpo/tiny.yaml", f"--trainer.default_root_dir={tmp_path / 'none'}",
               "--ckpt_path=last"])  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("option", "named"),
+    [("--trainer.max_step=2", "--trainer.max_step=2"), ("--optimizer=SGD", "--optimizer=SGD"),
+     ("--lr_scheduler=StepLR", "--lr_scheduler=StepLR")],
+    ids=["abbreviation", "optimizer", "lr_scheduler"],
+)
+def test_a_typo_or_lightnings_optimizer_options_end_in_one_line(option, named, tmp_path, monkeypatch, capsys):
+    """--trainer.max_step is a typo, not an abbreviation of max_steps; Lightning's --optimizer and
+    --lr_scheduler would replace the module's optimizer and drop its schedule while config.yaml
+    still named them: the one way to set them is model.optimizer / model.scheduler."""
+    from dpo_lit.cli import main as console_main
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr("sys.argv", ["dpo-lit", "fit", "--config", "configs/dpo/tiny.yaml", option,
+                                     f"--trainer.default_root_dir={tmp_path}"])
+    with pytest.raises(SystemExit) as exit_info:
+        console_main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"dpo-lit: error: unrecognized arguments: {named} (--help lists the options)"]
+    assert not (tmp_path / "lightning_logs").exists()
+
+
+@pytest.mark.parametrize("path", ["configs/sft/smollm2_imdb.yaml", "configs/reward/smollm2_hh.yaml"])
+def test_a_run_shorter_than_its_validation_interval_still_runs(path, tmp_path, monkeypatch, shared_data):
+    """An integer val_check_interval counts batches across epochs: a 16-example run of a config made
+    for hundreds of steps trains instead of stopping in Lightning's interval check."""
+    monkeypatch.chdir(ROOT)
+    cli = main([
+        "fit", "--config", path, "--model.model_name=tiny-random-llama", "--data.max_examples=16",
+        "--trainer.max_steps=2", f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false",
+    ])
+    assert cli.trainer.global_step == 2 and cli.trainer.check_val_every_n_epoch is None
