@@ -12,7 +12,7 @@
     dpo-lit sweep --config configs/dpo/tiny.yaml --grid model.loss.init_args.beta=0.05,0.1,0.5 --out_dir D
     dpo-lit plots runs/.../lightning_logs/version_0                            # PNGs of a run
 
-``fit``/``validate``/``test`` are LightningCLI in subclass mode: the config's ``model.class_path``
+``fit``/``validate`` are LightningCLI in subclass mode: the config's ``model.class_path``
 and ``data.class_path`` pick the module and data module, :class:`~dpo_lit.module.PreferenceModule`
 and :class:`~dpo_lit.data.PreferenceDataModule` when it names none (the RLHF stages name
 :mod:`dpo_lit.rlhf`'s). ``predict`` runs :class:`~dpo_lit.sampling.predict.GenerationModule` over a
@@ -50,12 +50,11 @@ from dpo_lit.module import PreferenceModule
 from dpo_lit.precision import Trainer, cpu_bf16_flags
 from dpo_lit.sampling.predict import GenerationModule, PromptDataModule, WritePairs
 
-SUBCOMMANDS = ("fit", "validate", "test", "predict", "onpolicy", "compare", "frontier", "sweep", "plots")
-USAGE = """usage: dpo-lit {fit,validate,test,predict,onpolicy,compare,frontier,sweep,plots} [--config CONFIG ...] [--KEY VALUE ...]
+SUBCOMMANDS = ("fit", "validate", "predict", "onpolicy", "compare", "frontier", "sweep", "plots")
+USAGE = """usage: dpo-lit {fit,validate,predict,onpolicy,compare,frontier,sweep,plots} [--config CONFIG ...] [--KEY VALUE ...]
 
   fit        train: DPO and its family by default; model.class_path picks SFT, a reward model or PPO
-  validate   held-out preference metrics, sampled KL, capability table
-  test       the same on the test data
+  validate   held-out preference metrics, sampled KL, capability table (--data.val_files: any split)
   predict    sample k completions per prompt, score them, write preference pairs
   onpolicy   generate -> fit -> paired evaluation, for one or more rounds
   compare    DPO and PPO from the same model on the same task, measured side by side
@@ -159,16 +158,13 @@ class DPOLitCLI(_ArgsFromCode):
         self._find_last_checkpoint()
         self.config_init[self.subcommand]["verbose"] = False  # after_validate prints the metrics, once
 
-    def before_test(self) -> None:
-        self._find_last_checkpoint()
-
     def after_validate(self) -> None:
         print(validation_report(self.trainer))
 
     def _find_last_checkpoint(self) -> None:
         """``--ckpt_path last``: the newest ``last*.ckpt`` of any earlier run under the trainer's
         ``default_root_dir`` (Lightning looks only in this run's new, empty version folder). A fit
-        with none starts from the beginning and says so; validate and test stop."""
+        with none starts from the beginning and says so; validate stops."""
         kwargs = self.config_init[self.subcommand]
         if kwargs.get("ckpt_path") != "last":
             return
@@ -297,6 +293,11 @@ def run(args: Sequence[str] | None = None) -> LightningCLI | None:
     if command in (None, "-h", "--help"):
         print(USAGE)
         return None
+    if command == "test":  # Lightning's test loop: no module here defines a test step
+        raise ConfigError(
+            "dpo-lit has no test subcommand: measure the test data with dpo-lit validate --config ... "
+            "--data.val_files <test file> (validation on the file given)"
+        )
     if command not in SUBCOMMANDS:
         named = next((arg for arg in argv if arg in SUBCOMMANDS), None)
         if named:  # `dpo-lit --config X fit`: the order some CLIs take

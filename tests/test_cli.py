@@ -247,7 +247,21 @@ def test_console_shows_no_adverts_or_library_deprecations(tmp_path):
 def test_no_subcommand_lists_every_subcommand(capsys):
     assert main([]) is None
     out = capsys.readouterr().out
-    assert all(f"  {name} " in out for name in ("fit", "validate", "test", "predict", "onpolicy", "plots"))
+    assert all(f"  {name} " in out for name in ("fit", "validate", "predict", "onpolicy", "plots"))
+    assert "  test " not in out and ",test," not in out  # no module defines a test step
+
+
+def test_test_is_not_a_subcommand_and_says_what_to_run_instead(monkeypatch, capsys):
+    """Lightning's test loop needs a test_step no module defines: one line pointing at validate."""
+    from dpo_lit.cli import main as console_main
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr("sys.argv", ["dpo-lit", "test", "--config", "configs/dpo/tiny.yaml"])
+    with pytest.raises(SystemExit) as exit_info:
+        console_main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dpo-lit: error: dpo-lit has no test subcommand") and "validate" in err[0]
 
 
 def test_reference_by_class_path_and_by_shortcut(tmp_path, monkeypatch):
