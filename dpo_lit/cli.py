@@ -41,6 +41,7 @@ import torch
 from lightning import LightningDataModule, LightningModule
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from dpo_lit.callbacks import EpochsFromSteps, ExportPretrained, LastCheckpoint, NonFiniteGuard
@@ -153,6 +154,25 @@ class DPOLitCLI(_ArgsFromCode):
     def before_fit(self) -> None:
         warn_slow_bf16(self.trainer)
         self._find_last_checkpoint()
+        self._continue_log_folder()
+
+    def _continue_log_folder(self) -> None:
+        """A fit resumed from a checkpoint inside a log folder of the trainer's logger (``version_N``)
+        logs into that folder again: one TensorBoard run, one ``config.yaml`` (the resumed run's) and
+        its checkpoints where they were, instead of a new ``version_N+1`` holding the second half."""
+        ckpt = self.config_init[self.subcommand].get("ckpt_path")
+        logger = self.trainer.logger
+        if not ckpt or len(self.trainer.loggers) != 1 or not isinstance(logger, (TensorBoardLogger, CSVLogger)):
+            return
+        folder = Path(ckpt).resolve().parent.parent  # <save_dir>/<name>/<version>/checkpoints/last.ckpt
+        pinned = getattr(logger, "_version", None) is not None  # the user named a version: theirs
+        if pinned or folder.parent != (Path(logger.save_dir) / (logger.name or "")).resolve():
+            return
+        version = folder.name
+        if version.startswith("version_") and version[len("version_"):].isdigit():
+            version = int(version[len("version_"):])
+        self.trainer.loggers = [type(logger)(save_dir=logger.save_dir, name=logger.name, version=version)]
+        rank_zero_info(f"resuming in {folder}")
 
     def before_validate(self) -> None:
         self._find_last_checkpoint()
@@ -281,6 +301,8 @@ def quiet() -> None:
     # Lightning compares log_every_n_steps with one epoch's batches, but counts the interval in
     # optimizer steps across epochs: a run of short epochs still logs, and the warning misleads.
     warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging interval")
+    # A new run's log folder is always a new version_N; a non-empty one is a resumed run's own.
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
 def run(args: Sequence[str] | None = None) -> LightningCLI | None:

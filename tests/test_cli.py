@@ -340,7 +340,8 @@ def test_config_before_the_subcommand_says_where_it_goes():
 
 def test_a_short_run_leaves_last_ckpt_and_ckpt_path_last_resumes_it(tmp_path, monkeypatch):
     """2 steps of a 6-batch epoch, no validation due: fit still ends with last.ckpt (at step 2), the
-    progress bar's epoch count comes from max_steps, and --ckpt_path last finds the checkpoint."""
+    progress bar's epoch count comes from max_steps, and --ckpt_path last finds the checkpoint and
+    goes on in the same log folder."""
     import torch
 
     from dpo_lit.errors import ConfigError
@@ -356,11 +357,11 @@ def test_a_short_run_leaves_last_ckpt_and_ckpt_path_last_resumes_it(tmp_path, mo
     assert first.trainer.max_epochs == 1  # not -1: the bar shows "Epoch 0/0"
     resumed = main(["fit", *common, "--trainer.max_steps=4", "--ckpt_path=last"])
     assert resumed.trainer.ckpt_path == str(last) and resumed.trainer.global_step == 4
-    assert torch.load(tmp_path / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt", weights_only=False)[
-        "global_step"
-    ] == 4
+    # the resumed run continues its own log folder: one TensorBoard run, last.ckpt where it was
+    assert [p.name for p in (tmp_path / "lightning_logs").iterdir()] == ["version_0"]
+    assert torch.load(last, weights_only=False)["global_step"] == 4
     validated = main(["validate", *common, "--trainer.limit_val_batches=1", "--ckpt_path=last"])
-    assert validated.trainer.ckpt_path.endswith("version_1/checkpoints/last.ckpt")
+    assert validated.trainer.ckpt_path == str(last)
     with pytest.raises(ConfigError, match="no last.ckpt under"):
         main(["validate", *common[:1], "configs/dpo/tiny.yaml", f"--trainer.default_root_dir={tmp_path / 'none'}",
               "--ckpt_path=last"])  # fmt: skip
@@ -399,3 +400,18 @@ def test_a_run_shorter_than_its_validation_interval_still_runs(path, tmp_path, m
         "--trainer.max_steps=2", f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false",
     ])
     assert cli.trainer.global_step == 2 and cli.trainer.check_val_every_n_epoch is None
+
+
+def test_a_resumed_run_logs_into_its_own_folder_and_plots_draw_the_whole_run(tmp_path, monkeypatch):
+    """fit 2 steps, then --ckpt_path last to 4: one version folder whose TensorBoard scalars cover
+    steps 1-4, which dpo-lit plots reads as one run."""
+    from dpo_lit.pipelines.plots import read_scalars
+
+    monkeypatch.chdir(ROOT)
+    common = ["--config", "configs/dpo/tiny.yaml", f"--trainer.default_root_dir={tmp_path}",
+              "--trainer.enable_progress_bar=false", "--trainer.log_every_n_steps=1", "--trainer.limit_val_batches=0"]
+    main(["fit", *common, "--trainer.max_steps=2"])
+    main(["fit", *common, "--trainer.max_steps=4", "--ckpt_path=last"])
+    assert [p.name for p in (tmp_path / "lightning_logs").iterdir()] == ["version_0"]
+    steps = [step for step, _ in read_scalars(tmp_path / "lightning_logs" / "version_0")["train/loss"]]
+    assert steps == [0, 1, 2, 3]

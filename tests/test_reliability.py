@@ -50,8 +50,8 @@ def dpo_lit(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
                           timeout=600, env=env)  # fmt: skip
 
 
-def policy_weights(root: Path, version: int = 0) -> dict[str, torch.Tensor]:
-    checkpoint = torch.load(root / "lightning_logs" / f"version_{version}" / "checkpoints" / "last.ckpt",
+def policy_weights(root: Path) -> dict[str, torch.Tensor]:
+    checkpoint = torch.load(root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt",
                             weights_only=True)  # fmt: skip
     return {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("policy.")} | {
         "global_step": torch.tensor(checkpoint["global_step"])
@@ -94,7 +94,7 @@ def test_a_sigkilled_run_resumes_to_the_uninterrupted_weights(tmp_path, straight
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"ckpt_path=last: {saved}" in resumed.stderr + resumed.stdout
     assert "not resumable" not in resumed.stderr  # Lightning's warning for loaders that restart an epoch
-    resumed_weights = policy_weights(tmp_path / "b", version=1)
+    resumed_weights = policy_weights(tmp_path / "b")  # the resumed run goes on in version_0
     assert resumed_weights["global_step"] == 48
     assert max_difference(straight, resumed_weights) == 0.0
 
@@ -149,7 +149,7 @@ def test_a_run_resumed_after_max_steps_stopped_it_mid_epoch_equals_the_uninterru
     assert first.returncode == 0, first.stderr[-2000:]
     resumed = dpo_lit("fit", *run, "--trainer.max_steps=5", "--ckpt_path=last", env=env)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    weights = policy_weights(tmp_path / "b", version=1)
+    weights = policy_weights(tmp_path / "b")  # the resumed run goes on in version_0
     assert weights["global_step"] == 5
     assert max_difference(policy_weights(tmp_path / "a"), weights) == 0.0
     assert "schedule was sized for" not in resumed.stderr
