@@ -363,10 +363,15 @@ def main() -> None:
 def user_error(error: BaseException) -> UserError | None:
     """``error`` or the user's mistake it was raised from: jsonargparse wraps what a class raises
     while it is instantiated from a config ("Does not validate against any of the Union subtypes")."""
-    seen = set()
+    seen, named = set(), None
     while error is not None and id(error) not in seen:
         if isinstance(error, UserError):
             return error
+        if named is None and (found := re.search(r"Problem with given class_path '([^']+)'", str(error))):
+            named = found.group(1)  # the class jsonargparse was instantiating
+        if isinstance(error, ModuleNotFoundError):  # an optional package the chosen class needs (wandb, mlflow)
+            what = named.rsplit(".", 1)[-1] if named else "a class the config names"
+            return UserError(f"{what} needs a package that is not installed: {str(error).splitlines()[0]}")
         if isinstance(error, MisconfigurationException):  # Lightning's check of a trainer setting
             return UserError(f"trainer: {error}".replace("\n", " "))
         if isinstance(error, OSError) and error.errno in FILE_ERRNOS and error.filename:

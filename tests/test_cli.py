@@ -415,3 +415,23 @@ def test_a_resumed_run_logs_into_its_own_folder_and_plots_draw_the_whole_run(tmp
     assert [p.name for p in (tmp_path / "lightning_logs").iterdir()] == ["version_0"]
     steps = [step for step, _ in read_scalars(tmp_path / "lightning_logs" / "version_0")["train/loss"]]
     assert steps == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize(("logger", "package"), [("WandbLogger", "wandb"), ("MLFlowLogger", "mlflow")])
+def test_a_logger_whose_package_is_missing_ends_in_one_line(logger, package, tmp_path, monkeypatch, capsys):
+    """An optional logger without its package: one line naming the logger and what to install."""
+    import importlib.util
+
+    from dpo_lit.cli import main as console_main
+
+    if importlib.util.find_spec(package) is not None:
+        pytest.skip(f"{package} is installed here")
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr("sys.argv", ["dpo-lit", "fit", "--config", "configs/dpo/tiny.yaml", f"--trainer.logger={logger}",
+                                     f"--trainer.default_root_dir={tmp_path}"])
+    with pytest.raises(SystemExit) as exit_info:
+        console_main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"dpo-lit: error: {logger} needs a package that is not installed") and "pip install" in err[-1]
+    assert package in err[-1] and "Traceback" not in "\n".join(err)
