@@ -223,7 +223,8 @@ class GenerateCLI(_ArgsFromCode):
 def validation_report(trainer) -> str:
     """Preference metrics, sampled KL and the capability table of the last validation, as text."""
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-    lines = ["", "validation (held-out pairs; val/kl sampled from the policy)"]
+    sampled = "; val/kl sampled from the policy" if "val/kl" in metrics else ""  # only where a KL was measured
+    lines = ["", f"validation (held-out pairs{sampled})"]
     lines += [f"  {name:<28}{value:>12.4f}" for name, value in sorted(metrics.items())]
     for callback in trainer.callbacks:
         if getattr(callback, "table", None):

@@ -435,3 +435,15 @@ def test_a_logger_whose_package_is_missing_ends_in_one_line(logger, package, tmp
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"dpo-lit: error: {logger} needs a package that is not installed") and "pip install" in err[-1]
     assert package in err[-1] and "Traceback" not in "\n".join(err)
+
+
+def test_the_validation_report_mentions_val_kl_only_where_it_was_measured():
+    from types import SimpleNamespace
+
+    from dpo_lit.cli import validation_report
+
+    def report(metrics):
+        return validation_report(SimpleNamespace(callback_metrics=metrics, callbacks=[])).splitlines()[1]
+
+    assert report({"val/loss": 0.69}) == "validation (held-out pairs)"
+    assert report({"val/loss": 0.69, "val/kl": 0.01}) == "validation (held-out pairs; val/kl sampled from the policy)"
