@@ -178,3 +178,20 @@ def test_the_cli_parser_accepts_the_signature() -> None:
     assert config.data.train_files == ["a.jsonl"] and config.data.max_prompt_length == 512
     with pytest.raises(SystemExit):
         parser.parse_args(["--data.tokenizer_name=tiny", "--data.format=yaml"])
+
+
+def test_setup_says_what_data_it_read(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """One line: how many train and validation examples, from where, in which format, and what was
+    skipped (bad records), dropped (nothing left of a completion) or truncated to fit."""
+    rows = [{"prompt": f"Question {i}?", "chosen": "A fine answer.", "rejected": "No."} for i in range(6)]
+    rows[2]["chosen"] = "word " * 200  # cut to fit max_length 64
+    rows[4]["chosen"] = 3  # a bad record
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with caplog.at_level("INFO"):
+        make(train_files=[str(path)], val_fraction=0.2, max_length=64, max_prompt_length=32, on_bad_record="skip").setup()
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("data: ")]
+    assert said == [
+        f"data: 4 train and 1 validation paired examples from {path} (validation: 0.2 of the training records); "
+        "format standard; 1 bad record(s) skipped, 0 example(s) dropped, 1 truncated to fit"
+    ]

@@ -14,6 +14,7 @@ from typing import Literal
 
 import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from transformers import PreTrainedTokenizerBase
 
@@ -324,9 +325,16 @@ class PreferenceDataModule(TokenizedSplits):
         if self.val_files or (self.hub_dataset and self.hub_val_split):
             val = shuffled(self._read(self.val_files, self.hub_val_split, report), self.seed)
             train = shuffled(train, self.seed)
+            held_out = "from " + ", ".join(self.val_files or [f"{HUB_PREFIX}{self.hub_dataset} {self.hub_val_split}"])
         else:
             train, val = split_examples(train, self.val_fraction, self.seed)
+            held_out = f"{self.val_fraction:g} of the training records"
         train_dataset, val_dataset = self._tokenize(train, report), self._tokenize(val, report)
+        sources = self.train_files + ([f"{HUB_PREFIX}{self.hub_dataset}"] if self.hub_dataset else [])
+        rank_zero_info(
+            f"data: {len(train_dataset)} train and {len(val_dataset)} validation {self.mode} examples from "
+            f"{', '.join(sources)} (validation: {held_out}); {report.summary()}"
+        )
         report.warn(self.max_length, self.max_prompt_length)
         if not train_dataset:
             sources = self.train_files + ([f"{HUB_PREFIX}{self.hub_dataset}"] if self.hub_dataset else [])

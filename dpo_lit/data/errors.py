@@ -56,6 +56,8 @@ class DataReport:
     skipped: Counter[tuple[str, str]] = field(default_factory=Counter)
     first_skipped: dict[tuple[str, str], str] = field(default_factory=dict)
     dropped: Counter[str] = field(default_factory=Counter)
+    truncated: int = 0  # examples kept with a prompt or completion cut to fit
+    formats: dict[str, str] = field(default_factory=dict)  # source -> the format it was read as
 
     def bad_record(self, error: DataError) -> None:
         """Raise ``error`` or, when skipping, count it under its file and reason."""
@@ -64,6 +66,12 @@ class DataReport:
         key = (file_of(error.source), error.reason)
         self.skipped[key] += 1
         self.first_skipped.setdefault(key, error.source)
+
+    def summary(self) -> str:
+        """What was read, skipped, dropped and cut, in one clause (before :meth:`warn` resets it)."""
+        formats = ", ".join(sorted(set(self.formats.values()))) or "none"
+        return (f"format {formats}; {sum(self.skipped.values())} bad record(s) skipped, "
+                f"{sum(self.dropped.values())} example(s) dropped, {self.truncated} truncated to fit")
 
     def drop_truncated(self, source: str) -> None:
         """Count an example whose completion was truncated to zero tokens."""
@@ -90,3 +98,5 @@ class DataReport:
         self.skipped.clear()
         self.first_skipped.clear()
         self.dropped.clear()
+        self.truncated = 0
+        self.formats.clear()

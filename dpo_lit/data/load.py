@@ -58,6 +58,7 @@ def read_examples(
         for record, location in read_records(source, hub_config, hub_split, hub_data_dir, report):
             if fmt == "auto":
                 fmt = detect_format(record, location)
+            report.formats.setdefault(source, fmt)
             if fmt == "unpaired" and mode == "paired":
                 raise DataError(source, UNPAIRED_IN_PAIRED_MODE)
             try:

@@ -230,6 +230,8 @@ def tokenize_examples(
         if not all(completions):
             report.drop_truncated(e.source)
             continue
+        if len(prompt) < len(e.prompt) or any(len(c) < len(ids) for c, ids in zip(completions, e.completions)):
+            report.truncated += 1
         example: TokenizedExample = {"prompt_ids": prompt}
         if e.label is None:
             example["chosen_ids"], example["rejected_ids"] = completions
