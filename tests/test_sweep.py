@@ -123,3 +123,24 @@ def test_sweep_best_capability_delta_goes_its_metrics_way(tmp_path):
         assert metrics[f"{tag}/best"] == pytest.approx(best), tag
     assert "cap/wikitext/bits_per_byte_ref/best" not in metrics
     assert metrics["cap/wikitext/bits_per_byte_ref/final"] == pytest.approx(1.1)
+
+
+def test_fixed_overrides_go_to_every_point_but_not_into_folder_names_and_a_failed_point_names_the_sweep(
+    tmp_path, monkeypatch
+):
+    import torch
+
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "sweep"
+    base = ["sweep", "--config", "configs/dpo/tiny.yaml", "--out_dir", str(out)]
+    run([*base, "--grid", "model.loss.init_args.beta=0.1,0.5", "--set", "trainer.max_steps=2",
+         "--set", "trainer.limit_val_batches=1"])  # fmt: skip
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["beta=0.1,seed=0", "beta=0.5,seed=0"]
+    commands = (out / "commands.txt").read_text().splitlines()
+    assert all("--trainer.max_steps=2" in c and "--trainer.limit_val_batches=1" in c for c in commands)
+    last = out / "beta=0.1,seed=0" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == 2
+    with pytest.raises(ConfigError, match="--set: model.loss.init_args.beta is also in --grid"):
+        run([*base, "--grid", "model.loss.init_args.beta=0.1", "--set", "model.loss.init_args.beta=0.2"])
+    with pytest.raises(SystemExit, match=r"^dpo-lit sweep, point beta=0.3,seed=0: `dpo-lit fit --config .*` failed \(exit 2\)"):
+        run([*base, "--grid", "model.loss.init_args.beta=0.3", "--set", "data.max_length=-1"])

@@ -56,14 +56,14 @@ class MethodRow:
     model: str
 
 
-def run_stage(args: list[str]) -> Stage:
-    """``dpo-lit ARGS`` in a child process; stops the comparison if the child fails."""
+def run_stage(args: list[str], caller: str = "dpo-lit compare") -> Stage:
+    """``dpo-lit ARGS`` in a child process; stops ``caller`` (the pipeline that runs it) if the child fails."""
     start = time.time()
     process = subprocess.Popen([sys.executable, "-m", "dpo_lit", *args])
     _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
-        raise SystemExit(f"dpo-lit compare: `dpo-lit {' '.join(args[:3])} ...` failed (exit {process.returncode})")
+        raise SystemExit(f"{caller}: `dpo-lit {' '.join(args[:3])} ...` failed (exit {process.returncode})")
     return Stage(time.time() - start, usage.ru_maxrss / 1024**2)  # ru_maxrss is in KiB on Linux
 
 

@@ -84,6 +84,19 @@ def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
     return grid
 
 
+def parse_fixed(items: Sequence[str]) -> dict[str, Any]:
+    """``["KEY=VALUE", ...]`` -> ``{KEY: VALUE}``, each value read as YAML (commas are part of it)."""
+    fixed: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set: expected KEY=VALUE, got {item!r}")
+        if key in fixed:
+            raise ConfigError(f"--set: {key} given twice")
+        fixed[key] = yaml.safe_load(value)
+    return fixed
+
+
 def grid_points(grid: dict[str, list[Any]], seeds: Sequence[int]) -> list[Point]:
     """The cartesian product of the grid, each with every seed, in order."""
     return [
@@ -91,10 +104,13 @@ def grid_points(grid: dict[str, list[Any]], seeds: Sequence[int]) -> list[Point]
     ]
 
 
-def point_args(command: str, configs: Sequence[str], point: Point, out: Path) -> list[str]:
-    """The ``dpo-lit`` arguments of one point."""
+def point_args(
+    command: str, configs: Sequence[str], point: Point, out: Path, fixed: dict[str, Any] | None = None
+) -> list[str]:
+    """The ``dpo-lit`` arguments of one point: the configs, the ``fixed`` overrides every point shares
+    (not part of its folder name), then the point's own values."""
     args = [command, *(arg for config in configs for arg in ("--config", config))]
-    values = {key: v if isinstance(v, str) else json.dumps(v) for key, v in point.values.items()}
+    values = {key: v if isinstance(v, str) else json.dumps(v) for key, v in {**(fixed or {}), **point.values}.items()}
     args += [f"--{key}={value}" for key, value in values.items()]
     if command == "onpolicy":
         return [*args, f"--seed={point.seed}", f"--out_dir={out}"]
@@ -203,14 +219,19 @@ def write_summary_png(rows: list[dict[str, Any]], x_key: str, path: Path) -> Pat
 
 
 def run_sweep(
-    configs: Sequence[str], grid: dict[str, list[Any]], seeds: Sequence[int], out_dir: str, command: str = "fit"
+    configs: Sequence[str], grid: dict[str, list[Any]], seeds: Sequence[int], out_dir: str, command: str = "fit",
+    fixed: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run every point not yet done, then write ``summary.csv`` and ``summary.png``."""
+    """Run every point not yet done, then write ``summary.csv`` and ``summary.png``. ``fixed``
+    overrides go to every point (``--set``), without entering the folder names."""
     out = Path(out_dir)
+    fixed = fixed or {}
+    if clash := sorted(set(fixed) & set(grid)):
+        raise ConfigError(f"--set: {', '.join(clash)} is also in --grid; give it in one of them")
     points = grid_points(grid, seeds)
     if len({p.name for p in points}) != len(points):
         raise ConfigError("--grid: two points get the same folder name; use values that differ in their last part")
-    commands = [shlex.join(["dpo-lit", *point_args(command, configs, p, out / p.name)]) for p in points]
+    commands = [shlex.join(["dpo-lit", *point_args(command, configs, p, out / p.name, fixed)]) for p in points]
     out.mkdir(parents=True, exist_ok=True)
     with atomic_write(out / "commands.txt") as tmp:
         tmp.write_text("\n".join(commands) + "\n")
@@ -224,7 +245,7 @@ def run_sweep(
             write_json({"seconds": math.nan, "peak_rss_gb": math.nan}, done)
         else:
             print(f"[{i}/{len(points)}] {point.name}: {commands[i - 1]}", flush=True)
-            stage = run_stage(point_args(command, configs, point, folder))
+            stage = run_stage(point_args(command, configs, point, folder, fixed), caller=f"dpo-lit sweep, point {point.name}")
             write_json({"seconds": stage.seconds, "peak_rss_gb": stage.peak_rss_gb}, done)
         record = json.loads(done.read_text())
         metrics = onpolicy_metrics(folder) if command == "onpolicy" else fit_metrics(folder)
@@ -240,6 +261,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(prog="dpo-lit sweep", description=__doc__.split("\n")[0])
     parser.add_argument("--config", action="append", required=True, help="config file(s), stacked as by fit")
     parser.add_argument("--grid", action="append", required=True, help="KEY=v1,v2,... (repeat for more keys)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="an override every point shares, not part of the folder names (repeat for more)")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     parser.add_argument("--out_dir", required=True, help="one folder per point, commands.txt, summary.csv/png")
     parser.add_argument("--command", default="fit", choices=["fit", "onpolicy"], help="what each point runs")
@@ -248,4 +271,4 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         raise ConfigError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
-    return run_sweep(args.config, parse_grid(args.grid), seeds, args.out_dir, args.command)
+    return run_sweep(args.config, parse_grid(args.grid), seeds, args.out_dir, args.command, parse_fixed(args.set))
