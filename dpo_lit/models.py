@@ -257,9 +257,21 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
 def load_model(
     name: str, dtype: torch.dtype | str | None = None, trust_remote_code: bool = False
 ) -> PreTrainedModel:
-    """A causal LM from safetensors weights (pickled ``.bin`` checkpoints are refused)."""
+    """A causal LM from safetensors weights (pickled ``.bin`` checkpoints are refused).
+
+    A LoRA adapter folder (``adapter_config.json``, no ``config.json``: what a LoRA run exports to
+    ``policy/``) loads its base by the name the adapter records, as this function names models
+    (an alias, a Hub name or a folder), with the adapter attached.
+    """
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
+    folder = Path(name).expanduser()
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        from peft import PeftConfig
+
+        model = load_model(PeftConfig.from_pretrained(str(folder)).base_model_name_or_path, dtype, trust_remote_code)
+        model.load_adapter(str(folder))
+        return model
     with _loading(name):
         return AutoModelForCausalLM.from_pretrained(
             resolve(name), dtype=dtype or torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code

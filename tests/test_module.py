@@ -17,7 +17,7 @@ from dpo_lit.data import PreferenceDataModule
 from dpo_lit.errors import ConfigError
 from dpo_lit.logps import completion_logps
 from dpo_lit.losses import DPOLoss, KTOLoss, SimPOLoss
-from dpo_lit.models import TINY_ALIAS, resolve
+from dpo_lit.models import TINY_ALIAS, load_model, resolve
 from dpo_lit.module import LoRASettings, PreferenceModule
 from dpo_lit.reference import CopyReference, NoReference, PrecomputedReference, SyncedReference
 
@@ -212,11 +212,17 @@ def test_lora_export_and_merge(tmp_path):
     trainer = fit(module, make_data(), tmp_path, steps=3, callbacks=[ExportPretrained(merge=True)])
     run = ExportPretrained.run_dir(trainer)
     assert (run / "policy" / "adapter_config.json").is_file() and (run / "policy" / "tokenizer.json").is_file()
+    # the adapter names its base as the run did (portable), not this machine's cache folder; the
+    # policy in memory keeps the folder it was loaded from
+    assert json.loads((run / "policy" / "adapter_config.json").read_text())["base_model_name_or_path"] == TINY_ALIAS
+    assert module.policy.peft_config["default"].base_model_name_or_path != TINY_ALIAS
     merged = AutoModelForCausalLM.from_pretrained(run / "merged")
+    adapter = load_model(str(run / "policy"))  # the base by its alias, the adapter attached
     ids = torch.tensor([[256, 72, 105, 33]])
     module.policy.eval()
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, module.policy(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(adapter.eval()(ids).logits, module.policy(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
 
 
 def test_lr_schedule_is_chosen_by_name(tmp_path):

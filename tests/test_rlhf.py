@@ -2,6 +2,7 @@
 trained through the CLI on the tiny model."""
 
 import copy
+import json
 import math
 from functools import partial
 from pathlib import Path
@@ -198,6 +199,10 @@ def test_lora_reward_model_export_scores_as_in_training(tmp_path, monkeypatch):
         expected = sequence_rewards(module.reward_model.eval(), ids, mask)
     torch.testing.assert_close(reward(prompts, completions, [True, True]), expected, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(expected, torch.zeros(2))
+    # the adapter export names its base as the run did (portable, not this machine's cache folder) and scores alike
+    adapter = tmp_path / "lightning_logs" / "version_0" / "policy"
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny-random-llama"
+    torch.testing.assert_close(RewardModel(str(adapter))(prompts, completions, [True, True]), expected, atol=1e-4, rtol=1e-4)
 
 
 class UpdateRecorder(Callback):

@@ -4,6 +4,7 @@ The trained model is the module's ``policy``, or its ``reward_model`` for a rewa
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
 
@@ -41,7 +42,8 @@ class ExportPretrained(Callback):
         root = self.run_dir(trainer)
         tokenizer = pl_module.tokenizer
         policy = getattr(pl_module, "reward_model", None) or pl_module.policy
-        policy.save_pretrained(root / "policy")
+        with _base_named_as_configured(policy, getattr(pl_module.hparams, "model_name", None)):
+            policy.save_pretrained(root / "policy")
         tokenizer.save_pretrained(root / "policy")
         rank_zero_info(f"Policy saved to {root / 'policy'}")
         if self.merge and hasattr(policy, "merge_and_unload"):
@@ -49,3 +51,20 @@ class ExportPretrained(Callback):
             merged.save_pretrained(root / "merged")
             tokenizer.save_pretrained(root / "merged")
             rank_zero_info(f"Merged model saved to {root / 'merged'}")
+
+
+@contextlib.contextmanager
+def _base_named_as_configured(policy, model_name: str | None):
+    """A LoRA adapter's ``adapter_config.json`` names its base model as the run's ``model_name``
+    (a Hub name, an alias, a folder as the user wrote it), not the local cache folder it was loaded
+    from, which exists on this machine only."""
+    configs = list(getattr(policy, "peft_config", {}).values())
+    saved = [config.base_model_name_or_path for config in configs]
+    if model_name is not None:
+        for config in configs:
+            config.base_model_name_or_path = model_name
+    try:
+        yield
+    finally:
+        for config, name in zip(configs, saved):
+            config.base_model_name_or_path = name

@@ -94,10 +94,11 @@ class RewardModel(Reward):
     def model(self) -> torch.nn.Module:
         from dpo_lit.rlhf.reward_model import load_reward_model
 
-        if (Path(self.path) / "adapter_config.json").is_file():
-            from peft import AutoPeftModelForSequenceClassification
+        if (Path(self.path) / "adapter_config.json").is_file():  # a LoRA export: its base, as dpo-lit names models
+            from peft import PeftConfig, PeftModel
 
-            model = AutoPeftModelForSequenceClassification.from_pretrained(self.path, num_labels=1).merge_and_unload()
+            base = PeftConfig.from_pretrained(self.path).base_model_name_or_path  # alias, Hub name or folder
+            model = PeftModel.from_pretrained(load_reward_model(base), self.path).merge_and_unload()
         else:
             model = load_reward_model(self.path)
         return model.to(self.device).eval().requires_grad_(False)
