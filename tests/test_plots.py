@@ -93,4 +93,22 @@ def test_command_line_without_events_ends_in_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([str(tmp_path)])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip() == f"dpo-lit plots: error: no TensorBoard event files under {tmp_path}"
+    assert capsys.readouterr().err.strip() == f"dpo-lit plots: error: no TensorBoard event files or metrics.csv under {tmp_path}"
+
+
+def test_a_csvlogger_run_is_plotted_like_a_tensorboard_one(tmp_path, monkeypatch, capsys):
+    """fit with Lightning's CSVLogger, then dpo-lit plots on its folder: the same scalars by step."""
+    from dpo_lit.cli import run
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    run(["fit", "--config", "configs/dpo/tiny.yaml", "--trainer.logger=CSVLogger", f"--trainer.logger.save_dir={tmp_path}",
+         "--trainer.max_steps=4", "--trainer.log_every_n_steps=1", "--trainer.val_check_interval=4",
+         "--trainer.limit_val_batches=1", f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"])
+    folder = tmp_path / "lightning_logs" / "version_0"
+    assert (folder / "metrics.csv").is_file() and not list(folder.glob("events.out.tfevents.*"))
+    scalars = read_scalars(tmp_path)
+    assert [step for step, _ in scalars["train/loss"]] == [0, 1, 2, 3] and [s for s, _ in scalars["val/loss"]] == [3]
+    capsys.readouterr()
+    main([str(tmp_path)])
+    out = capsys.readouterr().out
+    assert f"run: {folder}" in out and (folder / "plots" / "loss.png").stat().st_size > 5_000

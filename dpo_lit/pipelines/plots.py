@@ -1,4 +1,4 @@
-"""Plot a run's TensorBoard scalars as PNG files.
+"""Plot a run's logged scalars (TensorBoard event files, or a CSVLogger's ``metrics.csv``) as PNG files.
 
     dpo-lit plots runs/tiny-monitored/lightning_logs/version_0 [--out DIR]
 
@@ -12,6 +12,7 @@ the paths. Noisy per-step training curves are drawn faint with a moving average 
 from __future__ import annotations
 
 import argparse
+import csv
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,14 +29,20 @@ TRAIN, VAL, REF = "tab:blue", "tab:orange", "0.45"
 SMOOTH_ABOVE = 50  # curves with more points are drawn faint, with a moving average on top
 
 
+def _log_files(run_dir: Path, recursive: bool = True) -> list[Path]:
+    """TensorBoard event files and CSVLogger ``metrics.csv`` files in (or below) ``run_dir``."""
+    find = run_dir.rglob if recursive else run_dir.glob
+    return [*find("events.out.tfevents.*"), *find("metrics.csv")]
+
+
 def find_event_dir(run_dir: str | Path) -> Path:
-    """The folder of TensorBoard event files under ``run_dir`` (itself or below; with several
+    """The folder of a run's logged scalars under ``run_dir`` (itself or below; with several
     runs below it, the newest that trained: a ``validate`` after ``fit`` adds a version folder
     with only its ``val/`` points; the newest of all when none trained)."""
     run_dir = Path(run_dir)
-    files = sorted(run_dir.rglob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
+    files = sorted(_log_files(run_dir), key=lambda p: p.stat().st_mtime)
     if not files:
-        raise MissingFileError(f"no TensorBoard event files under {run_dir}")
+        raise MissingFileError(f"no TensorBoard event files or metrics.csv under {run_dir}")
     folders = list(dict.fromkeys(f.parent for f in reversed(files)))  # newest first
     if len(folders) > 1:
         for folder in folders:
@@ -50,7 +57,9 @@ def read_scalars(run_dir: str | Path) -> Scalars:
     from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
 
     run_dir = Path(run_dir)
-    event_dir = run_dir if any(run_dir.glob("events.out.tfevents.*")) else find_event_dir(run_dir)
+    event_dir = run_dir if _log_files(run_dir, recursive=False) else find_event_dir(run_dir)
+    if not any(event_dir.glob("events.out.tfevents.*")):
+        return _read_csv(event_dir / "metrics.csv")
     accumulator = EventAccumulator(str(event_dir), size_guidance={SCALARS: 0})
     accumulator.Reload()
     scalars: Scalars = {}
@@ -58,6 +67,19 @@ def read_scalars(run_dir: str | Path) -> Scalars:
         by_step = {event.step: event.value for event in accumulator.Scalars(tag)}
         scalars[tag] = sorted(by_step.items())
     return scalars
+
+
+def _read_csv(path: Path) -> Scalars:
+    """A CSVLogger's ``metrics.csv`` (a ``step`` column, one column per metric, empty where a row
+    does not log it) as :func:`read_scalars` returns TensorBoard's."""
+    by_tag: dict[str, dict[int, float]] = {}
+    with path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            step = int(row["step"])
+            for tag, value in row.items():
+                if tag not in ("step", "epoch") and value not in ("", None):
+                    by_tag.setdefault(tag, {})[step] = float(value)
+    return {tag: sorted(points.items()) for tag, points in by_tag.items()}
 
 
 # ---- drawing ---------------------------------------------------------------------------------
