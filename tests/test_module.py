@@ -358,3 +358,29 @@ def test_a_frozen_copy_is_cast_like_the_policy_under_bf16_true(tmp_path):
         assert metrics[f"val/{name}"].item() == 0.0, name
     reference, _ = module.reference.model(module.policy)
     assert next(reference.parameters()).dtype == torch.bfloat16
+
+
+def test_the_export_carries_a_model_card_and_an_offline_push_ends_in_one_line(tmp_path, monkeypatch, capsys):
+    """README.md beside the weights: base model, method with the loss's arguments, reference, data,
+    steps and the final validation metrics; --export.push_to_hub without the network is one line and
+    exit 2, the export kept."""
+    from dpo_lit.cli import main as console_main
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("sys.argv", [
+        "dpo-lit", "fit", "--config", "configs/dpo/tiny.yaml", "--model.loss.beta=0.3", "--trainer.max_steps=2",
+        "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1", f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.enable_progress_bar=false", "--export.push_to_hub=someone/tiny-dpo",
+    ])  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        console_main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("dpo-lit: error: export.push_to_hub: uploading ") and "someone/tiny-dpo failed" in err[-1]
+    card = (tmp_path / "lightning_logs" / "version_0" / "policy" / "README.md").read_text()
+    assert card.startswith("---\nbase_model: tiny-random-llama\nlibrary_name: transformers\n")
+    assert "loss DPOLoss(beta=0.3, label_smoothing=0.0)" in card and "reference: CopyReference" in card
+    assert "data: dpo_lit/assets/tiny_pairs.jsonl (48 training examples)" in card and "2 optimizer steps" in card
+    assert "| val/loss | " in card and "| val/rewards/accuracies | " in card

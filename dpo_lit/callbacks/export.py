@@ -1,4 +1,5 @@
-"""Save the trained model with ``save_pretrained`` next to the checkpoints when fit ends.
+"""Save the trained model with ``save_pretrained`` next to the checkpoints when fit ends, with a model
+card, and optionally push it to the Hugging Face Hub.
 
 The trained model is the module's ``policy``, or its ``reward_model`` for a reward model."""
 
@@ -6,10 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 from pathlib import Path
 
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+
+from dpo_lit.errors import UserError
 
 
 class ExportPretrained(Callback):
@@ -19,14 +23,25 @@ class ExportPretrained(Callback):
     carries the tokenizer, so ``AutoModelForCausalLM.from_pretrained(path)`` (or peft's
     ``AutoPeftModelForCausalLM`` for an adapter) loads it directly.
 
+    Each folder gets a ``README.md`` model card: the method (module, loss and its arguments), the
+    base model, reference, LoRA settings, data, steps and the final validation metrics.
+
     Args:
         enabled: export at the end of ``fit``.
         merge: with LoRA, also write the base model with the adapter merged into its weights.
+        push_to_hub: a Hub repository id (``user/name``) to upload the export to (the merged model
+            when there is one), with its card; needs the network and a token with write access
+            (``huggingface-cli login`` or ``HF_TOKEN``). None: nothing is uploaded.
+        private: create the Hub repository private.
     """
 
-    def __init__(self, enabled: bool = True, merge: bool = False) -> None:
+    def __init__(
+        self, enabled: bool = True, merge: bool = False, push_to_hub: str | None = None, private: bool = True
+    ) -> None:
         self.enabled = enabled
         self.merge = merge
+        self.push_to_hub = push_to_hub
+        self.private = private
 
     @staticmethod
     def run_dir(trainer: Trainer) -> Path:
@@ -45,12 +60,81 @@ class ExportPretrained(Callback):
         with _base_named_as_configured(policy, getattr(pl_module.hparams, "model_name", None)):
             policy.save_pretrained(root / "policy")
         tokenizer.save_pretrained(root / "policy")
+        adapter = hasattr(policy, "peft_config")
+        (root / "policy" / "README.md").write_text(model_card(trainer, pl_module, adapter=adapter))
         rank_zero_info(f"Policy saved to {root / 'policy'}")
+        exported = root / "policy"
         if self.merge and hasattr(policy, "merge_and_unload"):
             merged = copy.deepcopy(policy).merge_and_unload()
             merged.save_pretrained(root / "merged")
             tokenizer.save_pretrained(root / "merged")
+            (root / "merged" / "README.md").write_text(model_card(trainer, pl_module, adapter=False))
             rank_zero_info(f"Merged model saved to {root / 'merged'}")
+            exported = root / "merged"
+        if self.push_to_hub:
+            push(exported, self.push_to_hub, self.private)
+
+
+def push(folder: Path, repo_id: str, private: bool) -> None:
+    """Upload ``folder`` to the Hub repository ``repo_id`` (created if missing); a failure (no network,
+    no token, no write access) ends in one line that says the export is kept locally."""
+    from huggingface_hub import HfApi
+
+    try:
+        api = HfApi()
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        url = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="dpo-lit export")
+    except Exception as error:  # huggingface_hub raises many kinds; every one means the same to the user
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(f"export.push_to_hub: uploading {folder} to {repo_id} failed ({reason}); the export is kept there") from None
+    rank_zero_info(f"Pushed {folder} to {url}")
+
+
+def _arguments(obj) -> dict:
+    """The constructor arguments an object keeps as attributes of the same name (a loss's beta, ...)."""
+    names = [p for p in inspect.signature(type(obj).__init__).parameters if p != "self"]
+    return {name: getattr(obj, name) for name in names if hasattr(obj, name)}
+
+
+def model_card(trainer: Trainer, pl_module: LightningModule, adapter: bool) -> str:
+    """A Hugging Face model card (``README.md``) for the export: YAML metadata, then how it was trained
+    and the final validation metrics."""
+    hparams = pl_module.hparams
+    base = hparams.get("model_name", "?")
+    loss = getattr(pl_module, "loss", None)
+    reference = getattr(pl_module, "reference", None)
+    data = trainer.datamodule
+    sources = [*getattr(data, "train_files", [])] + ([f"hub:{data.hub_dataset}"] if getattr(data, "hub_dataset", None) else [])
+    lines = [
+        "---",
+        f"base_model: {base}",
+        f"library_name: {'peft' if adapter else 'transformers'}",
+        "tags:",
+        "- dpo-lit",
+        *([f"- {type(loss).__name__.removesuffix('Loss').lower()}"] if loss is not None else []),
+        "---",
+        "",
+        f"# {type(pl_module).__name__} from {base}",
+        "",
+        f"Trained with dpo-lit ({'a LoRA adapter' if adapter else 'full weights'}).",
+        "",
+        f"- method: {type(pl_module).__name__}"
+        + (f", loss {type(loss).__name__}({', '.join(f'{k}={v!r}' for k, v in _arguments(loss).items())})" if loss is not None else ""),
+        f"- base model: {base}",
+        *([f"- reference: {type(reference).__name__}"] if reference is not None else []),
+        f"- LoRA: {hparams.get('lora')!r}" if hparams.get("lora") else "- LoRA: none (full fine-tuning)",
+        f"- data: {', '.join(sources) or '?'} ({len(getattr(data, 'train_dataset', None) or [])} training examples)",
+        f"- training: {trainer.global_step} optimizer steps, precision {trainer.precision}",
+        "",
+        "## Final validation metrics",
+        "",
+    ]
+    metrics = {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith(("val/", "cap/"))}
+    if metrics:
+        lines += ["| metric | value |", "|---|---|", *(f"| {k} | {v:.4f} |" for k, v in metrics.items())]
+    else:
+        lines.append("(no validation ran)")
+    return "\n".join(lines) + "\n"
 
 
 @contextlib.contextmanager
