@@ -178,7 +178,7 @@ def write_token_pairs(workdir: Path, args: argparse.Namespace) -> tuple[Path, Pa
 
 def cpu_bf16() -> str:
     """What this CPU offers bf16 matmuls (dpo-lit's precision auto reads the same flags)."""
-    from dpo_lit.precision import cpu_bf16_flags
+    from dpo_lit.trainer import cpu_bf16_flags
 
     flags = cpu_bf16_flags()
     return f"native bf16 ({', '.join(flags)})" if flags else "no native bf16 (bf16 autocast is emulated)"
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
 
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.variant]
     if args.best_precision:
-        from dpo_lit.precision import cpu_bf16_flags
+        from dpo_lit.trainer import cpu_bf16_flags
 
         args.bf16 = bool(cpu_bf16_flags())
     impls = ["dpo-lit", "trl"] if args.impl == "both" else [args.impl]

@@ -48,8 +48,8 @@ from dpo_lit.callbacks import EpochsFromSteps, ExportPretrained, LastCheckpoint,
 from dpo_lit.data import PreferenceDataModule
 from dpo_lit.errors import ConfigError, UserError
 from dpo_lit.module import PreferenceModule
-from dpo_lit.precision import Trainer, cpu_bf16_flags
 from dpo_lit.sampling.predict import GenerationModule, PromptDataModule, WritePairs
+from dpo_lit.trainer import Trainer, cpu_bf16_flags
 
 SUBCOMMANDS = ("fit", "validate", "predict", "onpolicy", "compare", "frontier", "sweep", "plots")
 USAGE = """usage: dpo-lit {fit,validate,predict,onpolicy,compare,frontier,sweep,plots} [--config CONFIG ...] [--KEY VALUE ...]

@@ -1,11 +1,11 @@
-"""``trainer.precision: auto``: bf16 mixed precision where the hardware has fast bf16, float32 elsewhere."""
+"""The command line's Trainer: precision auto by the hardware (bf16 where it is fast, float32 elsewhere)."""
 
 from pathlib import Path
 
 import pytest
 
 from dpo_lit.cli import run as main
-from dpo_lit.precision import auto_precision, cpu_bf16_flags
+from dpo_lit.trainer import auto_precision, cpu_bf16_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 
