@@ -44,7 +44,8 @@ def auto_precision(accelerator: str, cuda_bf16: bool | None = None, cpu_flags: l
     and why. ``cuda_bf16`` and ``cpu_flags`` default to what this machine reports."""
     if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
         if cuda_bf16 is None:
-            cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+            # native only: by default torch also says True where bf16 is emulated (V100, T4)
+            cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
         if cuda_bf16:
             return "bf16-mixed", "a CUDA GPU with bf16"
         return "32-true", "a GPU without bf16 (fp16 needs loss scaling: ask for 16-mixed explicitly)"
@@ -54,6 +55,17 @@ def auto_precision(accelerator: str, cuda_bf16: bool | None = None, cpu_flags: l
             return "bf16-mixed", f"a CPU with native bf16 ({', '.join(flags)})"
         return "32-true", "a CPU without native bf16 (AMX or AVX512-BF16), where bf16 autocast is emulated and slow"
     return "32-true", f"accelerator {accelerator!r}, whose bf16 speed dpo-lit does not know"
+
+
+def _accelerator_name(accelerator: str | Accelerator) -> str:
+    """``accelerator`` as a name :func:`auto_precision` knows (an instance by its type)."""
+    from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
+
+    if isinstance(accelerator, str):
+        return accelerator
+    if isinstance(accelerator, CPUAccelerator):
+        return "cpu"
+    return "cuda" if isinstance(accelerator, CUDAAccelerator) else type(accelerator).__name__
 
 
 class Trainer(LightningTrainer):
@@ -70,8 +82,7 @@ class Trainer(LightningTrainer):
         val_check_interval: int | float | str | timedelta | dict[str, int] | None = None, check_val_every_n_epoch: int | None = 1, **kwargs,
     ) -> None:
         if precision == AUTO:
-            name = accelerator if isinstance(accelerator, str) else type(accelerator).__name__.lower()
-            precision, why = auto_precision(name)
+            precision, why = auto_precision(_accelerator_name(accelerator))
             rank_zero_info(f"trainer.precision=auto: {precision} on {why}")
         if isinstance(val_check_interval, int) and check_val_every_n_epoch == 1:
             check_val_every_n_epoch = None

@@ -210,6 +210,7 @@ def test_the_packed_fused_loss_and_its_gradients_equal_the_models_own_cross_entr
     """forward_batch packs the rows and runs the head chunk by chunk; Hugging Face's padded
     ``model(labels=...)`` loss is the same number with the same gradients."""
     module = SFTModule(TINY_ALIAS)
+    plain = SFTModule(TINY_ALIAS, fused_head=False)  # the model's own padded cross-entropy
     data = tiny_pairs(batch_size=5)
     data.setup()
     batch = next(iter(data.train_dataloader()))
@@ -222,6 +223,11 @@ def test_the_packed_fused_loss_and_its_gradients_equal_the_models_own_cross_entr
     torch.testing.assert_close(loss, theirs, rtol=0, atol=1e-5)
     for g, e in zip(grads, expected):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+    plain_loss, plain_tokens = plain.forward_batch(batch)
+    torch.testing.assert_close(plain_loss, theirs, rtol=0, atol=1e-6)
+    assert int(plain_tokens) == int(tokens)
+    for packing in ("rows", "none"):
+        torch.testing.assert_close(SFTModule(TINY_ALIAS, packing=packing).forward_batch(batch)[0], theirs, rtol=0, atol=1e-5)
 
 
 def test_lora_sft_trains_only_the_adapter(tmp_path):

@@ -48,3 +48,11 @@ def test_fit_with_auto_precision_says_what_it_chose_and_trains_in_it(tmp_path, m
     assert cli.trainer.global_step == 2
     said = [r.getMessage() for r in caplog.records if "trainer.precision=auto" in r.getMessage()]
     assert len(said) == 1 and said[0].startswith(f"trainer.precision=auto: {expected} on ")
+
+
+def test_an_accelerator_given_as_an_instance_is_named_by_its_type():
+    from lightning.pytorch.accelerators import CPUAccelerator
+
+    from dpo_lit.trainer import _accelerator_name
+
+    assert _accelerator_name(CPUAccelerator()) == "cpu" and _accelerator_name("gpu") == "gpu"

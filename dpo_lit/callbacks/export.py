@@ -5,9 +5,9 @@ The trained model is the module's ``policy``, or its ``reward_model`` for a rewa
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import inspect
+import json
 from pathlib import Path
 
 from lightning import Callback, LightningModule, Trainer
@@ -57,8 +57,8 @@ class ExportPretrained(Callback):
         root = self.run_dir(trainer)
         tokenizer = pl_module.tokenizer
         policy = getattr(pl_module, "reward_model", None) or pl_module.policy
-        with _base_named_as_configured(policy, getattr(pl_module.hparams, "model_name", None)):
-            policy.save_pretrained(root / "policy")
+        policy.save_pretrained(root / "policy")
+        _name_base_as_configured(root / "policy", getattr(pl_module.hparams, "model_name", None))
         tokenizer.save_pretrained(root / "policy")
         adapter = hasattr(policy, "peft_config")
         (root / "policy" / "README.md").write_text(model_card(trainer, pl_module, adapter=adapter))
@@ -137,18 +137,13 @@ def model_card(trainer: Trainer, pl_module: LightningModule, adapter: bool) -> s
     return "\n".join(lines) + "\n"
 
 
-@contextlib.contextmanager
-def _base_named_as_configured(policy, model_name: str | None):
+def _name_base_as_configured(folder: Path, model_name: str | None) -> None:
     """A LoRA adapter's ``adapter_config.json`` names its base model as the run's ``model_name``
     (a Hub name, an alias, a folder as the user wrote it), not the local cache folder it was loaded
-    from, which exists on this machine only."""
-    configs = list(getattr(policy, "peft_config", {}).values())
-    saved = [config.base_model_name_or_path for config in configs]
-    if model_name is not None:
-        for config in configs:
-            config.base_model_name_or_path = model_name
-    try:
-        yield
-    finally:
-        for config, name in zip(configs, saved):
-            config.base_model_name_or_path = name
+    from, which exists on this machine only. Rewritten after saving: peft would look the name up."""
+    path = folder / "adapter_config.json"
+    if model_name is None or not path.is_file():
+        return
+    config = json.loads(path.read_text())
+    config["base_model_name_or_path"] = model_name
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

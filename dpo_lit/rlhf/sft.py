@@ -41,6 +41,10 @@ class SFTModule(LightningModule):
         dtype: dtype of the loaded weights (use ``trainer.precision`` for mixed precision).
         trust_remote_code: allow the Hub model's own Python code to run (off unless asked).
         gradient_checkpointing: recompute activations in the backward pass to save memory.
+        packing: how the rows meet the model (``prefix``, ``rows``, ``none``: :mod:`dpo_lit.packing`).
+        fused_head: the loss from packed rows and the fused, chunked LM head (no tokens x
+            vocabulary logits); False: the model's own forward and cross-entropy over padded rows,
+            for a model whose head dpo-lit's log-probs do not reproduce.
     """
 
     def __init__(
@@ -54,6 +58,8 @@ class SFTModule(LightningModule):
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         trust_remote_code: bool = False,
         gradient_checkpointing: bool = False,
+        packing: Literal["prefix", "rows", "none"] = "prefix",
+        fused_head: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
@@ -78,8 +84,13 @@ class SFTModule(LightningModule):
         tokens only (:func:`dpo_lit.logps.head_outputs`): no (tokens × vocabulary) logits.
         """
         labels = batch["labels"]  # (B, T), unshifted: the model predicts labels[:, 1:]
+        if not self.hparams.fused_head:
+            out = self.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels)
+            return out.loss, (labels[:, 1:] != IGNORE_INDEX).sum()
         scored = labels != IGNORE_INDEX  # (B, T); the labels are the input ids there
-        states, targets, _ = completion_states(self.policy, batch["input_ids"], batch["attention_mask"], scored)
+        states, targets, _ = completion_states(
+            self.policy, batch["input_ids"], batch["attention_mask"], scored, self.hparams.packing
+        )
         logps = head_outputs(self.policy, states, targets).logps  # (M,)
         return -logps.mean(), torch.tensor(len(logps), device=logps.device)
 
