@@ -2,7 +2,7 @@
 
     python benchmarks/dpo_step.py --model smollm2-135m-instruct --variant lora --impl both --threads 2
     python benchmarks/dpo_step.py --model tiny-random-llama --steps 3 --threads 1 --impl both  # smoke run
-    python benchmarks/dpo_step.py --big-vocab --variant full --full-reference copy --length 1024 --steps 2 --warmup 1
+    python benchmarks/dpo_step.py --big-vocab --length 1024 --steps 2 --warmup 1 --no-bf16  # full, frozen copy, lr 1e-3
 
 Each implementation runs in a fresh subprocess (so that peak RSS is its own): dpo-lit with this
 interpreter (``_side_dpolit.py``), TRL with ``benchmarks/.venv-trl/bin/python`` (``_side_trl.py``).
@@ -36,7 +36,7 @@ SIDES = {"dpo-lit": "_side_dpolit.py", "trl": "_side_trl.py"}
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2-135m-instruct", help="alias, local folder or .gguf file")
-    p.add_argument("--variant", choices=["lora", "full"], default="lora")
+    p.add_argument("--variant", choices=["lora", "full"], default=None, help="default lora (full with --big-vocab)")
     p.add_argument("--impl", choices=["dpo-lit", "trl", "both"], default="both")
     p.add_argument("--steps", type=int, default=8, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
@@ -45,15 +45,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--best-precision", action="store_true",
                    help="each side at this machine's best precision: bf16 autocast where bf16 is native (AMX or "
                         "AVX512-BF16), float32 where it is emulated (dpo-lit's trainer.precision auto); overrides --bf16")
-    p.add_argument("--full-reference", choices=["precomputed", "copy"], default="precomputed",
-                   help="reference of the full fine-tuning variant (LoRA always disables its adapter)")
+    p.add_argument("--full-reference", choices=["precomputed", "copy"], default=None,
+                   help="reference of the full fine-tuning variant, default precomputed (copy with --big-vocab; "
+                        "LoRA always disables its adapter)")
     p.add_argument("--packing", choices=["prefix", "rows", "none"], default="prefix",
                    help="dpo-lit's model.packing: rows packed without padding, prompts computed once (prefix)")
     p.add_argument("--batch-size", type=int, default=4, help="pairs per step (2x rows)")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--max-prompt-length", type=int, default=384)
     p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--lr", type=float, default=None, help="default: 2e-4 (lora), 5e-6 (full)")
+    p.add_argument("--lr", type=float, default=None, help="default: 2e-4 (lora), 5e-6 (full), 1e-3 (--big-vocab)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", default=DEFAULT_DATA, help="implicit-format pairs (relative to the repo root)")
     p.add_argument("--trl-python", default=str(HERE / ".venv-trl" / "bin" / "python"))
@@ -63,7 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a 2-layer Llama of width 64 with Llama-3's 128,256-token vocabulary (random weights) on "
                         "random token-id pairs: the LM head sets the memory (--model and --data are not used)")
     p.add_argument("--length", type=int, default=1024,
-                   help="--big-vocab: tokens per row: a prompt of length/2 and completions of length/2")
+                   help="--big-vocab: tokens per row: a prompt of length/2 tokens, chosen and rejected completions "
+                        "of length/2 each (no EOS added); max_length = length, so nothing is cut")
     p.add_argument("--fused-head", action=argparse.BooleanOptionalAction, default=True,
                    help="dpo-lit's model.fused_head (the LM head chunk by chunk, no tokens x vocabulary logits)")
     return p.parse_args(argv)
@@ -126,6 +128,7 @@ def write_pairs(pairs: list, workdir: Path, seed: int) -> tuple[Path, Path]:
 
 
 BIG_VOCAB = 128_256  # Llama 3's
+BIG_VOCAB_LR = 1e-3  # see resolve_defaults
 
 
 def big_vocab_model(workdir: Path) -> str:
@@ -242,8 +245,9 @@ def print_table(results: list[dict], args: argparse.Namespace, lr: float) -> Non
         run, real = sum(r["positions"]), sum(r["real_tokens"])
         print(f"{r['impl']}: {run} token positions through the model for {real} real tokens ({run / real:.2f} per "
               "real token: padding adds positions, a prompt computed once for both rows saves them)")
-    print("tokens/s: real (non-padding) tokens of the chosen and rejected rows, prompt + completion + EOS, "
-          "over the timed steps; threads seen at the first step: "
+    print("tokens/s: real (non-padding) tokens of the chosen and rejected rows, prompt + completion"
+          + (" (token ids as given, no EOS added)" if args.big_vocab else " + EOS")
+          + ", over the timed steps; threads seen at the first step: "
           + ", ".join(f"{r['impl']} {r['threads']}" for r in results))
     print("read back from the running trainers: " + "; ".join(
         f"{r['impl']} precision {r['checked']['precision']}, activation checkpointing "
@@ -265,11 +269,28 @@ def print_table(results: list[dict], args: argparse.Namespace, lr: float) -> Non
               f"{a['peak_rss_gb'] / b['peak_rss_gb']:.2f}x peak RSS; largest per-step loss difference {loss_diff:.2e}")
 
 
+def resolve_defaults(args: argparse.Namespace) -> float:
+    """Fill the defaults that depend on the mode; returns the learning rate.
+
+    ``--big-vocab`` measures what the LM head costs in full fine-tuning, so it defaults to the full
+    variant with a frozen-copy reference (the reference's head runs every step, as it would for a
+    Llama-3 user who keeps one) and lr 1e-3, large enough on random weights that the per-step losses
+    of the two sides move and their agreement means something. The other modes keep their defaults.
+    """
+    if args.variant is None:
+        args.variant = "full" if args.big_vocab else "lora"
+    if args.full_reference is None:
+        args.full_reference = "copy" if args.big_vocab else "precomputed"
+    if args.lr is not None:
+        return args.lr
+    return BIG_VOCAB_LR if args.big_vocab and args.variant == "full" else DEFAULT_LR[args.variant]
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     from dpo_lit.models import resolve
 
-    lr = args.lr if args.lr is not None else DEFAULT_LR[args.variant]
+    lr = resolve_defaults(args)
     if args.best_precision:
         from dpo_lit.trainer import cpu_bf16_flags
 
@@ -307,8 +328,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(
-            {"model": args.model, "settings": settings_line(args, lr), "selection": selection,
-             "results": results}, indent=1))
+            {"model": "big-vocab" if args.big_vocab else args.model, "settings": settings_line(args, lr),
+             "selection": selection, "results": results}, indent=1))
         print(f"wrote {args.out}")
     if args.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)
