@@ -35,18 +35,29 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
     assert cpu_bf16_flags(tmp_path / "missing") == []
 
 
-def test_fit_with_auto_precision_says_what_it_chose_and_trains_in_it(tmp_path, monkeypatch, caplog):
+def test_fit_with_auto_precision_says_what_it_chose_and_trains_in_it(tmp_path, monkeypatch):
+    import logging
+
+    import lightning_utilities.core.rank_zero as rank_zero
+
     monkeypatch.chdir(ROOT)
     expected, _ = auto_precision("cpu")
-    with caplog.at_level("INFO"):
+    said: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: said.append(record.getMessage())  # the logger rank_zero_info writes to, whatever
+    rank_zero.log.addHandler(handler)  # the other tests left its propagation and level
+    monkeypatch.setattr(rank_zero.log, "level", logging.INFO)
+    try:
         cli = main([
             "fit", "--config", "configs/dpo/tiny.yaml", "--trainer.precision=auto", "--trainer.accelerator=cpu",
             "--trainer.max_steps=2", "--trainer.limit_val_batches=1", f"--trainer.default_root_dir={tmp_path}",
             "--trainer.enable_progress_bar=false",
         ])
+    finally:
+        rank_zero.log.removeHandler(handler)
     assert cli.trainer.precision == expected
     assert cli.trainer.global_step == 2
-    said = [r.getMessage() for r in caplog.records if "trainer.precision=auto" in r.getMessage()]
+    said = [message for message in said if "trainer.precision=auto" in message]
     assert len(said) == 1 and said[0].startswith(f"trainer.precision=auto: {expected} on ")
 
 
