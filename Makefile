@@ -13,6 +13,8 @@ export DPO_LIT_THREADS ?= 2
 export OMP_NUM_THREADS ?= 2
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
+# Hub data sets are read from this local mirror when it holds them (dpo_lit/data/hub.py).
+export DPO_LIT_DATA ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data))
 
 .PHONY: venv test quickstart lint clean
 

@@ -28,7 +28,7 @@ sys.path.insert(0, str(HERE))
 
 from _common import Spec  # noqa: E402
 
-DEFAULT_DATA = "../shared/data/preference/hh_rlhf_test/helpful-base-test.jsonl.gz"
+DEFAULT_DATA = "hub:Anthropic/hh-rlhf?data_dir=helpful-base&split=test"  # the $DPO_LIT_DATA mirror's copy offline
 DEFAULT_LR = {"lora": 2e-4, "full": 5e-6}  # configs/dpo/smollm2_hh_{lora,full}.yaml
 SIDES = {"dpo-lit": "_side_dpolit.py", "trl": "_side_trl.py"}
 
@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--lr", type=float, default=None, help="default: 2e-4 (lora), 5e-6 (full), 1e-3 (--big-vocab)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data", default=DEFAULT_DATA, help="implicit-format pairs (relative to the repo root)")
+    p.add_argument("--data", default=DEFAULT_DATA, help="implicit-format pairs: a file (relative to the repo root) or a hub: split")
     p.add_argument("--trl-python", default=str(HERE / ".venv-trl" / "bin" / "python"))
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--workdir", default=None, help="keep pairs, specs and logs here (default: a temp dir)")
@@ -74,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ---- the pairs ------------------------------------------------------------------------------
 
 
-def select_pairs(data: Path, model_path: str, args: argparse.Namespace) -> tuple[list, dict]:
+def select_pairs(data: str, model_path: str, args: argparse.Namespace) -> tuple[list, dict]:
     """The first pairs of the file (in file order) that neither implementation truncates.
 
     TRL 1.16 has no ``max_prompt_length``: it cuts prompt + completion to ``max_length`` from the
@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> None:
         jsonl, strings, selection = write_token_pairs(workdir, args)
     else:
         model_path = resolve(args.model)
-        pairs, selection = select_pairs(ROOT / args.data, model_path, args)
+        pairs, selection = select_pairs(args.data if args.data.startswith("hub:") else str(ROOT / args.data), model_path, args)
         jsonl, strings = write_pairs(pairs, workdir, args.seed)
     reference = "adapter" if args.variant == "lora" else args.full_reference
     results = []

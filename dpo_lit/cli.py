@@ -153,8 +153,15 @@ class DPOLitCLI(_ArgsFromCode):
 
     def before_fit(self) -> None:
         warn_slow_bf16(self.trainer)
+        self._read_data("fit")
         self._find_last_checkpoint()
         self._continue_log_folder()
+
+    def _read_data(self, stage: str) -> None:
+        """Read and tokenize the data before the trainer starts (its ``setup`` keeps what it read):
+        a bad or unreachable data set stops the run before any log folder is made."""
+        if self.datamodule is not None:
+            self.datamodule.setup(stage)
 
     def _continue_log_folder(self) -> None:
         """A fit resumed from a checkpoint inside a log folder of the trainer's logger (``version_N``)
@@ -175,6 +182,7 @@ class DPOLitCLI(_ArgsFromCode):
         rank_zero_info(f"resuming in {folder}")
 
     def before_validate(self) -> None:
+        self._read_data("validate")
         self._find_last_checkpoint()
         self.config_init[self.subcommand]["verbose"] = False  # after_validate prints the metrics, once
 

@@ -9,6 +9,7 @@ import pytest
 
 from dpo_lit.cli import DPOLitCLI
 from dpo_lit.cli import run as main
+from dpo_lit.data.hub import HubSource, mirror_file, mirror_root
 from dpo_lit.losses import DPOLoss, IPOLoss
 from dpo_lit.module import PreferenceModule
 from dpo_lit.rlhf import RewardModule, SFTModule
@@ -28,7 +29,6 @@ RUN_CONFIGS = [
 FRAGMENTS = sorted((ROOT / "configs" / "data").glob("*.yaml"))
 # PPO counts optimizer updates (4 per batch of prompts) and has its own tests (tests/test_rlhf.py).
 TINY = sorted(p for p in RUN_CONFIGS if p.name == "tiny.yaml" and p.parent.name != "ppo")
-FRONTIER_FILES = ("runs/", "../shared/")  # written by an earlier stage, or the pipeline's own IMDb files
 LOGGED = {  # what each module's tiny run logs, at least
     PreferenceModule: {"train/loss", "val/loss", "val/rewards/chosen", "val/logps/chosen"},
     SFTModule: {"train/loss", "val/loss", "val/ppl"},
@@ -57,9 +57,18 @@ def parse_function_config(function, path: Path):
     return parser.parse_args(["--config", str(path)])
 
 
+def assert_source_exists(config: Path, source: str) -> None:
+    """A data file a config names exists (one under runs/ is written by an earlier step); a Hub
+    split is in the local mirror, when one is set."""
+    if source.startswith("hub:"):
+        assert mirror_root() is None or mirror_file(HubSource.parse(source)), f"{config.name}: {source} not mirrored"
+    elif not Path(source).is_relative_to(ROOT / "runs"):
+        assert Path(source).is_file(), f"{config.name}: data file {source} not found"
+
+
 @pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
-def test_every_config_parses_and_points_at_real_files(path, monkeypatch):
-    monkeypatch.chdir(ROOT)
+def test_every_config_parses_and_points_at_real_files(path, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # a config's paths start at its own folder, wherever it is run from
     config = parse(["--config", str(path)])
     model, data = config.model.init_args, config.data.init_args
     assert model.model_name and data.tokenizer_name == model.model_name
@@ -68,12 +77,11 @@ def test_every_config_parses_and_points_at_real_files(path, monkeypatch):
     ]
     assert files, f"{path.name}: no data files"
     for file in sum(files, []):
-        if not file.startswith(FRONTIER_FILES if path.parent.name == "frontier" else "runs/"):  # runs/...: written by an earlier step
-            assert Path(file).is_file(), f"{path.name}: data file {file} not found"
+        assert_source_exists(path, file)
 
 
 @pytest.mark.parametrize("path", GENERATE, ids=lambda p: str(p.relative_to(ROOT)))
-def test_generate_configs_parse(path, monkeypatch):
+def test_generate_configs_parse(path, monkeypatch, tmp_path):
     from dpo_lit.cli import GenerateCLI
     from dpo_lit.sampling.predict import GenerationModule, PromptDataModule
 
@@ -81,27 +89,27 @@ def test_generate_configs_parse(path, monkeypatch):
         def instantiate_classes(self) -> None:
             pass
 
-    monkeypatch.chdir(ROOT)
+    monkeypatch.chdir(tmp_path)
     config = ParseOnly(GenerationModule, PromptDataModule, run=False, args=["--config", str(path)]).config
     assert config.data.tokenizer_name == config.model.model_name
-    assert Path(config.data.prompts_file).is_file() or path.parent.name == "frontier"  # the pipeline writes its prefixes
+    assert_source_exists(path, config.data.prompts_file)
 
 
 @pytest.mark.parametrize("path", PIPELINES, ids=lambda p: str(p.relative_to(ROOT)))
-def test_pipeline_configs_parse(path, monkeypatch):
+def test_pipeline_configs_parse(path, monkeypatch, tmp_path):
     from dpo_lit.pipelines.onpolicy import run_pipeline
 
-    monkeypatch.chdir(ROOT)
+    monkeypatch.chdir(tmp_path)
     config = parse_function_config(run_pipeline, path)
     for key in ("generate_config", "train_config", "heldout_prompts"):
         assert Path(config[key]).is_file(), f"{path.name}: {key} {config[key]} not found"
 
 
 @pytest.mark.parametrize("path", COMPARES, ids=lambda p: str(p.relative_to(ROOT)))
-def test_compare_configs_parse(path, monkeypatch):
+def test_compare_configs_parse(path, monkeypatch, tmp_path):
     from dpo_lit.pipelines.compare import run_compare
 
-    monkeypatch.chdir(ROOT)
+    monkeypatch.chdir(tmp_path)
     config = parse_function_config(run_compare, path)
     for key in ("generate_config", "dpo_config", "ppo_config", "heldout_prompts"):
         assert Path(config[key]).is_file(), f"{path.name}: {key} {config[key]} not found"
@@ -123,10 +131,11 @@ def test_frontier_configs_parse(path, monkeypatch):
 
 
 @pytest.mark.parametrize("path", FRAGMENTS, ids=lambda p: p.name)
-def test_data_fragments_parse(path, monkeypatch):
-    monkeypatch.chdir(ROOT)
+def test_data_fragments_parse(path, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
     config = parse(["--model.model_name", "tiny-random-llama", "--data", str(path)])
-    assert all(Path(f).is_file() for f in config.data.init_args.train_files)
+    for source in config.data.init_args.train_files + (config.data.init_args.val_files or []):
+        assert_source_exists(path, source)
 
 
 @pytest.mark.parametrize(

@@ -147,13 +147,13 @@ def test_hub_dataset_with_its_own_validation_split(monkeypatch: pytest.MonkeyPat
     rows = [json.loads(line) for line in Path(TRAIN).read_text().splitlines()]
     splits = {"train": rows[:40], "test": rows[40:]}
     monkeypatch.setattr(datasets, "load_dataset", lambda name, config, split: splits[split])
-    dm = make(train_files=None, hub_dataset="hub:someone/pairs", hub_val_split="test")
+    dm = make(train_files=["hub:someone/pairs"], val_files=["hub:someone/pairs?split=test"])
     assert (len(dm.train_dataset), len(dm.val_dataset)) == (40, 8)
-    assert dm.val_dataset[0]["source"].startswith("hub:someone/pairs:test[")
+    assert dm.val_dataset[0]["source"].startswith("hub:someone/pairs?split=test[")
 
 
 def test_arguments_are_checked() -> None:
-    with pytest.raises(ValueError, match="train_files or hub_dataset"):
+    with pytest.raises(ValueError, match="at least one training file or Hub split"):
         PreferenceDataModule(TINY)
     with pytest.raises(ValueError, match="max_prompt_length"):
         PreferenceDataModule(TINY, train_files=[TRAIN], max_length=64, max_prompt_length=64)
@@ -175,7 +175,8 @@ def test_the_cli_parser_accepts_the_signature() -> None:
     config = parser.parse_args(
         ["--data.tokenizer_name=tiny", "--data.train_files=[a.jsonl]", "--data.mode=unpaired"]
     )
-    assert config.data.train_files == ["a.jsonl"] and config.data.max_prompt_length == 512
+    # a relative path on the command line starts at the current directory (in a config file, at its folder)
+    assert config.data.train_files == [str(Path.cwd() / "a.jsonl")] and config.data.max_prompt_length == 512
     with pytest.raises(SystemExit):
         parser.parse_args(["--data.tokenizer_name=tiny", "--data.format=yaml"])
 

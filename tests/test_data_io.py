@@ -123,9 +123,11 @@ def test_hub_source_calls_load_dataset(monkeypatch: pytest.MonkeyPatch) -> None:
         return ROWS
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    examples = read_examples(["hub:Anthropic/hh-rlhf"], hub_split="test", hub_data_dir="harmless-base")
+    monkeypatch.delenv("DPO_LIT_DATA", raising=False)
+    examples = read_examples(["hub:Anthropic/hh-rlhf?data_dir=harmless-base&split=test"])
     assert calls == [("Anthropic/hh-rlhf", None, "test", {"data_dir": "harmless-base"})]
-    assert [e.source for e in examples] == ["hub:Anthropic/hh-rlhf:test[0]", "hub:Anthropic/hh-rlhf:test[1]"]
+    source = "hub:Anthropic/hh-rlhf?data_dir=harmless-base&split=test"
+    assert [e.source for e in examples] == [f"{source}[0]", f"{source}[1]"]
 
 
 def test_hub_source_loads_a_local_dataset_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

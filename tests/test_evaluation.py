@@ -150,8 +150,8 @@ ARC_ENDINGS = {
 
 
 @pytest.mark.parametrize("task", sorted(FIRST_PROMPTS))
-def test_adapter_on_real_rows(task, shared_data, monkeypatch):
-    monkeypatch.setenv("DPO_LIT_EVAL_DATA", str(shared_data / "eval"))
+def test_adapter_on_real_rows(task, shared_data, monkeypatch, eval_mirror):
+    eval_mirror(shared_data / "eval")
     count, n_choices, prompt = FIRST_PROMPTS[task]
     items = load_task(task)
     assert len(items) == count and items[0].context == prompt + ARC_ENDINGS.get(task, "")
@@ -160,8 +160,8 @@ def test_adapter_on_real_rows(task, shared_data, monkeypatch):
     assert max(len(item.choices) for item in items) <= 5 and len(items[0].choices) == n_choices
 
 
-def test_adapter_details_on_real_rows(shared_data, monkeypatch):
-    monkeypatch.setenv("DPO_LIT_EVAL_DATA", str(shared_data / "eval"))
+def test_adapter_details_on_real_rows(shared_data, monkeypatch, eval_mirror):
+    eval_mirror(shared_data / "eval")
     arc = load_task("arc_easy")
     assert (
         arc[0].choices[0] == " Sunlight is the source of energy for nearly all ecosystems."
@@ -201,7 +201,7 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
-def test_bad_rows_name_file_line_and_field(tmp_path, monkeypatch):
+def test_bad_rows_name_file_line_and_field(tmp_path, monkeypatch, eval_mirror):
     good = {"context": "2 + 2 =", "choices": [" 4", " 5"], "answer": 0}
     path = write_jsonl(tmp_path / "toy.jsonl", [good, {**good, "answer": 2}])
     with pytest.raises(DataError, match=r"toy\.jsonl:2: answer 2 is not the index"):
@@ -214,14 +214,14 @@ def test_bad_rows_name_file_line_and_field(tmp_path, monkeypatch):
         load_task(str(path))
     arc = {"question": {"stem": "?", "choices": [{"label": "A", "text": "x"}]}, "answerKey": "B"}
     write_jsonl(tmp_path / "ARC-Easy-Test.jsonl", [arc])
-    monkeypatch.setenv("DPO_LIT_EVAL_DATA", str(tmp_path))
+    eval_mirror(tmp_path)
     with pytest.raises(DataError, match=r"ARC-Easy-Test\.jsonl:1: field 'answerKey'"):
         load_task("arc_easy")
     write_jsonl(tmp_path / "piqa_valid.jsonl", [{"goal": "g", "sol1": "a", "sol2": "b"}] * 2)
     (tmp_path / "piqa_valid-labels.lst").write_text("0\n")
     with pytest.raises(DataError, match="1 labels for the 2 rows"):
         load_task("piqa")
-    with pytest.raises(FileNotFoundError, match="DPO_LIT_EVAL_DATA"):
+    with pytest.raises(DataError, match=r"google/boolq.*DPO_LIT_DATA=.* has no eval/boolq_dev\.jsonl"):
         load_task("boolq")
     with pytest.raises(ValueError, match="unknown evaluation task"):
         load_task("mmlu")
@@ -258,9 +258,9 @@ def make_trainer(tmp_path, callback, steps: int = 2) -> Trainer:
 
 
 @pytest.fixture
-def eval_files(tmp_path, monkeypatch) -> str:
+def eval_files(tmp_path, monkeypatch, eval_mirror) -> str:
     """A small wiki.test.raw in a data folder of its own, and a generic JSONL task; returns its path."""
-    monkeypatch.setenv("DPO_LIT_EVAL_DATA", str(tmp_path))
+    eval_mirror(tmp_path)
     (tmp_path / "wiki.test.raw").write_text(" = Title = \n A text @-@ like WikiText , with words . \n" * 8)
     rows = [
         {"context": f"{i} + 1 =", "choices": [f" {i + 1}", f" {i + 2} or so"], "answer": 0} for i in range(6)
@@ -291,10 +291,10 @@ def test_callback_logs_every_metric(tmp_path, eval_files):
     assert restored.reference == callback.reference
 
 
-def test_callback_scores_a_text_file_and_lambada(tmp_path, monkeypatch):
+def test_callback_scores_a_text_file_and_lambada(tmp_path, monkeypatch, eval_mirror):
     data = tmp_path / "eval"
     data.mkdir()
-    monkeypatch.setenv("DPO_LIT_EVAL_DATA", str(data))
+    eval_mirror(data)
     passages = ["the cat sat on the mat by the door", "she gave the book back to tom", "it rained all day"]
     (data / "lambada_test_plain_text.txt").write_text("\n".join(passages) + "\n")
     text = tmp_path / "heldout_text.txt"
@@ -343,8 +343,8 @@ def test_relative_regression_directions():
 
 
 @pytest.mark.slow
-def test_smollm2_capabilities(shared_data, monkeypatch):
-    monkeypatch.setenv("DPO_LIT_EVAL_DATA", str(shared_data / "eval"))
+def test_smollm2_capabilities(shared_data, monkeypatch, eval_mirror):
+    eval_mirror(shared_data / "eval")
     from dpo_lit.models import SMOLLM2_ALIAS, load_tokenizer
 
     model, tokenizer = load_model(SMOLLM2_ALIAS), load_tokenizer(SMOLLM2_ALIAS)

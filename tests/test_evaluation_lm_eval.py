@@ -58,7 +58,7 @@ def argmax(values: list[float]) -> int:
 
 
 @pytest.mark.slow
-def test_arc_easy_choices_match_lm_eval(shared_data, tmp_path, monkeypatch):
+def test_arc_easy_choices_match_lm_eval(shared_data, tmp_path, monkeypatch, eval_mirror):
     lm_eval = pytest.importorskip("lm_eval")
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -69,7 +69,7 @@ def test_arc_easy_choices_match_lm_eval(shared_data, tmp_path, monkeypatch):
     write_hub_layout(source, tmp_path / "arc_easy.jsonl", keep)
     task = local_task_config(lm_eval, tmp_path / "arc_easy.jsonl", tmp_path)
 
-    monkeypatch.setenv("DPO_LIT_EVAL_DATA", str(shared_data / "eval"))
+    eval_mirror(shared_data / "eval")
     items = load_task("arc_easy", limit=ITEMS, seed=SEED)
     tokenizer = load_tokenizer(SMOLLM2_ALIAS)
     ours = score_choices(load_model(SMOLLM2_ALIAS), tokenizer, items, batch_size=16)

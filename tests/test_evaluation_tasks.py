@@ -9,7 +9,7 @@ from dpo_lit.data import DataError
 from dpo_lit.evaluation import evaluate_task, load_task, load_task_data, load_text_task
 from dpo_lit.evaluation.lambada import LambadaItem, lambada_metrics, score_targets
 from dpo_lit.evaluation.scoring import Row, RowScore, evaluating, score_rows
-from dpo_lit.evaluation.tasks import task_kind, task_name, task_path
+from dpo_lit.evaluation.tasks import task_kind, task_name, task_source
 from dpo_lit.models import TINY_ALIAS, load_model
 
 
@@ -44,7 +44,7 @@ def test_txt_task_is_named_after_its_stem_and_read_as_utf8(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"heldout_missing\.txt"):
         load_task_data(str(tmp_path / "heldout_missing.txt"))
     with pytest.raises(ValueError, match=r"a \.jsonl or a \.txt file"):
-        task_path(str(tmp_path / "notes.csv"))
+        task_source(str(tmp_path / "notes.csv"))
 
 
 def test_txt_task_perplexity_equals_direct_computation(tmp_path, tiny_model, tiny_tokenizer):
@@ -70,8 +70,9 @@ PASSAGES = [
 
 
 def lambada_dir(tmp_path, monkeypatch, passages=PASSAGES):
-    monkeypatch.setenv("DPO_LIT_EVAL_DATA", str(tmp_path))
-    (tmp_path / "lambada_test_plain_text.txt").write_text("\n".join(passages) + "\n\n", encoding="utf-8")
+    monkeypatch.setenv("DPO_LIT_DATA", str(tmp_path))  # a local mirror holding only eval/'s LAMBADA
+    (tmp_path / "eval").mkdir(exist_ok=True)
+    (tmp_path / "eval" / "lambada_test_plain_text.txt").write_text("\n".join(passages) + "\n\n", encoding="utf-8")
     return tmp_path
 
 
@@ -153,8 +154,8 @@ def test_score_rows_greedy_flag(tiny_model, tiny_tokenizer):
 
 
 @pytest.mark.slow
-def test_smollm2_lambada(shared_data, monkeypatch):
-    monkeypatch.setenv("DPO_LIT_EVAL_DATA", str(shared_data / "eval"))
+def test_smollm2_lambada(shared_data, monkeypatch, eval_mirror):
+    eval_mirror(shared_data / "eval")
     from dpo_lit.models import SMOLLM2_ALIAS, load_tokenizer
 
     model, tokenizer = load_model(SMOLLM2_ALIAS), load_tokenizer(SMOLLM2_ALIAS)

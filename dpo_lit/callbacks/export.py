@@ -104,7 +104,7 @@ def model_card(trainer: Trainer, pl_module: LightningModule, adapter: bool) -> s
     loss = getattr(pl_module, "loss", None)
     reference = getattr(pl_module, "reference", None)
     data = trainer.datamodule
-    sources = [*getattr(data, "train_files", [])] + ([f"hub:{data.hub_dataset}"] if getattr(data, "hub_dataset", None) else [])
+    sources = [*getattr(data, "train_files", [])]
     lines = [
         "---",
         f"base_model: {base}",

@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from dpo_lit.data.io import DataSource
 from dpo_lit.data.prompts import encode_prompts, read_prompts
 from dpo_lit.errors import ConfigError
 from dpo_lit.sampling.kl import KLEstimate, estimate_kl
@@ -99,7 +100,7 @@ class SampledKL(Callback):
 
     def __init__(
         self,
-        prompts_file: str | None = None,
+        prompts_file: DataSource | None = None,
         num_prompts: int = 16,
         num_samples: int = 2,
         max_new_tokens: int = 32,

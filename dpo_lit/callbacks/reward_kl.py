@@ -23,6 +23,7 @@ from typing import Any
 
 from lightning import Callback, LightningModule, Trainer
 
+from dpo_lit.data.io import DataSource
 from dpo_lit.data.prompts import encode_prompts, prompt_text, read_prompts
 from dpo_lit.errors import ConfigError
 from dpo_lit.rewards import Reward
@@ -123,7 +124,7 @@ class HeldoutRewardKL(Callback):
 
     def __init__(
         self,
-        prompts_file: str,
+        prompts_file: DataSource,
         reward: Reward,
         num_prompts: int | None = None,
         num_samples: int = 2,

@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerBase
 from dpo_lit.data.collate import PreferenceCollator
 from dpo_lit.data.errors import DataError, DataReport, OnBadRecord
 from dpo_lit.data.formats import Example, Format
-from dpo_lit.data.io import HUB_PREFIX
+from dpo_lit.data.io import DataSource
 from dpo_lit.data.load import Mode, prepare, read_examples, shuffled, split_examples
 from dpo_lit.data.tokenize import TokenizedDataset, TruncationMode, tokenize_examples
 from dpo_lit.errors import ConfigError
@@ -194,15 +194,12 @@ class PreferenceDataModule(TokenizedSplits):
     Args:
         tokenizer_name: Tokenizer to load with :func:`dpo_lit.models.load_tokenizer` (linked from
             the model's name by the CLI).
-        train_files: Training data files (``.jsonl``, ``.json``, ``.csv``, optionally ``.gz``, or
-            ``.parquet``), relative to the current directory; ``hub:NAME`` entries are Hub datasets.
-        val_files: Validation files; without them (and without ``hub_val_split``) ``val_fraction``
-            of the training data is held out.
-        hub_dataset: A Hugging Face Hub dataset to train on, e.g. ``trl-lib/ultrafeedback_binarized``.
-        hub_config: The Hub dataset's configuration name.
-        hub_data_dir: The Hub dataset's ``data_dir`` (``harmless-base`` for ``Anthropic/hh-rlhf``).
-        hub_train_split: Split to train on.
-        hub_val_split: Split to validate on (``None``: hold out ``val_fraction``).
+        train_files: Training data: files (``.jsonl``, ``.json``, ``.csv``, optionally ``.gz``, or
+            ``.parquet``; in a config file, relative to the config's folder) or Hub splits
+            (``hub:Anthropic/hh-rlhf?data_dir=helpful-base&split=test``, read from the local
+            mirror ``$DPO_LIT_DATA`` when it holds them, :mod:`dpo_lit.data.hub`).
+        val_files: Validation data, the same way; without it ``val_fraction`` of the training data
+            is held out.
         val_fraction: Fraction held out for validation when no validation data is given (0: none).
         seed: Seed of the deterministic shuffle, validation split and ``max_examples`` sample.
         format: Data format; ``auto`` detects it per file from the first record's keys.
@@ -227,13 +224,8 @@ class PreferenceDataModule(TokenizedSplits):
     def __init__(
         self,
         tokenizer_name: str,
-        train_files: list[str] | None = None,
-        val_files: list[str] | None = None,
-        hub_dataset: str | None = None,
-        hub_config: str | None = None,
-        hub_data_dir: str | None = None,
-        hub_train_split: str = "train",
-        hub_val_split: str | None = None,
+        train_files: list[DataSource] | None = None,
+        val_files: list[DataSource] | None = None,
         val_fraction: float = 0.05,
         seed: int = 0,
         format: Format = "auto",
@@ -251,8 +243,8 @@ class PreferenceDataModule(TokenizedSplits):
         extra_roles: list[str] | None = None,
     ) -> None:
         super().__init__()
-        if not train_files and not hub_dataset:
-            raise ConfigError("data.train_files: PreferenceDataModule needs train_files or hub_dataset")
+        if not train_files:
+            raise ConfigError("data.train_files: PreferenceDataModule needs at least one training file or Hub split")
         if max_prompt_length is not None and max_prompt_length >= max_length:
             raise ConfigError(
                 f"data.max_prompt_length: max_prompt_length ({max_prompt_length}) must be below max_length ({max_length})"
@@ -267,9 +259,6 @@ class PreferenceDataModule(TokenizedSplits):
         self.save_hyperparameters()
         self.tokenizer_name = tokenizer_name
         self.train_files, self.val_files = list(train_files or []), list(val_files or [])
-        self.hub_dataset = hub_dataset.removeprefix(HUB_PREFIX) if hub_dataset else None
-        self.hub_config, self.hub_data_dir = hub_config, hub_data_dir
-        self.hub_train_split, self.hub_val_split = hub_train_split, hub_val_split
         self.val_fraction, self.seed = val_fraction, seed
         self.format: Format = format
         self.mode: Mode = mode
@@ -295,19 +284,8 @@ class PreferenceDataModule(TokenizedSplits):
         """Pads batches with the tokenizer's pad id; bounds KTO's mismatched rows by ``max_length``."""
         return PreferenceCollator(self.tokenizer.pad_token_id, self.max_length, self.pad_to_multiple_of)
 
-    def _read(self, files: list[str], hub_split: str | None, report: DataReport) -> list[Example]:
-        sources = files + ([f"{HUB_PREFIX}{self.hub_dataset}"] if self.hub_dataset and hub_split else [])
-        return read_examples(
-            sources,
-            self.format,
-            self.mode,
-            report,
-            self.assistant_marker,
-            self.hub_config,
-            hub_split or self.hub_train_split,
-            self.hub_data_dir,
-            self.extra_roles,
-        )
+    def _read(self, sources: list[str], report: DataReport) -> list[Example]:
+        return read_examples(sources, self.format, self.mode, report, self.assistant_marker, self.extra_roles)
 
     def _tokenize(self, examples: list[Example], report: DataReport) -> TokenizedDataset:
         examples = prepare(examples, self.mode, self.max_examples)
@@ -321,24 +299,22 @@ class PreferenceDataModule(TokenizedSplits):
         if self.train_dataset is not None:
             return
         report = DataReport(self.on_bad_record)
-        train = self._read(self.train_files, self.hub_train_split, report)
-        if self.val_files or (self.hub_dataset and self.hub_val_split):
-            val = shuffled(self._read(self.val_files, self.hub_val_split, report), self.seed)
+        train = self._read(self.train_files, report)
+        if self.val_files:
+            val = shuffled(self._read(self.val_files, report), self.seed)
             train = shuffled(train, self.seed)
-            held_out = "from " + ", ".join(self.val_files or [f"{HUB_PREFIX}{self.hub_dataset} {self.hub_val_split}"])
+            held_out = "from " + ", ".join(self.val_files)
         else:
             train, val = split_examples(train, self.val_fraction, self.seed)
             held_out = f"{self.val_fraction:g} of the training records"
         train_dataset, val_dataset = self._tokenize(train, report), self._tokenize(val, report)
-        sources = self.train_files + ([f"{HUB_PREFIX}{self.hub_dataset}"] if self.hub_dataset else [])
         rank_zero_info(
             f"data: {len(train_dataset)} train and {len(val_dataset)} validation {self.mode} examples from "
-            f"{', '.join(sources)} (validation: {held_out}); {report.summary()}"
+            f"{', '.join(self.train_files)} (validation: {held_out}); {report.summary()}"
         )
         report.warn(self.max_length, self.max_prompt_length)
         if not train_dataset:
-            sources = self.train_files + ([f"{HUB_PREFIX}{self.hub_dataset}"] if self.hub_dataset else [])
-            raise DataError(", ".join(sources), "no training examples left after skipping and dropping")
+            raise DataError(", ".join(self.train_files), "no training examples left after skipping and dropping")
         self.train_dataset, self.val_dataset = train_dataset, val_dataset
 
     def ordered_dataloader(self, split: Literal["train", "val"], indices: Sequence[int] | None = None) -> DataLoader:

@@ -10,10 +10,12 @@ source                 location                     meaning
 ``x.csv[.gz]``         ``x.csv:3``                  1-based line where the record starts
 ``x.json[.gz]``        ``x.json[4]``                0-based index in the top-level list
 ``x.parquet``          ``x.parquet[4]``             0-based row
-``hub:NAME``           ``hub:NAME:train[4]``        0-based row of the split
+``hub:NAME?split=S``   ``hub:NAME?split=S[4]``      0-based row of the split (a split the local
+                                                    mirror holds is read from its file instead)
 =====================  ===========================  ==========================================
 
-Relative paths are relative to the current working directory and are reported as given.
+Relative paths are relative to the current working directory and are reported as given (paths in
+a config file are made absolute from the config's folder when it is parsed, :class:`DataSource`).
 """
 
 from __future__ import annotations
@@ -29,12 +31,36 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from dpo_lit.data.errors import DataError, DataReport
+from jsonargparse.typing import register_type
 
-HUB_PREFIX = "hub:"
+from dpo_lit.data.errors import DataError, DataReport
+from dpo_lit.data.hub import HUB_PREFIX, HubSource, hub_rows, mirror_file
+
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 Record = dict[str, Any]
+
+
+class DataSource(str):
+    """A data file or Hub split (``hub:...``) named in a config or on the command line.
+
+    The CLI parses it with :func:`resolve_source`: a relative path in a config file starts at that
+    file's folder (the parser works in it while reading the file), one on the command line at the
+    current directory, so a config names its data the same way from wherever it is run.
+    """
+
+
+def resolve_source(value: str) -> DataSource:
+    """``value`` as an absolute path from the current directory (a Hub split as it is)."""
+    if not isinstance(value, str):
+        raise TypeError(f"expected a file path or hub:NAME, got {type(value).__name__}")
+    if value.startswith(HUB_PREFIX):
+        return DataSource(value)
+    return DataSource(os.path.abspath(os.path.expanduser(value)))
+
+
+# How configs parse it: jsonargparse reads a config file from inside the file's folder.
+register_type(DataSource, serializer=str, deserializer=resolve_source)
 
 
 def _open_bytes(path: Path) -> IO[bytes]:
@@ -145,40 +171,30 @@ def read_parquet(path: Path, name: str, report: DataReport) -> Iterator[tuple[Re
             index += 1
 
 
-def read_hub(
-    name: str, config: str | None = None, split: str = "train", data_dir: str | None = None
-) -> Iterator[tuple[Record, str]]:
-    """Rows of a Hub dataset (or a local dataset folder) via ``datasets.load_dataset``."""
-    import datasets
-
-    kwargs = {"data_dir": data_dir} if data_dir else {}
-    dataset = datasets.load_dataset(name, config, split=split, **kwargs)
-    for index, record in enumerate(dataset):
-        yield dict(record), f"{HUB_PREFIX}{name}:{split}[{index}]"
-
-
-def read_records(
-    source: str,
-    hub_config: str | None = None,
-    hub_split: str = "train",
-    hub_data_dir: str | None = None,
-    report: DataReport | None = None,
-) -> Iterator[tuple[Record, str]]:
-    """Records of a local file (by suffix) or of ``hub:NAME`` (split ``hub_split``), with locations.
+def read_records(source: str, report: DataReport | None = None) -> Iterator[tuple[Record, str]]:
+    """Records of a local file (by suffix) or of a Hub split (``hub:NAME?...``, see
+    :mod:`dpo_lit.data.hub`; read from the local mirror's file when it holds one), with locations.
 
     A malformed record goes to ``report``, which raises it (the default) or counts it and reading
     goes on.
 
     Raises:
-        DataError: the file is missing, of an unknown type or unreadable, or a record is malformed.
+        DataError: the file is missing, of an unknown type or unreadable, a record is malformed, or
+            a Hub split can be had neither from the mirror nor from the Hub.
     """
     report = report if report is not None else DataReport()
     if source.startswith(HUB_PREFIX):
-        yield from read_hub(source[len(HUB_PREFIX) :], hub_config, hub_split, hub_data_dir)
-        return
+        hub = HubSource.parse(source)
+        local = mirror_file(hub)
+        if local is None:
+            for index, record in enumerate(hub_rows(hub)):
+                yield record, f"{hub}[{index}]"
+            return
+        source = str(local)
     path = Path(source).expanduser()
     if not path.is_file():
-        raise DataError(source, f"file not found (relative paths start at {Path.cwd()})")
+        start = "" if path.is_absolute() else f" (relative paths start at {Path.cwd()})"
+        raise DataError(source, f"file not found{start}")
     reader = {".jsonl": read_jsonl, ".json": read_json, ".csv": read_csv, ".parquet": read_parquet}
     last = None  # the location of the last record read, to say where an unreadable file broke off
     try:

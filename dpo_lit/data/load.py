@@ -31,31 +31,25 @@ def read_examples(
     mode: Mode = "paired",
     report: DataReport | None = None,
     assistant_marker: str = "\n\nAssistant:",
-    hub_config: str | None = None,
-    hub_split: str = "train",
-    hub_data_dir: str | None = None,
     extra_roles: Sequence[str] = (),
 ) -> list[Example]:
     """Canonical examples of every source in order; the format is detected per source.
 
     Args:
         sources: Local files (``.jsonl``, ``.json``, ``.csv``, optionally ``.gz``, ``.parquet``) or
-            ``hub:NAME`` datasets.
+            Hub splits (``hub:NAME?split=...``).
         format: ``"auto"`` detects each file's format from its first record's keys.
         mode: ``"paired"`` refuses unpaired data; ``"unpaired"`` accepts both (pairs are unpaired
             later, by :func:`~dpo_lit.data.formats.as_unpaired`).
         report: Raises or counts bad records (a fresh one raises).
         assistant_marker: Where implicit-prompt transcripts' prompts end.
-        hub_config: Configuration name of ``hub:`` datasets.
-        hub_split: Split of ``hub:`` datasets.
-        hub_data_dir: ``data_dir`` of ``hub:`` datasets (``harmless-base`` for HH-RLHF).
         extra_roles: Message roles accepted beside system, user, assistant and tool.
     """
     report = report if report is not None else DataReport()
     examples: list[Example] = []
     for source in sources:
         fmt = format
-        for record, location in read_records(source, hub_config, hub_split, hub_data_dir, report):
+        for record, location in read_records(source, report):
             if fmt == "auto":
                 fmt = detect_format(record, location)
             report.formats.setdefault(source, fmt)
@@ -109,9 +103,6 @@ def load_examples(
     truncation_mode: TruncationMode = "keep_end",
     on_bad_record: OnBadRecord = "error",
     assistant_marker: str = "\n\nAssistant:",
-    hub_config: str | None = None,
-    hub_split: str = "train",
-    hub_data_dir: str | None = None,
     max_examples: int | None = None,
     extra_roles: Sequence[str] = (),
 ) -> list[TokenizedExample]:
@@ -125,9 +116,7 @@ def load_examples(
 
         tokenizer = load_tokenizer(tokenizer)
     report = DataReport(on_bad_record)
-    examples = read_examples(
-        sources, format, mode, report, assistant_marker, hub_config, hub_split, hub_data_dir, extra_roles
-    )
+    examples = read_examples(sources, format, mode, report, assistant_marker, extra_roles)
     examples = prepare(examples, mode, max_examples)
     tokenized = tokenize_examples(examples, tokenizer, max_length, max_prompt_length, truncation_mode, report)
     report.warn(max_length, max_prompt_length)

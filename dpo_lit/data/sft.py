@@ -38,7 +38,7 @@ from dpo_lit.data.collate import pad_rows
 from dpo_lit.data.datamodule import TokenizedSplits
 from dpo_lit.data.errors import DataError, DataReport, OnBadRecord, describe
 from dpo_lit.data.formats import Record, UnpairedExample
-from dpo_lit.data.io import read_records
+from dpo_lit.data.io import DataSource, read_records
 from dpo_lit.data.load import shuffled, split_examples
 from dpo_lit.data.tokenize import TokenizedDataset, TokenizedExample, tokenize_examples
 from dpo_lit.errors import ConfigError
@@ -213,8 +213,8 @@ class SFTDataModule(TokenizedSplits):
     def __init__(
         self,
         tokenizer_name: str,
-        train_files: list[str],
-        val_files: list[str] | None = None,
+        train_files: list[DataSource],
+        val_files: list[DataSource] | None = None,
         val_fraction: float = 0.05,
         seed: int = 0,
         format: SFTFormat = "auto",

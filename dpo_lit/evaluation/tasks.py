@@ -1,7 +1,7 @@
 """The evaluation data sets as :class:`MCItem` lists (or a text), with lm-evaluation-harness prompts.
 
 =============  ===============================  =========================================================
-task           default file (in the data dir)   prompt → choices
+task           mirror file (Hub split below)    prompt → choices
 =============  ===============================  =========================================================
 wikitext       ``wiki.test.raw``                text for :func:`~dpo_lit.evaluation.perplexity.perplexity`,
                                                 with lm-eval's ``wikitext_detokenizer`` applied
@@ -17,33 +17,35 @@ lambada        ``lambada_test_plain_text.txt``  a passage a line: its words but 
                                                 the file's stem (``heldout.txt`` → ``heldout``)
 =============  ===============================  =========================================================
 
-The data directory is ``$DPO_LIT_EVAL_DATA``, else ``../shared/data/eval`` relative to the
-current directory (the project's root). A malformed row raises a
-:class:`~dpo_lit.data.errors.DataError` naming the file, line and field.
+A registered task reads its Hub split (:data:`TASKS`: ``Salesforce/wikitext``, ``allenai/ai2_arc``,
+``ybisk/piqa``, ``google/boolq``, ``Rowan/hellaswag``, ``cimec/lambada``), or the file above in
+the local mirror's ``eval/`` when ``$DPO_LIT_DATA`` names one (:mod:`dpo_lit.data.hub`); both
+forms give the same items. A malformed row raises a :class:`~dpo_lit.data.errors.DataError`
+naming the file (or Hub row), line and field.
 """
 
 from __future__ import annotations
 
 import bz2
-import os
 import random
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from dpo_lit.data.errors import DataError, describe
+from dpo_lit.data.hub import HubSource, hub_rows, mirror_file
 from dpo_lit.data.io import read_records
 from dpo_lit.errors import ConfigError, MissingFileError
-from dpo_lit.evaluation.lambada import LambadaItem, load_lambada
+from dpo_lit.evaluation.lambada import LambadaItem, load_lambada, split_passage
 from dpo_lit.evaluation.multiple_choice import MCItem
 from dpo_lit.evaluation.perplexity import load_text
 
-DEFAULT_DATA_DIR = Path("..") / "shared" / "data" / "eval"
 PATH_SUFFIXES = (".jsonl", ".txt")  # tasks given as a file: multiple choice, perplexity
 
 TaskKind = Literal["mc", "text", "lambada"]
+Rows = Iterable[tuple[dict[str, Any], str]]  # records with their locations
 
 
 def _get(record: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
@@ -96,8 +98,13 @@ def load_piqa(path: Path) -> list[MCItem]:
 
 def load_boolq(path: Path) -> list[MCItem]:
     """BoolQ; the answer ``true`` is the choice `` yes`` (index 1)."""
+    return boolq_items(read_records(str(path)))
+
+
+def boolq_items(rows: Rows) -> list[MCItem]:
+    """BoolQ rows (the file's and the Hub's are alike) as items."""
     items = []
-    for record, where in read_records(str(path)):
+    for record, where in rows:
         passage, question = _get(record, "passage", str, where), _get(record, "question", str, where)
         answer = _get(record, "answer", bool, where)
         items.append(MCItem(f"{passage}\nQuestion: {question}?\nAnswer:", [" no", " yes"], int(answer)))
@@ -144,6 +151,57 @@ def load_hellaswag(path: Path) -> list[MCItem]:
     return items
 
 
+def arc_from_hub(rows: Rows) -> list[MCItem]:
+    """ARC as the Hub has it: ``question`` a string, ``choices`` ``{"text": [...], "label": [...]}``."""
+    items = []
+    for record, where in rows:
+        stem, choices = _get(record, "question", str, where), _get(record, "choices", dict, where)
+        texts, labels = choices.get("text"), choices.get("label")
+        if not isinstance(texts, list) or not isinstance(labels, list) or len(texts) != len(labels) or not texts:
+            raise DataError(where, "field 'choices': expected {text: [...], label: [...]} of one non-zero length")
+        key = _get(record, "answerKey", str, where)
+        if key not in labels:
+            raise DataError(where, f"field 'answerKey': {key!r} is none of the labels {labels}")
+        items.append(MCItem(f"Question: {stem}\nAnswer:", [f" {t}" for t in texts], labels.index(key)))
+    return items
+
+
+def piqa_from_hub(rows: Rows) -> list[MCItem]:
+    """PIQA as the Hub has it: the label (0/1) is the row's ``label``."""
+    items = []
+    for record, where in rows:
+        goal, sol1, sol2 = (_get(record, key, str, where) for key in ("goal", "sol1", "sol2"))
+        label = _get(record, "label", int, where)
+        items.append(_item(f"Question: {goal}\nAnswer:", [f" {sol1}", f" {sol2}"], label, where))
+    return items
+
+
+def hellaswag_from_hub(rows: Rows) -> list[MCItem]:
+    """HellaSwag as the Hub has it, prompted as lm-eval does:
+    ``preprocess(activity_label + ": " + ctx_a + " " + ctx_b.capitalize())`` → the endings."""
+    items = []
+    for record, where in rows:
+        label, ctx_a, ctx_b = (_get(record, key, str, where) for key in ("activity_label", "ctx_a", "ctx_b"))
+        endings = _get(record, "endings", list, where)
+        gold = _get(record, "label", (str, int), where)
+        if str(gold) not in ("0", "1", "2", "3") or len(endings) != 4:
+            raise DataError(where, f"expected 4 endings and a label 0-3, got {len(endings)} and {gold!r}")
+        context = hellaswag_preprocess(f"{label}: {ctx_a} {ctx_b.capitalize()}")
+        items.append(MCItem(context, [f" {hellaswag_preprocess(e)}" for e in endings], int(gold)))
+    return items
+
+
+def text_from_hub(rows: Rows) -> str:
+    """A text data set's lines (the Hub's WikiText rows are lines ending in a newline), blank ones
+    dropped, as the mirror's file holds them."""
+    return "".join(r["text"] for r, _ in rows if isinstance(r.get("text"), str) and r["text"].strip())
+
+
+def lambada_from_hub(rows: Rows) -> list[LambadaItem]:
+    """LAMBADA passages, one a row's ``text``."""
+    return [split_passage(_get(r, "text", str, where).strip(), where) for r, where in rows]
+
+
 def load_jsonl(path: Path) -> list[MCItem]:
     """Generic ``{"context": str, "choices": [str, ...], "answer": int}`` rows, used verbatim.
 
@@ -188,34 +246,34 @@ def wikitext_detokenize(text: str) -> str:
 
 @dataclass(frozen=True)
 class Task:
-    """A registered evaluation: its default file and how to read it.
+    """A registered evaluation: its Hub split and how to read it.
 
     Args:
-        file: file name in the data directory.
+        hub: the Hub split; a local mirror's copy (:data:`~dpo_lit.data.hub.MIRROR`) is read instead
+            when ``$DPO_LIT_DATA`` names one.
         kind: ``mc`` (multiple choice, a list of :class:`MCItem`), ``text`` (perplexity of a
             text) or ``lambada`` (last-word prediction, a list of :class:`LambadaItem`).
-        load: reads the file.
+        load: reads a file in the original release's format (the mirror's, or one passed as a path).
+        from_hub: reads the Hub's rows (record, location).
     """
 
-    file: str
+    hub: HubSource
     kind: TaskKind
     load: Callable[[Path], Any]
+    from_hub: Callable[[Rows], Any]
 
 
 TASKS: dict[str, Task] = {
-    "wikitext": Task("wiki.test.raw", "text", lambda path: wikitext_detokenize(load_text(path))),
-    "arc_easy": Task("ARC-Easy-Test.jsonl", "mc", load_arc),
-    "arc_challenge": Task("ARC-Challenge-Test.jsonl", "mc", load_arc),
-    "piqa": Task("piqa_valid.jsonl", "mc", load_piqa),
-    "boolq": Task("boolq_dev.jsonl", "mc", load_boolq),
-    "hellaswag": Task("hellaswag_val_full.txt.bz2", "mc", load_hellaswag),
-    "lambada": Task("lambada_test_plain_text.txt", "lambada", load_lambada),
-}
-
-
-def data_dir() -> Path:
-    """``$DPO_LIT_EVAL_DATA``, else ``../shared/data/eval`` (relative to the current directory)."""
-    return Path(os.environ.get("DPO_LIT_EVAL_DATA", DEFAULT_DATA_DIR))
+    "wikitext": Task(HubSource("Salesforce/wikitext", "wikitext-2-raw-v1", split="test"), "text",
+                     lambda path: wikitext_detokenize(load_text(path)),
+                     lambda rows: wikitext_detokenize(text_from_hub(rows))),
+    "arc_easy": Task(HubSource("allenai/ai2_arc", "ARC-Easy", split="test"), "mc", load_arc, arc_from_hub),
+    "arc_challenge": Task(HubSource("allenai/ai2_arc", "ARC-Challenge", split="test"), "mc", load_arc, arc_from_hub),
+    "piqa": Task(HubSource("ybisk/piqa", split="validation"), "mc", load_piqa, piqa_from_hub),
+    "boolq": Task(HubSource("google/boolq", split="validation"), "mc", load_boolq, boolq_items),
+    "hellaswag": Task(HubSource("Rowan/hellaswag", split="validation"), "mc", load_hellaswag, hellaswag_from_hub),
+    "lambada": Task(HubSource("cimec/lambada", split="test"), "lambada", load_lambada, lambada_from_hub),
+}  # fmt: skip
 
 
 def task_kind(name: str) -> TaskKind:
@@ -230,27 +288,30 @@ def task_name(name: str) -> str:
     return name if name in TASKS else Path(name).stem
 
 
-def task_path(name: str, path: str | Path | None = None) -> Path:
-    """The file a task reads: ``path`` if given, else its default file in :func:`data_dir` (a task
-    given as a file is its own path)."""
+def task_source(name: str, path: str | Path | None = None) -> Path | HubSource:
+    """What a task reads: ``path`` if given, else a registered task's mirror file or Hub split (a
+    task given as a file is its own path)."""
     if name not in TASKS and not name.endswith(PATH_SUFFIXES):
         raise ConfigError(
             f"unknown evaluation task {name!r}: expected one of {sorted(TASKS)}, a .jsonl or a .txt file"
         )
-    if path is not None:
-        resolved = Path(path)
-    elif name in TASKS:
-        resolved = data_dir() / TASKS[name].file
-    else:
-        resolved = Path(name).expanduser()
+    if path is None and name in TASKS:
+        return mirror_file(TASKS[name].hub) or TASKS[name].hub
+    resolved = Path(path if path is not None else name).expanduser()
     if not resolved.is_file():
-        hint = (
-            "set DPO_LIT_EVAL_DATA to the folder holding it, or pass its path"
-            if name in TASKS and path is None
-            else f"relative paths start at {Path.cwd()}"
+        raise MissingFileError(
+            f"evaluation data for task {name!r} not found: {resolved} (relative paths start at {Path.cwd()})"
         )
-        raise MissingFileError(f"evaluation data for task {name!r} not found: {resolved} ({hint})")
     return resolved
+
+
+def _read(name: str, path: str | Path | None) -> Any:
+    source = task_source(name, path)
+    if isinstance(source, HubSource):
+        return TASKS[name].from_hub((r, f"{source}[{i}]") for i, r in enumerate(hub_rows(source)))
+    if name in TASKS:
+        return TASKS[name].load(source)
+    return load_jsonl(source) if task_kind(name) == "mc" else load_text(source)
 
 
 def load_task(
@@ -260,8 +321,7 @@ def load_task(
     file order."""
     if task_kind(name) == "text":
         raise ValueError(f"task {name!r} is a perplexity task: use load_text_task")
-    resolved = task_path(name, path)
-    items = TASKS[name].load(resolved) if name in TASKS else load_jsonl(resolved)
+    items = _read(name, path)
     if limit is not None and limit < len(items):
         keep = sorted(random.Random(seed).sample(range(len(items)), limit))
         items = [items[i] for i in keep]
@@ -273,5 +333,4 @@ def load_text_task(name: str, path: str | Path | None = None) -> str:
     as it is (read as UTF-8)."""
     if task_kind(name) != "text":
         raise ValueError(f"task {name!r} is not a perplexity task: use load_task")
-    resolved = task_path(name, path)
-    return TASKS[name].load(resolved) if name in TASKS else load_text(resolved)
+    return _read(name, path)

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from dpo_lit.cli import override_args
-from dpo_lit.data.io import write_json
+from dpo_lit.data.io import DataSource, write_json
 from dpo_lit.data.prompts import read_prompts
 from dpo_lit.models import load_model, load_tokenizer
 from dpo_lit.pipelines.onpolicy import compare_on_prompts
@@ -114,11 +114,11 @@ def write_rows_png(rows: list[MethodRow], path: Path) -> Path:
 
 
 def run_compare(
-    generate_config: str = "configs/generate/everyday_vader.yaml",
-    dpo_config: str = "configs/quickstart/dpo.yaml",
-    ppo_config: str = "configs/ppo/smollm2_everyday_vader.yaml",
+    generate_config: DataSource = "configs/generate/everyday_vader.yaml",
+    dpo_config: DataSource = "configs/quickstart/dpo.yaml",
+    ppo_config: DataSource = "configs/ppo/smollm2_everyday_vader.yaml",
     reward: Reward | None = None,
-    heldout_prompts: str = "dpo_lit/assets/everyday_prompts_heldout.txt",
+    heldout_prompts: DataSource = "dpo_lit/assets/everyday_prompts_heldout.txt",
     model_name: str = "smollm2-135m-instruct",
     out_dir: str = "runs/compare",
     eval_samples: int = 4,

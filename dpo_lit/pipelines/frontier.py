@@ -56,7 +56,7 @@ from dpo_lit.callbacks.reward_kl import (
     sample_and_score,
     summarize_samples,
 )
-from dpo_lit.data.io import read_records, write_json, write_jsonl
+from dpo_lit.data.io import DataSource, read_records, write_json, write_jsonl
 from dpo_lit.data.prompts import encode_prompts, read_prompts
 from dpo_lit.errors import ConfigError, DataError
 from dpo_lit.models import load_model, load_tokenizer
@@ -161,14 +161,14 @@ class Frontier:
 def run_frontier(
     model_name: str = "smollm2-135m-instruct",
     out_dir: str = "runs/imdb_frontier",
-    train_file: str = "../shared/data/sentiment/imdb_train.jsonl.gz",
-    test_file: str = "../shared/data/sentiment/imdb_test.jsonl.gz",
+    train_file: DataSource = "hub:stanfordnlp/imdb?split=train",
+    test_file: DataSource = "hub:stanfordnlp/imdb?split=test",
     classifier_max_examples: int | None = None,
-    sft_config: str = "configs/frontier/sft.yaml",
-    generate_config: str = "configs/frontier/generate.yaml",
-    dpo_config: str = "configs/frontier/dpo.yaml",
-    reward_config: str = "configs/frontier/reward.yaml",
-    ppo_config: str = "configs/frontier/ppo.yaml",
+    sft_config: DataSource = "configs/frontier/sft.yaml",
+    generate_config: DataSource = "configs/frontier/generate.yaml",
+    dpo_config: DataSource = "configs/frontier/dpo.yaml",
+    reward_config: DataSource = "configs/frontier/reward.yaml",
+    ppo_config: DataSource = "configs/frontier/ppo.yaml",
     train_prefixes: int = 128,
     heldout_prefixes: int = 64,
     prefix_tokens: tuple[int, int] = (2, 8),

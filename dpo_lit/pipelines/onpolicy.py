@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dpo_lit.callbacks.export import ExportPretrained
-from dpo_lit.data.io import atomic_write, write_json
+from dpo_lit.data.io import DataSource, atomic_write, write_json
 from dpo_lit.data.prompts import Prompt, encode_prompts, prompt_text, read_prompts
 from dpo_lit.evaluation.evaluate import TaskData, evaluate_task, load_task_data
 from dpo_lit.models import cache_dir, load_model, load_tokenizer, model_hash
@@ -184,11 +184,11 @@ def train(config: str, model: str, pairs: Path, root: Path, seed: int, beta: flo
 
 
 def run_pipeline(
-    generate_config: str = "configs/generate/everyday_vader.yaml",
-    train_config: str = "configs/quickstart/dpo.yaml",
+    generate_config: DataSource = "configs/generate/everyday_vader.yaml",
+    train_config: DataSource = "configs/quickstart/dpo.yaml",
     reward: Reward | None = None,
-    train_prompts: str | None = None,
-    heldout_prompts: str = "dpo_lit/assets/everyday_prompts_heldout.txt",
+    train_prompts: DataSource | None = None,
+    heldout_prompts: DataSource = "dpo_lit/assets/everyday_prompts_heldout.txt",
     model_name: str = "smollm2-135m-instruct",
     rounds: int = 1,
     out_dir: str = "runs/quickstart",

@@ -28,7 +28,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from dpo_lit.data.io import write_json, write_jsonl
+from dpo_lit.data.io import DataSource, write_json, write_jsonl
 from dpo_lit.data.prompts import encode_prompts, read_prompts
 from dpo_lit.models import load_model, load_tokenizer
 from dpo_lit.rewards import Reward, VaderSentiment
@@ -152,8 +152,8 @@ class PromptDataModule(LightningDataModule):
     """
 
     def __init__(
-        self, tokenizer_name: str, prompts_file: str, batch_size: int = 8, limit: int | None = None,
-        chat: bool | None = None, val_prompts_file: str | None = None, val_limit: int | None = None,
+        self, tokenizer_name: str, prompts_file: DataSource, batch_size: int = 8, limit: int | None = None,
+        chat: bool | None = None, val_prompts_file: DataSource | None = None, val_limit: int | None = None,
     ) -> None:
         super().__init__()
         self.tokenizer_name, self.prompts_file = tokenizer_name, prompts_file
