@@ -107,6 +107,8 @@ def argument_error_line(message: str) -> str:
     ]  # fmt: skip
     line = re.sub(r"""(?:Parser key|Key) "([^"]+)":""", r"\1:", " ".join(parts))
     line = re.sub(r"Problem with given class_path '[^']+': ", "", line)
+    # jsonargparse's repr of a nested option ("Given value: NestedArg(key='loss.beta', val='abc')")
+    line = re.sub(r"\s*Given value: NestedArg\(key='([^']*)', val=(.*?)\)(?=\s|$)", r" (given: \1=\2)", line)
     return f"{line} (--help lists the options)"
 
 

@@ -75,6 +75,8 @@ class Trainer(LightningTrainer):
 
     Lightning counts an integer interval within each epoch and refuses one longer than the epoch, so a
     short run of a config made for a long one (``--data.max_examples 16``) would stop with a traceback.
+    A run of fewer training batches than the interval (``--trainer.max_steps 2`` of a config that
+    validates every 50) validates once, at its last batch, instead of never.
     """
 
     def __init__(
@@ -86,6 +88,9 @@ class Trainer(LightningTrainer):
             rank_zero_info(f"trainer.precision=auto: {precision} on {why}")
         if isinstance(val_check_interval, int) and check_val_every_n_epoch == 1:
             check_val_every_n_epoch = None
+        last_batch = kwargs.get("max_steps", -1) * kwargs.get("accumulate_grad_batches", 1)
+        if isinstance(val_check_interval, int) and check_val_every_n_epoch is None and 0 < last_batch < val_check_interval:
+            val_check_interval = last_batch  # a run shorter than the interval still validates, at its end
         super().__init__(
             *args, precision=precision, accelerator=accelerator, val_check_interval=val_check_interval,
             check_val_every_n_epoch=check_val_every_n_epoch, **kwargs,

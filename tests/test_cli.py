@@ -399,16 +399,36 @@ def test_a_typo_or_lightnings_optimizer_options_end_in_one_line(option, named, t
     assert not (tmp_path / "lightning_logs").exists()
 
 
+@pytest.mark.parametrize(
+    ("option", "expected"),
+    [("--model.loss.beta=abc", "model: loss: beta: Expected a <class 'float'>. Got value: abc (given: loss.beta='abc')"),
+     ("--model.loss=NoSuchLoss", "model: loss: Expected a path but NoSuchLoss either not accessible or invalid "
+                                 "Expected a dot import path string: NoSuchLoss (given: loss='NoSuchLoss')")],
+)  # fmt: skip
+def test_a_bad_nested_value_is_named_without_parser_reprs(option, expected, monkeypatch, capsys):
+    from dpo_lit.cli import main as console_main
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr("sys.argv", ["dpo-lit", "fit", "--config", "configs/dpo/tiny.yaml", option])
+    with pytest.raises(SystemExit) as exit_info:
+        console_main()
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"dpo-lit: error: {expected} (--help lists the options)"]
+
+
 @pytest.mark.parametrize("path", ["configs/sft/smollm2_imdb.yaml", "configs/reward/smollm2_hh.yaml"])
 def test_a_run_shorter_than_its_validation_interval_still_runs(path, tmp_path, monkeypatch, shared_data):
     """An integer val_check_interval counts batches across epochs: a 16-example run of a config made
-    for hundreds of steps trains instead of stopping in Lightning's interval check."""
+    for hundreds of steps trains instead of stopping in Lightning's interval check, and validates
+    once, at its end (the interval is longer than the run)."""
     monkeypatch.chdir(ROOT)
     cli = main([
         "fit", "--config", path, "--model.model_name=tiny-random-llama", "--data.max_examples=16",
         "--trainer.max_steps=2", f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false",
     ])
     assert cli.trainer.global_step == 2 and cli.trainer.check_val_every_n_epoch is None
+    assert cli.trainer.val_check_interval == 2 * cli.trainer.accumulate_grad_batches
+    assert "val/loss" in cli.trainer.callback_metrics
 
 
 def test_a_resumed_run_logs_into_its_own_folder_and_plots_draw_the_whole_run(tmp_path, monkeypatch):

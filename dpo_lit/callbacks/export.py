@@ -104,7 +104,7 @@ def model_card(trainer: Trainer, pl_module: LightningModule, adapter: bool) -> s
     loss = getattr(pl_module, "loss", None)
     reference = getattr(pl_module, "reference", None)
     data = trainer.datamodule
-    sources = [*getattr(data, "train_files", [])]
+    sources = [_as_shared(source) for source in getattr(data, "train_files", [])]
     lines = [
         "---",
         f"base_model: {base}",
@@ -135,6 +135,15 @@ def model_card(trainer: Trainer, pl_module: LightningModule, adapter: bool) -> s
     else:
         lines.append("(no validation ran)")
     return "\n".join(lines) + "\n"
+
+
+def _as_shared(source: str) -> str:
+    """A data source as a model card names it: a Hub split as it is, a local file relative to the
+    current directory when it lies below it (no absolute path of this machine in a shared card)."""
+    try:
+        return str(Path(source).relative_to(Path.cwd()))
+    except ValueError:
+        return source
 
 
 def _name_base_as_configured(folder: Path, model_name: str | None) -> None:
