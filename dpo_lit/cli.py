@@ -40,11 +40,17 @@ from typing import Any, Literal
 import torch
 from lightning import LightningDataModule, LightningModule
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from dpo_lit.callbacks import EpochsFromSteps, ExportPretrained, LastCheckpoint, NonFiniteGuard
+from dpo_lit.callbacks import (
+    EpochsFromSteps,
+    ExportPretrained,
+    LastCheckpoint,
+    NonFiniteGuard,
+    StepFromCheckpoint,
+)
 from dpo_lit.data import PreferenceDataModule
 from dpo_lit.errors import ConfigError, UserError
 from dpo_lit.module import PreferenceModule
@@ -127,7 +133,7 @@ class DPOLitCLI(_ArgsFromCode):
         super().__init__(
             LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
-            trainer_defaults={"callbacks": [LastCheckpoint(), EpochsFromSteps(), NonFiniteGuard()]},  # whatever the config
+            trainer_defaults={"callbacks": [LastCheckpoint(), EpochsFromSteps(), NonFiniteGuard(), StepFromCheckpoint()]},  # whatever the config
             **kwargs,
         )  # fmt: skip
 
@@ -165,27 +171,34 @@ class DPOLitCLI(_ArgsFromCode):
         if self.datamodule is not None:
             self.datamodule.setup(stage)
 
-    def _continue_log_folder(self) -> None:
+    def _continue_log_folder(self) -> Path | None:
         """A fit resumed from a checkpoint inside a log folder of the trainer's logger (``version_N``)
         logs into that folder again: one TensorBoard run, one ``config.yaml`` (the resumed run's) and
-        its checkpoints where they were, instead of a new ``version_N+1`` holding the second half."""
+        its checkpoints where they were, instead of a new ``version_N+1`` holding the second half.
+        ``validate`` of such a checkpoint logs there too (its metrics at the checkpoint's step).
+        Returns the folder, or None when the run logs into a new one."""
         ckpt = self.config_init[self.subcommand].get("ckpt_path")
         logger = self.trainer.logger
         if not ckpt or len(self.trainer.loggers) != 1 or not isinstance(logger, (TensorBoardLogger, CSVLogger)):
-            return
+            return None
         folder = Path(ckpt).resolve().parent.parent  # <save_dir>/<name>/<version>/checkpoints/last.ckpt
         pinned = getattr(logger, "_version", None) is not None  # the user named a version: theirs
         if pinned or folder.parent != (Path(logger.save_dir) / (logger.name or "")).resolve():
-            return
+            return None
         version = folder.name
         if version.startswith("version_") and version[len("version_"):].isdigit():
             version = int(version[len("version_"):])
         self.trainer.loggers = [type(logger)(save_dir=logger.save_dir, name=logger.name, version=version)]
-        rank_zero_info(f"resuming in {folder}")
+        rank_zero_info(f"{'resuming' if self.subcommand == 'fit' else 'logging'} in {folder}")
+        return folder
 
     def before_validate(self) -> None:
         self._read_data("validate")
         self._find_last_checkpoint()
+        if self._continue_log_folder():  # the training run's folder: keep its config.yaml as it is
+            for callback in self.trainer.callbacks:
+                if isinstance(callback, SaveConfigCallback):
+                    callback.config_filename = "validate_config.yaml"
         self.config_init[self.subcommand]["verbose"] = False  # after_validate prints the metrics, once
 
     def after_validate(self) -> None:

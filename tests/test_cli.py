@@ -446,6 +446,26 @@ def test_a_resumed_run_logs_into_its_own_folder_and_plots_draw_the_whole_run(tmp
     assert steps == [0, 1, 2, 3]
 
 
+def test_validating_a_runs_checkpoint_logs_into_that_run_and_keeps_its_config(tmp_path, monkeypatch, capsys):
+    """validate --ckpt_path last: no new version folder; the metrics go to the run's TensorBoard at
+    the checkpoint's step; the training config.yaml stays, validate's own goes beside it."""
+    from dpo_lit.pipelines.plots import read_scalars
+
+    monkeypatch.chdir(ROOT)
+    common = ["--config", "configs/dpo/tiny.yaml", f"--trainer.default_root_dir={tmp_path}",
+              "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=1"]  # fmt: skip
+    main(["fit", *common, "--trainer.max_steps=2", "--trainer.val_check_interval=2"])
+    run = tmp_path / "lightning_logs" / "version_0"
+    trained = (run / "config.yaml").read_text()
+    main(["validate", *common, "--ckpt_path=last", "--data.max_length=200"])
+    assert [p.name for p in (tmp_path / "lightning_logs").iterdir()] == ["version_0"]
+    assert (run / "config.yaml").read_text() == trained
+    assert "max_length: 200" in (run / "validate_config.yaml").read_text() and "max_length: 200" not in trained
+    assert len(list(run.glob("events.out.tfevents.*"))) == 2  # fit's, then validate's, in one folder
+    [(step, _)] = read_scalars(run)["val/loss"]  # both at the checkpoint's step (0-based 1), not 0
+    assert step == 1
+
+
 @pytest.mark.parametrize(("logger", "package"), [("WandbLogger", "wandb"), ("MLFlowLogger", "mlflow")])
 def test_a_logger_whose_package_is_missing_ends_in_one_line(logger, package, tmp_path, monkeypatch, capsys):
     """An optional logger without its package: one line naming the logger and what to install."""

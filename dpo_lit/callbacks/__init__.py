@@ -1,7 +1,7 @@
 """Lightning callbacks: export, checkpoints, monitoring and evaluation. The module computes; these log and save."""
 
 from dpo_lit.callbacks.capability import CapabilityEval
-from dpo_lit.callbacks.checkpoint import EpochsFromSteps, LastCheckpoint
+from dpo_lit.callbacks.checkpoint import EpochsFromSteps, LastCheckpoint, StepFromCheckpoint
 from dpo_lit.callbacks.export import ExportPretrained
 from dpo_lit.callbacks.guard import NonFiniteGuard
 from dpo_lit.callbacks.health import TrainingHealth
@@ -15,6 +15,7 @@ __all__ = [
     "ExportPretrained",
     "HeldoutRewardKL",
     "LastCheckpoint",
+    "StepFromCheckpoint",
     "NonFiniteGuard",
     "SampleTable",
     "SampledKL",

@@ -10,7 +10,8 @@ steps, add one: ``--trainer.callbacks+=ModelCheckpoint --trainer.callbacks.every
 --trainer.callbacks.save_top_k=-1``. :class:`EpochsFromSteps` turns
 Lightning's "no epoch limit" (``max_epochs: -1`` beside ``max_steps``) into the number of epochs
 ``max_steps`` takes, so the progress bar shows ``Epoch 0/2`` and batches out of the epoch's,
-not ``Epoch 0/-2`` and ``4/2``. The CLI adds both to every fit.
+not ``Epoch 0/-2`` and ``4/2``. :class:`StepFromCheckpoint` logs ``validate``'s metrics at the
+checkpoint's step. The CLI adds all three to every run.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 from lightning import Callback, LightningModule, Trainer
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
 
 from dpo_lit.errors import OutputError
 
@@ -122,3 +124,19 @@ def set_rng_states(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class StepFromCheckpoint(Callback):
+    """``validate`` (or ``predict``) of a checkpoint logs at the step the checkpoint was taken.
+
+    Lightning restores its step counters only when fitting, so a validation of a trained checkpoint
+    would be logged at step 0, where the initial model's metrics sit on the same curve. The logging
+    step is the fit loop's count of batches that stepped, restored here from the checkpoint (it is
+    the step the run's own validation at that checkpoint was logged at).
+    """
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            return  # fit restores its loops itself
+        epoch_loop = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict", {})
+        trainer.fit_loop.epoch_loop._batches_that_stepped = epoch_loop.get("_batches_that_stepped", 0)
