@@ -1,3 +1,3 @@
-from dpo_lit.cli import main
+from dpo_lit.console import main
 
 main()

@@ -496,3 +496,13 @@ def test_the_validation_report_mentions_val_kl_only_where_it_was_measured():
 
     assert report({"val/loss": 0.69}) == "validation (held-out pairs)"
     assert report({"val/loss": 0.69, "val/kl": 0.01}) == "validation (held-out pairs; val/kl sampled from the policy)"
+
+
+def test_the_usage_prints_without_importing_torch():
+    """dpo-lit and dpo-lit --help answer at once: the entry point loads torch and Lightning only for
+    a subcommand (they take seconds to import)."""
+    code = ("import sys; from dpo_lit.console import main; sys.argv = ['dpo-lit', '--help']; main(); "
+            "print(sorted(m for m in ('torch', 'lightning', 'transformers') if m in sys.modules))")  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("usage: dpo-lit {fit,validate,predict,") and lines[-1] == "[]"
