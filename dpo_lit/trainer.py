@@ -22,6 +22,8 @@ from typing import Literal
 import torch
 from lightning import Trainer as LightningTrainer
 from lightning.pytorch.accelerators import Accelerator
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
 from lightning.pytorch.trainer.connectors.accelerator_connector import _PRECISION_INPUT
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -68,6 +70,24 @@ def _accelerator_name(accelerator: str | Accelerator) -> str:
     return "cuda" if isinstance(accelerator, CUDAAccelerator) else type(accelerator).__name__
 
 
+class _WithoutVersion:
+    """Lightning's progress bar without ``v_num``: the logger's version number, shown as a metric
+    (``v_num: 0.000``), is the log folder's name, not something the run measured."""
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
+
+
+class RunProgressBar(_WithoutVersion, RichProgressBar):
+    """Lightning's Rich progress bar, without ``v_num``."""
+
+
+class RunTQDMProgressBar(_WithoutVersion, TQDMProgressBar):
+    """Lightning's tqdm progress bar (where rich is not installed), without ``v_num``."""
+
+
 class Trainer(LightningTrainer):
     """Lightning's Trainer as the command line builds it: ``precision="auto"`` is
     :func:`auto_precision`'s choice, and an integer ``val_check_interval`` counts training batches
@@ -76,7 +96,8 @@ class Trainer(LightningTrainer):
     Lightning counts an integer interval within each epoch and refuses one longer than the epoch, so a
     short run of a config made for a long one (``--data.max_examples 16``) would stop with a traceback.
     A run of fewer training batches than the interval (``--trainer.max_steps 2`` of a config that
-    validates every 50) validates once, at its last batch, instead of never.
+    validates every 50) validates once, at its last batch, instead of never. The progress bar, unless
+    one is given or it is off, is Lightning's without ``v_num``.
     """
 
     def __init__(
@@ -91,6 +112,11 @@ class Trainer(LightningTrainer):
         last_batch = kwargs.get("max_steps", -1) * kwargs.get("accumulate_grad_batches", 1)
         if isinstance(val_check_interval, int) and check_val_every_n_epoch is None and 0 < last_batch < val_check_interval:
             val_check_interval = last_batch  # a run shorter than the interval still validates, at its end
+        if kwargs.get("enable_progress_bar") is not False:
+            callbacks = kwargs.get("callbacks") or []
+            callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+            if not any(isinstance(callback, ProgressBar) for callback in callbacks):
+                kwargs["callbacks"] = [*callbacks, RunProgressBar() if _RICH_AVAILABLE else RunTQDMProgressBar()]
         super().__init__(
             *args, precision=precision, accelerator=accelerator, val_check_interval=val_check_interval,
             check_val_every_n_epoch=check_val_every_n_epoch, **kwargs,

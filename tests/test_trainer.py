@@ -59,3 +59,16 @@ def test_an_accelerator_given_as_an_instance_is_named_by_its_type():
     from dpo_lit.trainer import _accelerator_name
 
     assert _accelerator_name(CPUAccelerator()) == "cpu" and _accelerator_name("gpu") == "gpu"
+
+
+def test_the_progress_bar_shows_what_the_run_measured_not_the_log_version(tmp_path, monkeypatch):
+    from dpo_lit.trainer import RunProgressBar
+
+    monkeypatch.chdir(ROOT)
+    common = ["fit", "--config", "configs/dpo/tiny.yaml", "--trainer.max_steps=1", "--trainer.limit_val_batches=0",
+              f"--trainer.default_root_dir={tmp_path}"]  # fmt: skip
+    cli = main(common)
+    bar = cli.trainer.progress_bar_callback
+    metrics = bar.get_metrics(cli.trainer, cli.model)
+    assert isinstance(bar, RunProgressBar) and "v_num" not in metrics and "train/loss" in metrics
+    assert main([*common, "--trainer.enable_progress_bar=false"]).trainer.progress_bar_callback is None
