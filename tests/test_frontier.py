@@ -213,6 +213,13 @@ def test_frontier_pipeline_end_to_end_on_the_tiny_model(tmp_path):
     samples = [json.loads(line) for line in (out / "samples" / "dpo-beta=1.jsonl").open()]
     assert len(samples) == 2 * 32 and {s["step"] for s in samples} == {2, 4}
     assert all(s["method"] == "dpo" and s["setting"] == "beta=1" and s["prompt"] for s in samples)
+    # the reward path is wired: each sample's reward is the classifier's score of its prompt and
+    # completion (the tiny model's completions are byte soup, so the scores differ by prompt; every
+    # run is judged on the same 8 prefixes, which is why the runs' mean rewards come out alike)
+    judge = SentimentClassifier(info["path"])
+    scores = judge([s["prompt"] for s in samples], [s["completion"] for s in samples]).tolist()
+    assert [s["reward"] for s in samples] == pytest.approx(scores, abs=1e-6)
+    assert len({round(s["reward"], 6) for s in samples}) > 1
     with open(out / "judged.csv", newline="") as f:
         reader = csv.DictReader(f)
         assert tuple(reader.fieldnames) == JUDGED_COLUMNS
