@@ -130,6 +130,21 @@ def test_a_bad_record_names_file_line_and_field(tmp_path, good, bad, reason):
         SFTDataModule(TINY_ALIAS, [path], val_fraction=0.0).setup()
 
 
+def test_setup_says_what_data_it_read(tmp_path, caplog):
+    """As the preference data module does: counts, source, validation, format and what was skipped
+    or cut, in one line."""
+    rows = [{"text": f"A review number {i}."} for i in range(9)] + [{"text": ""}, {"text": "word " * 100}]
+    path = write_jsonl(tmp_path / "reviews.jsonl", rows)
+    with caplog.at_level("INFO"):
+        SFTDataModule(TINY_ALIAS, [path], val_fraction=0.1, max_length=64, max_prompt_length=None,
+                      on_bad_record="skip").setup()  # fmt: skip
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("data: ")]
+    assert said == [
+        f"data: 9 train and 1 validation SFT examples from {path} (validation: 0.1 of the training records); "
+        "format text; 1 bad record(s) skipped, 0 example(s) dropped, 1 truncated to fit"
+    ]
+
+
 def test_gzipped_text_files_load(tmp_path):
     """IMDb's layout: gzipped JSON lines with id, rating, label and text; the text is trained on whole."""
     reviews = [{"id": i, "rating": 9, "label": 1, "text": f"Review {i}: a fine film."} for i in range(5)]

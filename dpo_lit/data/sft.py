@@ -31,6 +31,7 @@ from functools import cached_property
 from typing import Literal
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from transformers import PreTrainedTokenizerBase
 
 from dpo_lit.data import formats
@@ -155,6 +156,7 @@ def read_sft_examples(
         for record, location in read_records(source, report=report):
             if fmt == "auto":
                 fmt = detect_sft_format(record, text_field, location)
+            report.formats.setdefault(source, fmt)
             try:
                 example = parse_sft_record(record, fmt, location, text_field, assistant_marker)
                 examples.append(formats.check_roles(example, extra_roles))
@@ -282,9 +284,15 @@ class SFTDataModule(TokenizedSplits):
         train = self._read(self.train_files, report)
         if self.val_files:
             train, val = shuffled(train, self.seed), shuffled(self._read(self.val_files, report), self.seed)
+            held_out = "from " + ", ".join(self.val_files)
         else:
             train, val = split_examples(train, self.val_fraction, self.seed)
+            held_out = f"{self.val_fraction:g} of the training records"
         train_dataset, val_dataset = self._tokenize(train, report), self._tokenize(val, report)
+        rank_zero_info(
+            f"data: {len(train_dataset)} train and {len(val_dataset)} validation SFT examples from "
+            f"{', '.join(self.train_files)} (validation: {held_out}); {report.summary()}"
+        )
         report.warn(self.max_length, self.max_prompt_length)
         if not train_dataset:
             reason = "no training examples left after skipping and dropping"
