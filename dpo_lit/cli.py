@@ -383,6 +383,8 @@ def user_error(error: BaseException) -> UserError | None:
         if isinstance(error, ModuleNotFoundError):  # an optional package the chosen class needs (wandb, mlflow)
             what = named.rsplit(".", 1)[-1] if named else "a class the config names"
             return UserError(f"{what} needs a package that is not installed: {str(error).splitlines()[0]}")
+        if (cause := _raised_by_configured_class(error)) is not None:
+            return cause
         if isinstance(error, MisconfigurationException):  # Lightning's check of a trainer setting
             return UserError(f"trainer: {error}".replace("\n", " "))
         if isinstance(error, OSError) and error.errno in FILE_ERRNOS and error.filename:
@@ -390,6 +392,20 @@ def user_error(error: BaseException) -> UserError | None:
         seen.add(id(error))
         error = error.__cause__ or error.__context__
     return None
+
+
+def _raised_by_configured_class(error: BaseException) -> UserError | None:
+    """What a library class named in the config (a logger, an optimizer, a callback) raised when it
+    was built from the user's settings, which jsonargparse reports as a union of failed parses.
+    dpo-lit's own classes are left out: what they raise is either a UserError already or a bug."""
+    found = re.search(r"class_path='([\w.]+)'", str(error))
+    cause = error.__cause__
+    if not str(error).startswith("Does not validate against any of") or found is None or cause is None:
+        return None
+    if found.group(1).startswith("dpo_lit.") or type(cause).__module__.startswith(("jsonargparse", "dpo_lit")):
+        return None
+    reason = " ".join(str(cause).split()) or type(cause).__name__
+    return UserError(f"{found.group(1).rsplit('.', 1)[-1]}: {type(cause).__name__}: {reason}")
 
 
 # What a file or folder named in the config can meet that the user must fix: no permission, a

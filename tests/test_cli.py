@@ -486,6 +486,58 @@ def test_a_logger_whose_package_is_missing_ends_in_one_line(logger, package, tmp
     assert package in err[-1] and "Traceback" not in "\n".join(err)
 
 
+def test_mlflow_records_the_run_when_installed(tmp_path, monkeypatch):
+    """pip install -e '.[mlflow]': --trainer.logger=MLFlowLogger logs the same metrics as TensorBoard."""
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 wants a database, or this, for a folder
+    uri = f"file:{tmp_path / 'mlruns'}"
+    cli = main(["fit", "--config", "configs/dpo/tiny.yaml", "--trainer.max_steps=2", "--trainer.log_every_n_steps=1",
+                "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1", f"--trainer.default_root_dir={tmp_path}",
+                "--trainer.logger=MLFlowLogger", f"--trainer.logger.tracking_uri={uri}",
+                "--trainer.logger.experiment_name=tiny", "--trainer.enable_progress_bar=false"])  # fmt: skip
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    run = client.get_run(cli.trainer.logger.run_id)
+    assert {"train/loss", "val/loss", "val/rewards/accuracies"} <= set(run.data.metrics)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [0, 1]
+    assert run.data.params["model_name"] == "tiny-random-llama"  # the hyperparameters, as TensorBoard has them
+
+
+def test_a_logger_that_refuses_its_settings_ends_in_one_line(tmp_path, monkeypatch, capsys):
+    """What a configured library class raises while it is built (here MLflow 3 refusing a folder
+    store) is the user's setting to fix: one line naming the class and its reason, exit 2."""
+    pytest.importorskip("mlflow")
+    from dpo_lit.cli import main as console_main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    monkeypatch.setattr("sys.argv", ["dpo-lit", "fit", "--config", str(ROOT / "configs/dpo/tiny.yaml"),
+                                     "--trainer.logger=MLFlowLogger"])  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        console_main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("dpo-lit: error: MLFlowLogger: MlflowException: The filesystem tracking backend")
+    assert "MLFLOW_ALLOW_FILE_STORE=true" in err[-1] and "Traceback" not in "\n".join(err)
+
+
+def test_wandb_records_the_run_offline_when_installed(tmp_path, monkeypatch):
+    """pip install -e '.[wandb]': --trainer.logger=WandbLogger logs the run (offline here)."""
+    pytest.importorskip("wandb")
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cli = main(["fit", "--config", "configs/dpo/tiny.yaml", "--trainer.max_steps=2", "--trainer.log_every_n_steps=1",
+                "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1", f"--trainer.default_root_dir={tmp_path}",
+                "--trainer.logger=WandbLogger", f"--trainer.logger.save_dir={tmp_path}", "--trainer.logger.project=tiny",
+                "--trainer.enable_progress_bar=false"])  # fmt: skip
+    experiment = cli.trainer.logger.experiment
+    assert {"train/loss", "val/loss"} <= set(experiment.summary.keys())
+    assert experiment.config["model_name"] == "tiny-random-llama"
+    assert list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
+
+
 def test_the_validation_report_mentions_val_kl_only_where_it_was_measured():
     from types import SimpleNamespace
 
