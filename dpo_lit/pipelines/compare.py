@@ -16,28 +16,16 @@ The starting model's samples are drawn once and shared by both comparisons.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from dpo_lit.cli import override_args
 from dpo_lit.data.io import DataSource, write_json
 from dpo_lit.data.prompts import read_prompts
+from dpo_lit.jobs import Stage, override_args, run_stage
 from dpo_lit.models import load_model, load_tokenizer
 from dpo_lit.pipelines.onpolicy import compare_on_prompts
 from dpo_lit.rewards import Reward, VaderSentiment
 from dpo_lit.sampling.kl import SE_CAPTION
-
-
-@dataclass
-class Stage:
-    """One child process: its wall time and peak resident set size."""
-
-    seconds: float
-    peak_rss_gb: float
 
 
 @dataclass
@@ -54,17 +42,6 @@ class MethodRow:
     seconds: float
     peak_rss_gb: float
     model: str
-
-
-def run_stage(args: list[str], caller: str = "dpo-lit compare") -> Stage:
-    """``dpo-lit ARGS`` in a child process; stops ``caller`` (the pipeline that runs it) if the child fails."""
-    start = time.time()
-    process = subprocess.Popen([sys.executable, "-m", "dpo_lit", *args])
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        raise SystemExit(f"{caller}: `dpo-lit {' '.join(args[:3])} ...` failed (exit {process.returncode})")
-    return Stage(time.time() - start, usage.ru_maxrss / 1024**2)  # ru_maxrss is in KiB on Linux
 
 
 def newest_export(root: Path) -> Path:

@@ -134,7 +134,7 @@ class Frontier:
         """``dpo-lit fit --config CONFIG`` with ``overrides`` into ``out/NAME``, the held-out
         evaluation added to its callbacks (and a validation of the trained model when asked: a run
         cut by ``max_steps`` mid-epoch has none); returns the trainer and the run folder."""
-        from dpo_lit.cli import build_cli
+        from dpo_lit.jobs import build_cli
 
         overrides = {
             "seed_everything": self.seed, "trainer.default_root_dir": str(self.out / name),
@@ -233,7 +233,7 @@ def run_frontier(
         ppo_overrides: the same for PPO.
         seed: the seed of prefixes, sampling and training.
     """
-    from dpo_lit.cli import build_cli
+    from dpo_lit.jobs import build_cli
 
     if not 1 <= prefix_tokens[0] <= prefix_tokens[1]:  # before a minute of classifier training
         raise ConfigError(f"prefix_tokens: expected 1 <= min <= max, got {prefix_tokens[0]}, {prefix_tokens[1]}")

@@ -140,7 +140,7 @@ def generate_pairs(
     weights, the resolved config and the prompt files' bytes, and a later call with the same key
     copies them instead of sampling again (what a sweep's points share). Returns whether it did.
     """
-    from dpo_lit.cli import build_cli
+    from dpo_lit.jobs import build_cli
 
     overrides = {"model.model_name": model, "output.path": str(pairs), "model.seed": seed}
     if prompts_file:
@@ -170,7 +170,7 @@ def generate_pairs(
 def train(config: str, model: str, pairs: Path, root: Path, seed: int, beta: float | None = None) -> Path:
     """``dpo-lit fit`` with ``config`` on ``pairs``, starting from ``model`` (with the loss's
     ``beta`` replaced unless None); returns the run folder."""
-    from dpo_lit.cli import build_cli
+    from dpo_lit.jobs import build_cli
 
     overrides = {
         "model.model_name": model, "data.train_files": [str(pairs)], "trainer.default_root_dir": str(root),

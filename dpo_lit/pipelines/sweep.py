@@ -47,8 +47,8 @@ import yaml
 
 from dpo_lit.data.io import atomic_write, write_json
 from dpo_lit.errors import ConfigError
+from dpo_lit.jobs import run_stage
 from dpo_lit.metrics import better
-from dpo_lit.pipelines.compare import run_stage
 
 
 @dataclass
