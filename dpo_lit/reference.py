@@ -18,10 +18,10 @@ init_args: {mixup_alpha: 0.6, sync_steps: 64}}``); the names ``copy``, ``adapter
   optimizer steps moves towards the policy, ``ref ← α·policy + (1 − α)·ref``.
 
 A reference is handed what it needs — the policy, a batch, the data to precompute over — never
-the whole LightningModule. The module calls, in this order: :meth:`~NoReference.setup` once
-(the policy as loaded, before any adapter), :meth:`~NoReference.prepare` when fit or validate
-starts, :meth:`~NoReference.logps` each step, :meth:`~NoReference.after_step` after each training
-batch; :meth:`~NoReference.state_dict` goes into checkpoints.
+the whole LightningModule. The module calls, in this order: :meth:`~Reference.setup` once
+(the policy as loaded, before any adapter), :meth:`~Reference.prepare` when fit or validate
+starts, :meth:`~Reference.logps` each step, :meth:`~Reference.after_step` after each training
+batch; :meth:`~Reference.state_dict` goes into checkpoints.
 """
 
 from __future__ import annotations
@@ -94,8 +94,10 @@ def initial_policy(policy: nn.Module) -> ContextManager:
     return policy.disable_adapter() if hasattr(policy, "disable_adapter") else contextlib.nullcontext()
 
 
-class NoReference:
-    """No reference log-probs (reference-free losses)."""
+class Reference:
+    """What a reference is to the module (the methods below, called in the order the module
+    docstring gives); as it stands, no reference model: ``logps`` gives None. Each kind of reference
+    is a subclass, :class:`NoReference` the one for reference-free losses."""
 
     def setup(
         self, policy: nn.Module, *, lora: bool, paired: bool, chunk: int | None, options: LogpsOptions | None = None,
@@ -151,7 +153,11 @@ class NoReference:
         """Restore :meth:`state_dict`'s output."""
 
 
-class CopyReference(NoReference):
+class NoReference(Reference):
+    """No reference log-probs: reference-free losses (SimPO, ORPO, SFT) pick it themselves."""
+
+
+class CopyReference(Reference):
     """A frozen copy of the policy as it was before training."""
 
     def setup(
@@ -177,7 +183,7 @@ class CopyReference(NoReference):
         return self.frozen, contextlib.nullcontext
 
 
-class AdapterReference(NoReference):
+class AdapterReference(Reference):
     """The policy with its LoRA adapter disabled (peft's ``disable_adapter``)."""
 
     def setup(
@@ -196,7 +202,7 @@ class AdapterReference(NoReference):
         return policy, policy.disable_adapter
 
 
-class PrecomputedReference(NoReference):
+class PrecomputedReference(Reference):
     """Reference log-probs computed before training for the examples the run will use, cached on disk.
 
     They come from the initial weights, whatever the policy holds when they are needed: with LoRA
@@ -392,7 +398,7 @@ class SyncedReference(CopyReference):
             self.last_step = state["last_step"]
 
 
-SHORTCUTS: dict[str, type[NoReference]] = {
+SHORTCUTS: dict[str, type[Reference]] = {
     "copy": CopyReference,
     "adapter": AdapterReference,
     "precomputed": PrecomputedReference,

@@ -22,8 +22,9 @@ from dpo_lit.callbacks.samples import SampleRow, SampleTable, markdown_table
 from dpo_lit.cli import run
 from dpo_lit.data import PreferenceDataModule
 from dpo_lit.models import TINY_ALIAS
-from dpo_lit.module import LoRASettings, PreferenceModule
+from dpo_lit.module import PreferenceModule
 from dpo_lit.pipelines.plots import find_event_dir, plot_run, read_scalars
+from dpo_lit.policy import LoRASettings
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = Path(dpo_lit.__file__).parent / "assets"

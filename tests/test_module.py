@@ -18,7 +18,8 @@ from dpo_lit.errors import ConfigError
 from dpo_lit.logps import completion_logps
 from dpo_lit.losses import DPOLoss, KTOLoss, SimPOLoss
 from dpo_lit.models import TINY_ALIAS, load_model, resolve
-from dpo_lit.module import LoRASettings, PreferenceModule
+from dpo_lit.module import PreferenceModule
+from dpo_lit.policy import LoRASettings
 from dpo_lit.reference import CopyReference, NoReference, PrecomputedReference, SyncedReference
 
 ASSETS = Path(dpo_lit.__file__).parent / "assets"

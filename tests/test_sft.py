@@ -19,7 +19,7 @@ from dpo_lit.cli import main, run
 from dpo_lit.data import DataError, SFTDataModule
 from dpo_lit.data.sft import SFTCollator
 from dpo_lit.models import TINY_ALIAS, load_model
-from dpo_lit.module import LoRASettings
+from dpo_lit.policy import LoRASettings
 from dpo_lit.rlhf import SFTModule
 
 ROOT = Path(__file__).resolve().parents[1]

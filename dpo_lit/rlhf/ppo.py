@@ -53,7 +53,7 @@ from dpo_lit.data.collate import pad_rows
 from dpo_lit.errors import ConfigError
 from dpo_lit.logps import completion_states, head_outputs
 from dpo_lit.models import evaluating, load_model, load_tokenizer
-from dpo_lit.module import LoRASettings, optimizer_and_schedule, trainable
+from dpo_lit.policy import LoRASettings, optimizer_and_schedule, trainable
 from dpo_lit.reference import SHORTCUTS
 from dpo_lit.rewards import Reward, VaderSentiment
 from dpo_lit.rlhf.objectives import (

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from dpo_lit.errors import ConfigError
 from dpo_lit.models import load_tokenizer, resolve
-from dpo_lit.module import LoRASettings, optimizer_and_schedule, trainable
+from dpo_lit.policy import LoRASettings, optimizer_and_schedule, trainable
 
 
 def load_reward_model(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> nn.Module:

@@ -21,7 +21,7 @@ from torchmetrics import MeanMetric
 from dpo_lit.data.sft import IGNORE_INDEX
 from dpo_lit.logps import completion_states, head_outputs
 from dpo_lit.models import load_model, load_tokenizer
-from dpo_lit.module import LoRASettings, optimizer_and_schedule, trainable
+from dpo_lit.policy import LoRASettings, optimizer_and_schedule, trainable
 from dpo_lit.reference import NoReference
 
 
