@@ -26,7 +26,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from dpo_lit.data.io import DataSource
 from dpo_lit.data.prompts import encode_prompts, read_prompts
 from dpo_lit.errors import ConfigError
-from dpo_lit.sampling.kl import KLEstimate, estimate_kl
+from dpo_lit.sampling.kl import KLEstimate
+from dpo_lit.sampling.measure import MeasureSpec, measure, reference_model
 
 # Everyday requests, unlike the preference data shipped with the project: a held-out set on which
 # the policy's drift from the reference shows up without any task-specific behaviour.
@@ -70,14 +71,16 @@ class SampledKL(Callback):
     """Sampled KL(π ‖ π_ref) on a fixed held-out prompt set, logged at validation and every n steps.
 
     The estimate is unbiased: completions are sampled from the policy at temperature 1 with no
-    top-k/top-p (see :func:`dpo_lit.sampling.kl.estimate_kl`), and the reference scores those exact token
+    top-k/top-p (:func:`dpo_lit.sampling.measure.measure`), and the reference scores those exact token
     ids. It is the KL of the truncated sampling distributions (completions end at EOS or after
     ``max_new_tokens``). Each evaluation costs ``num_prompts × num_samples`` sampled completions
     plus one reference forward over them.
 
-    The reference comes from the module's reference strategy (``pl_module.reference.model``): the
-    frozen copy, or the policy with its LoRA adapter disabled. Full fine-tuning with precomputed
-    reference log-probs keeps no reference model: then the callback warns once and does nothing.
+    The reference is :func:`~dpo_lit.sampling.measure.reference_model`'s: the module's reference
+    model (the frozen copy, or the policy with its LoRA adapter disabled), or for a module that keeps
+    none (a reference-free loss, SFT) the LoRA policy with its adapter off. Full fine-tuning with
+    precomputed or no reference log-probs keeps no reference model: then the callback warns once
+    and does nothing.
 
     Args:
         prompts_file: held-out prompts: a ``.txt`` file (one per line) or a data file with a
@@ -130,6 +133,7 @@ class SampledKL(Callback):
         self.stop_on_jump = stop_on_jump
         self.history: list[KLPoint] = []
         self.last: KLEstimate | None = None
+        self._prompts: list = []
         self._prompt_ids: list[list[int]] = []
         self._warned_no_reference = False
 
@@ -141,26 +145,28 @@ class SampledKL(Callback):
         prompts = read_prompts(self.prompts_file) if self.prompts_file else list(DEFAULT_PROMPTS)
         if not prompts:
             raise ConfigError(f"SampledKL: no prompts in {self.prompts_file}")
-        self._prompt_ids = encode_prompts(pl_module.tokenizer, prompts[: self.num_prompts])
+        self._prompts = prompts[: self.num_prompts]
+        self._prompt_ids = encode_prompts(pl_module.tokenizer, self._prompts)
 
     def measure(self, trainer: Trainer, pl_module: LightningModule) -> KLEstimate | None:
         """Estimate KL(π ‖ π_ref) now (None when no reference model is in memory)."""
-        found = pl_module.reference.model(pl_module.policy)
+        found = reference_model(pl_module)
         if found is None:
             if not self._warned_no_reference:
                 rank_zero_warn(
-                    "SampledKL: the reference strategy keeps no reference model in memory (full fine-tuning "
-                    "with precomputed log-probs); no KL is measured. Use reference: copy, or LoRA."
+                    "SampledKL: this run keeps no reference model in memory and its policy has no LoRA adapter "
+                    "(full fine-tuning with precomputed or no reference log-probs); no KL is measured. Use "
+                    "reference: copy, or LoRA."
                 )
                 self._warned_no_reference = True
             return None
         reference, context = found
+        spec = MeasureSpec(self.num_samples, self.max_new_tokens, self.batch_size, self.seed)
         with trainer.precision_plugin.forward_context():
-            return estimate_kl(
-                pl_module.policy, reference, pl_module.tokenizer, self._prompt_ids,
-                num_samples=self.num_samples, max_new_tokens=self.max_new_tokens,
-                batch_size=self.batch_size, seed=self.seed, reference_context=context,
-            )  # fmt: skip
+            return measure(
+                pl_module.policy, pl_module.tokenizer, self._prompts, self._prompt_ids, spec,
+                reference=reference, context=context,
+            ).kl  # fmt: skip
 
     def _evaluate(self, trainer: Trainer, pl_module: LightningModule) -> KLEstimate | None:
         """Measure once per optimizer step in fit (a validation right after a train-step

@@ -24,11 +24,11 @@ from typing import Any
 from lightning import Callback, LightningModule, Trainer
 
 from dpo_lit.data.io import DataSource
-from dpo_lit.data.prompts import encode_prompts, prompt_text, read_prompts
+from dpo_lit.data.prompts import encode_prompts, read_prompts
 from dpo_lit.errors import ConfigError
 from dpo_lit.rewards import Reward
-from dpo_lit.sampling.kl import kl_from_samples, mean_se
-from dpo_lit.sampling.sample import sample
+from dpo_lit.sampling.kl import mean_se
+from dpo_lit.sampling.measure import HeldoutSample, MeasureSpec, measure, reference_model
 
 
 @dataclass
@@ -43,19 +43,6 @@ class RewardKLPoint:
     finished: float
 
 
-@dataclass
-class HeldoutSample:
-    """One scored completion of an evaluation: its prompt, text, reward and log π/π_ref."""
-
-    step: int
-    prompt_index: int
-    prompt: str
-    completion: str
-    reward: float
-    log_ratio: float
-    finished: bool
-
-
 def summarize_samples(samples: list[HeldoutSample]) -> RewardKLPoint:
     """Mean reward and KL (the mean log-ratio) of one evaluation's samples, each ± its standard error
     over prompts (the samples of one prompt are averaged first: :func:`~dpo_lit.sampling.kl.mean_se`)."""
@@ -66,10 +53,9 @@ def summarize_samples(samples: list[HeldoutSample]) -> RewardKLPoint:
 
 
 def reference_of(pl_module: LightningModule):
-    """``(model, context)`` of the module's reference, or of the LoRA policy with its adapter off."""
-    found = pl_module.reference.model(pl_module.policy)
-    if found is None and hasattr(pl_module.policy, "disable_adapter"):
-        found = (pl_module.policy, pl_module.policy.disable_adapter)
+    """``(model, context)`` of the module's reference (:func:`~dpo_lit.sampling.measure.reference_model`);
+    a run that keeps none is a ConfigError."""
+    found = reference_model(pl_module)
     if found is None:
         raise ConfigError(
             "HeldoutRewardKL: this run keeps no reference model (full fine-tuning with precomputed or no "
@@ -82,17 +68,10 @@ def sample_and_score(
     policy, reference, context, tokenizer, prompts: list, prompt_ids: list[list[int]], reward: Reward,
     num_samples: int, max_new_tokens: int, batch_size: int, seed: int, step: int = 0,
 ) -> list[HeldoutSample]:
-    """Sample ``num_samples`` completions of each prompt from ``policy``, score each with ``reward``
-    and with log π(y|x) − log π_ref(y|x) (``reference`` run inside ``context()``)."""
-    samples = sample(policy, tokenizer, prompt_ids, num_samples, max_new_tokens, batch_size=batch_size, seed=seed)
-    kl = kl_from_samples(samples, reference, batch_size, context, tokenizer.pad_token_id)
-    texts = [prompt_text(prompts[s.prompt_index]) for s in samples]
-    whole = [prompts[s.prompt_index] for s in samples]  # a reward model reads conversations whole
-    scores = reward(whole, [s.text for s in samples], [s.finished for s in samples]).tolist()
-    return [
-        HeldoutSample(step, s.prompt_index, text, s.text, score, ratio, s.finished)
-        for s, text, score, ratio in zip(samples, texts, scores, kl.per_sample, strict=True)
-    ]
+    """The scored samples of :func:`~dpo_lit.sampling.measure.measure` with a reward and a reference
+    (run inside ``context()``)."""
+    spec = MeasureSpec(num_samples, max_new_tokens, batch_size, seed)
+    return measure(policy, tokenizer, prompts, prompt_ids, spec, reward, reference, context, step).samples
 
 
 def reward_and_kl(

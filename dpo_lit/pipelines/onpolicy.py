@@ -28,13 +28,13 @@ from tqdm.auto import tqdm
 
 from dpo_lit.callbacks.export import ExportPretrained
 from dpo_lit.data.io import DataSource, atomic_write, write_json
-from dpo_lit.data.prompts import Prompt, encode_prompts, prompt_text, read_prompts
+from dpo_lit.data.prompts import Prompt, encode_prompts, read_prompts
 from dpo_lit.evaluation.evaluate import TaskData, evaluate_task, load_task_data
 from dpo_lit.models import cache_dir, load_model, load_tokenizer, model_hash
 from dpo_lit.pipelines.plots import plot_run
 from dpo_lit.pipelines.report import RoundReport, format_report, write_report_json, write_report_png
 from dpo_lit.rewards import Reward, VaderSentiment
-from dpo_lit.sampling.kl import kl_from_samples, mean_se
+from dpo_lit.sampling.measure import MeasureSpec, measure, paired_gain
 from dpo_lit.sampling.sample import Sample, sample
 
 
@@ -48,33 +48,29 @@ def compare_on_prompts(
     reference, policy, tokenizer, prompts: list, reward: Reward, num_samples: int, max_new_tokens: int, seed: int,
     reference_samples: list[Sample] | None = None,
 ) -> dict:
-    """Paired comparison of two models on the same prompts and sampling seeds, plus sampled KL.
+    """Paired comparison of two models on the same prompts and sampling seeds, plus sampled KL: two
+    :func:`~dpo_lit.sampling.measure.measure` calls and their :func:`~dpo_lit.sampling.measure.paired_gain`.
 
     ``reference_samples`` (the reference's samples of an earlier call with the same prompts and
     seed) saves sampling the reference again when several policies are compared with it.
     """
     ids = encode_prompts(tokenizer, prompts)
-    with tqdm(total=3, desc="evaluate", unit="pass", leave=True) as bar:
-        ref_samples = reference_samples or sample(reference, tokenizer, ids, num_samples, max_new_tokens, seed=seed)
+    spec = MeasureSpec(num_samples, max_new_tokens, seed=seed)
+    with tqdm(total=2, desc="evaluate", unit="model", leave=True) as bar:
+        ref = measure(reference, tokenizer, prompts, ids, spec, reward, samples=reference_samples)
         bar.update()
-        pol_samples = sample(policy, tokenizer, ids, num_samples, max_new_tokens, seed=seed)
+        pol = measure(policy, tokenizer, prompts, ids, spec, reward, reference=reference)
         bar.update()
-        kl = kl_from_samples(pol_samples, reference, pad_token_id=tokenizer.pad_token_id)
-        bar.update()
-    ref_scores = score_samples(reward, prompts, ref_samples)
-    pol_scores = score_samples(reward, prompts, pol_samples)
-    gain = (pol_scores - ref_scores).view(len(prompts), num_samples).mean(-1)  # (P,) per-prompt means
     examples = [
-        {"prompt": prompt_text(prompts[i]), "reference": ref_samples[i * num_samples].text,
-         "policy": pol_samples[i * num_samples].text}
+        {"prompt": ref.samples[i * num_samples].prompt, "reference": ref.samples[i * num_samples].completion,
+         "policy": pol.samples[i * num_samples].completion}
         for i in range(min(2, len(prompts)))
-    ]
-    prompt_of = [s.prompt_index for s in pol_samples]  # standard errors over prompts, as the gain's
+    ]  # fmt: skip
     return {
-        "reference": mean_se(ref_scores, [s.prompt_index for s in ref_samples]),
-        "policy": mean_se(pol_scores, prompt_of), "gain": mean_se(gain),
-        "kl": (kl.mean, kl.stderr), "examples": examples, "reference_samples": ref_samples,
-    }
+        "reference": (ref.reward, ref.reward_se), "policy": (pol.reward, pol.reward_se),
+        "gain": paired_gain(pol, ref), "kl": (pol.kl.mean, pol.kl.stderr), "examples": examples,
+        "reference_samples": ref.raw,
+    }  # fmt: skip
 
 
 def _cached(kind: str, *parts: object) -> Path:

@@ -67,7 +67,7 @@ class SFTModule(LightningModule):
         self.policy = load_model(model_name, dtype=dtype, trust_remote_code=trust_remote_code)
         self.policy = trainable(self.policy, lora, gradient_checkpointing)
         self.val_loss = MeanMetric()  # weighted by loss tokens: the token mean over the validation set
-        self.reference = NoReference()  # SampleTable then shows the policy alone; SampledKL skips
+        self.reference = NoReference()  # SampleTable shows the policy alone; KL: the LoRA base, if any
         self._tokenizer = None
 
     @property
