@@ -502,6 +502,7 @@ def completion_logps(
     options: LogpsOptions | None = None,
     packing: str = "prefix",
     fused: bool = True,
+    temperature: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
     """Summed log-probs of the completion tokens of every row, and their counts.
 
@@ -515,6 +516,8 @@ def completion_logps(
         packing: ``"prefix"``, ``"rows"`` or ``"none"`` (see :func:`completion_states`).
         fused: compute the LM head chunk by chunk, forward and backward, never holding the
             (M × V) logits (:func:`head_outputs`); False keeps them for the backward.
+        temperature: log-probs of softmax(logits / ``temperature``), the distribution sampling at
+            that temperature draws from.
 
     Returns:
         ``(logps, tokens)``: float32 tensors of shape (N,); ``logps`` is (N, 2) with
@@ -522,7 +525,8 @@ def completion_logps(
     """
     states, targets, rows = completion_states(model, input_ids, attention_mask, completion_mask, packing)
     aligned = options is not None and options.aligned
-    head = head_outputs(model, states, targets, chunk=chunk, stats=("log_sum_sq",) if aligned else (), fused=fused)
+    stats = ("log_sum_sq",) if aligned else ()
+    head = head_outputs(model, states, targets, chunk=chunk, stats=stats, fused=fused, temperature=temperature)
     token_logps = head.logps  # (M,)
     target_mask = completion_mask[:, 1:]  # (N, T-1)
     zeros = torch.zeros(len(input_ids), device=input_ids.device, dtype=torch.float32)

@@ -86,3 +86,26 @@ def test_a_modules_reference_is_its_model_else_the_lora_policy_with_its_adapter_
     lora = LoRAPolicy()
     found = reference_model(SimpleNamespace(reference=NoReference(), policy=lora))
     assert found[0] is lora and found[1] == lora.disable_adapter
+
+
+def test_at_a_temperature_the_kl_is_between_the_two_tempered_models(models, tiny_tokenizer):
+    """PPO's held-out KL: rollouts at T are drawn from softmax(logits / T); both models are scored at
+    T token by token (the samples' own logp is the untempered model's), as PPO's training KL is."""
+    from dpo_lit.data.collate import pad_rows
+    from dpo_lit.rlhf.ppo import token_outputs
+
+    policy, reference = models
+    ids = encode_prompts(tiny_tokenizer, PROMPTS)
+    spec = MeasureSpec(num_samples=2, max_new_tokens=6, batch_size=4, seed=3, temperature=0.7)
+    result = measure(policy, tiny_tokenizer, PROMPTS, ids, spec, reference=reference)
+    rows, mask, completion = pad_rows(
+        [s.prompt_ids + s.completion_ids for s in result.raw], tiny_tokenizer.pad_token_id,
+        first_scored=[len(s.prompt_ids) for s in result.raw],
+    )  # fmt: skip
+    width = max(len(s.completion_ids) for s in result.raw)
+    with torch.no_grad():
+        ours = token_outputs(policy, rows, mask, completion, width, temperature=0.7).logps.sum(-1)
+        theirs = token_outputs(reference, rows, mask, completion, width, temperature=0.7).logps.sum(-1)
+    assert result.kl.per_sample == pytest.approx((ours - theirs).tolist(), abs=1e-5)
+    again = measure(policy, tiny_tokenizer, PROMPTS, ids, spec, reference=reference, samples=result.raw)
+    assert again.kl.per_sample == result.kl.per_sample  # recorded samples are scored the same way

@@ -66,6 +66,7 @@ from dpo_lit.rlhf.objectives import (
     whiten,
 )
 from dpo_lit.rlhf.schedule import epoch_batch_sizes, planned_updates, updates_per_batch
+from dpo_lit.sampling.measure import MeasureSpec, measure, reference_model
 from dpo_lit.sampling.sample import Sample, sample
 
 
@@ -288,20 +289,17 @@ class PPOModule(LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         h = self.hparams
-        samples, scores = self._rollouts(batch, seed=h.seed + 10_000 + batch_idx)
-        ids, mask, completion_mask, response = self._pad(samples)
-        width = response.shape[1]
-        with evaluating(self.policy):
-            logps = token_outputs(self.policy, ids, mask, completion_mask, width, temperature=h.temperature).logps
-            ref_logps = self._reference_logps(ids, mask, completion_mask, width)
-        # train/kl's estimate on held-out prompts: at temperature T the KL between the tempered
-        # policy and the tempered reference, the distributions the rollouts are drawn from and
-        # scored under (the samples' own logp is the untempered model's: not a KL at T != 1)
-        kl = ((logps - ref_logps) * response).sum(-1)  # (B,)
-        size = len(samples)
-        self.log("val/reward", scores.mean(), batch_size=size, prog_bar=True)
-        self.log("val/kl_rollouts", kl.mean(), batch_size=size)
-        self.log("val/response_length", response.sum(-1).mean(), batch_size=size)
+        spec = MeasureSpec(
+            h.samples_per_prompt, h.max_new_tokens, h.generation_batch_size, h.seed + 10_000 + batch_idx, h.temperature
+        )
+        # at temperature T the KL between the tempered policy and the tempered reference, the
+        # distributions the rollouts are drawn from and scored under (train/kl's, on held-out prompts)
+        found = reference_model(self)
+        result = measure(self.policy, self.tokenizer, batch["prompts"], batch["prompt_ids"], spec, self.reward, *found)
+        size = len(result.samples)
+        self.log("val/reward", float(result.rewards.mean()), batch_size=size, prog_bar=True)
+        self.log("val/kl_rollouts", result.kl.mean, batch_size=size)
+        self.log("val/response_length", sum(len(s.completion_ids) for s in result.raw) / size, batch_size=size)
 
     def _reference_logps(self, ids: Tensor, mask: Tensor, completion_mask: Tensor, width: int) -> Tensor:
         """The reference's log-prob of each response token, (B, width), at the rollouts'

@@ -62,6 +62,7 @@ def sequence_logps(
     batch_size: int = 16,
     context: Callable[[], AbstractContextManager] | None = None,
     pad_token_id: int = 0,
+    temperature: float = 1.0,
 ) -> list[float]:
     """``log model(completion | prompt)`` of every sample, one forward per batch of rows.
 
@@ -72,6 +73,7 @@ def sequence_logps(
         context: Entered around the forwards, e.g. ``policy.disable_adapter`` for a LoRA policy
             whose base weights are the reference.
         pad_token_id: Fills the right padding (masked out; any id works).
+        temperature: Log-probs under softmax(logits / ``temperature``).
     """
     device = next(model.parameters()).device
     out: list[float] = []
@@ -82,7 +84,9 @@ def sequence_logps(
                 [s.prompt_ids + s.completion_ids for s in batch], pad_token_id,
                 first_scored=[len(s.prompt_ids) for s in batch],
             )  # (N, T) each
-            logps, _ = completion_logps(model, ids.to(device), attention.to(device), completion.to(device))  # (N,)
+            logps, _ = completion_logps(
+                model, ids.to(device), attention.to(device), completion.to(device), temperature=temperature
+            )  # (N,)
             out += logps.tolist()
     return out
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from dpo_lit.data.prompts import Prompt, prompt_text
-from dpo_lit.sampling.kl import KLEstimate, kl_from_samples, mean_se
+from dpo_lit.sampling.kl import KLEstimate, kl_from_samples, mean_se, sequence_logps, summarize
 from dpo_lit.sampling.sample import Sample, sample
 
 if TYPE_CHECKING:
@@ -31,12 +31,15 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class MeasureSpec:
-    """How a measurement samples: completions per prompt, their length bound, rows per batch, seed."""
+    """How a measurement samples: completions per prompt, their length bound, rows per batch, seed
+    and temperature (1: the policy itself, and the KL is KL(π‖π_ref); T: the KL between the two
+    models' softmax(logits / T), the distributions PPO's rollouts at T are drawn from and scored under)."""
 
     num_samples: int = 4
     max_new_tokens: int = 48
     batch_size: int = 16
     seed: int = 0
+    temperature: float = 1.0
 
 
 @dataclass
@@ -92,12 +95,18 @@ def measure(
     KL(π‖π_ref) on the same token ids."""
     if samples is None:
         samples = sample(
-            policy, tokenizer, prompt_ids, spec.num_samples, spec.max_new_tokens, batch_size=spec.batch_size, seed=spec.seed
+            policy, tokenizer, prompt_ids, spec.num_samples, spec.max_new_tokens, temperature=spec.temperature,
+            batch_size=spec.batch_size, seed=spec.seed,
         )
     prompt_of = [s.prompt_index for s in samples]
     kl = None
-    if reference is not None:
+    if reference is not None and spec.temperature == 1.0:  # the samples' own logp is the policy's
         kl = kl_from_samples(samples, reference, spec.batch_size, context, tokenizer.pad_token_id)
+    elif reference is not None:  # a sample's logp is the untempered model's: score both at T
+        pad, t = tokenizer.pad_token_id, spec.temperature
+        ours = sequence_logps(policy, samples, spec.batch_size, None, pad, temperature=t)
+        theirs = sequence_logps(reference, samples, spec.batch_size, context, pad, temperature=t)
+        kl = summarize([a - b for a, b in zip(ours, theirs)], [s.finished for s in samples], prompt_of)
     scores = [math.nan] * len(samples)
     if reward is not None:
         whole = [prompts[i] for i in prompt_of]  # a reward model reads conversations whole
