@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import PreTrainedTokenizerBase
 
-SHARED_DATA = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data").resolve()
+ROOT = Path(__file__).resolve().parents[1]
+"""The project's root: the tests read configs/, experiments/ and dpo_lit/assets/ from here."""
+ASSETS = ROOT / "dpo_lit" / "assets"
+SHARED_DATA = (ROOT / ".." / "shared" / "data").resolve()
 if SHARED_DATA.is_dir():  # the local mirror of the Hub data sets, as the Makefile sets it
     os.environ.setdefault("DPO_LIT_DATA", str(SHARED_DATA))
 
@@ -55,3 +60,73 @@ def eval_mirror(monkeypatch: pytest.MonkeyPatch):
         return root
 
     return use
+
+
+# ---- helpers shared by several test modules (import them: ``from conftest import ...``) ---------
+
+
+def random_pair(b: int = 16, seed: int = 0):
+    """Random but plausible summed log-probs and token counts of ``b`` preference pairs (float64)."""
+    from dpo_lit.losses import PairLogps
+
+    g = torch.Generator().manual_seed(seed)
+    logps = [-torch.rand(b, generator=g, dtype=torch.float64) * 40 - 0.1 for _ in range(4)]
+    tokens = [torch.randint(1, 30, (b,), generator=g) for _ in range(2)]
+    return PairLogps(*logps, *tokens)
+
+
+LOGP_FIELDS = ("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected", "chosen_tokens", "rejected_tokens")
+
+
+def per_element(fn, logps) -> torch.Tensor:
+    """Apply ``fn(pc, pr, rc, rr, ct, rt)`` to plain floats, one example at a time."""
+    rows = zip(*(getattr(logps, name).tolist() for name in LOGP_FIELDS))
+    return torch.tensor([fn(*row) for row in rows], dtype=torch.float64)
+
+
+def log_sigmoid(x: float) -> float:
+    return -math.log1p(math.exp(-x))
+
+
+def make_batch(vocab: int, seed: int = 0):
+    """Four rows of 16 random ids: one right-padded, one with a longer prompt; (ids, attention, completion)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (4, 16), generator=g)
+    attention = torch.ones_like(ids)
+    completion = torch.zeros_like(ids, dtype=torch.bool)
+    completion[:, 6:] = True
+    attention[1, 11:] = 0  # a right-padded row
+    completion[1, 11:] = False
+    completion[3, :9] = False  # a longer prompt
+    return ids, attention, completion
+
+
+def tiny_data(**kwargs):
+    """The tiny preference pairs (train and validation files) for the tiny model."""
+    from dpo_lit.data import PreferenceDataModule
+    from dpo_lit.models import TINY_ALIAS
+
+    kwargs = {"batch_size": 4, "max_length": 256, "max_prompt_length": 128, **kwargs}
+    return PreferenceDataModule(
+        tokenizer_name=TINY_ALIAS,
+        train_files=[str(ASSETS / "tiny_pairs.jsonl")],
+        val_files=[str(ASSETS / "tiny_pairs_val.jsonl")],
+        **kwargs,
+    )
+
+
+def fit_steps(module, data, tmp_path, steps: int = 1, **kwargs):
+    """Fit ``steps`` optimizer steps on CPU without logger, checkpoints or progress bar."""
+    from lightning import Trainer
+
+    trainer = Trainer(
+        max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        limit_val_batches=kwargs.pop("limit_val_batches", 0), val_check_interval=steps, **kwargs,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=data)
+    return trainer
+
+
+def adam(lr: float = 1e-3):
+    return lambda params: torch.optim.AdamW(params, lr=lr)

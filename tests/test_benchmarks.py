@@ -7,11 +7,9 @@ current module and data module, and that packing changes the work done, not the 
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT
 
 
 @pytest.mark.parametrize("reference", ["precomputed", "copy"])

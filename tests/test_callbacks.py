@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import ROOT
 from lightning import Callback, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins import MixedPrecision
@@ -26,7 +27,6 @@ from dpo_lit.module import PreferenceModule
 from dpo_lit.pipelines.plots import find_event_dir, plot_run, read_scalars
 from dpo_lit.policy import LoRASettings
 
-ROOT = Path(__file__).resolve().parents[1]
 ASSETS = Path(dpo_lit.__file__).parent / "assets"
 STUCK = "loss has stayed at ln 2"
 CLIP = 1e-3

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
 from dpo_lit.cli import DPOLitCLI
 from dpo_lit.cli import run as main
@@ -14,7 +15,6 @@ from dpo_lit.losses import DPOLoss, IPOLoss
 from dpo_lit.module import PreferenceModule
 from dpo_lit.rlhf import RewardModule, SFTModule
 
-ROOT = Path(__file__).resolve().parents[1]
 ALL_CONFIGS = sorted(p for folder in ("configs", "experiments") for p in (ROOT / folder).rglob("*.yaml"))
 PIPELINES = [p for p in ALL_CONFIGS if p.name.endswith("pipeline.yaml")]  # dpo-lit onpolicy
 COMPARES = [p for p in ALL_CONFIGS if p.parent.name == "compare"]  # dpo-lit compare

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ASSETS
 
 from dpo_lit.data import DataError, PreferenceDataModule
 
-ASSETS = Path(__file__).resolve().parents[1] / "dpo_lit" / "assets"
 TRAIN, VAL = str(ASSETS / "tiny_pairs.jsonl"), str(ASSETS / "tiny_pairs_val.jsonl")
 TINY = "tiny-random-llama"
 

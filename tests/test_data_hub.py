@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
 from dpo_lit.data.errors import DataError
 from dpo_lit.data.hub import MIRROR, HubSource, mirror_file
@@ -18,7 +19,6 @@ from dpo_lit.data.io import read_records, write_jsonl
 from dpo_lit.evaluation import tasks
 from dpo_lit.evaluation.tasks import TASKS, load_task, load_text_task, task_source
 
-ROOT = Path(__file__).resolve().parents[1]
 HH = "hub:Anthropic/hh-rlhf?data_dir=helpful-base&split=test"
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT
 
 from dpo_lit.callbacks.reward_kl import reward_and_kl, sample_and_score
 from dpo_lit.data.prompts import encode_prompts
@@ -31,7 +32,6 @@ from dpo_lit.pipelines.frontier_report import (
 from dpo_lit.rewards import VaderSentiment
 from dpo_lit.rewards.classifier import SentimentClassifier, clean_review, train_sentiment_classifier
 
-ROOT = Path(__file__).resolve().parents[1]
 SENTIMENT = ROOT.parent / "shared" / "data" / "sentiment"
 TRAIN, TEST = str(SENTIMENT / "imdb_train.jsonl.gz"), str(SENTIMENT / "imdb_test.jsonl.gz")
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dpo_lit.data.collate import pad_rows
@@ -19,7 +20,6 @@ from dpo_lit.models import build_tiny_model, load_model, load_tokenizer
 from dpo_lit.sampling.kl import sequence_logps
 from dpo_lit.sampling.sample import generate_kwargs, sample
 
-ROOT = Path(__file__).resolve().parents[1]
 EOS, PAD = 1, 0
 SHORT, LONG = [2, 3], [4, 5, 6, 7, 2, 3, 5]
 

@@ -4,6 +4,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import make_batch
 
 import dpo_lit.logps
 from dpo_lit.logps import _SelectiveLogSoftmax, completion_logps, selective_log_softmax
@@ -22,16 +23,6 @@ def naive_logps(model, input_ids, attention_mask, completion_mask):
     return (picked * completion_mask[:, 1:]).sum(-1), completion_mask[:, 1:].sum(-1).float()
 
 
-def make_batch(vocab: int, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (4, 16), generator=g)
-    attention = torch.ones_like(ids)
-    completion = torch.zeros_like(ids, dtype=torch.bool)
-    completion[:, 6:] = True
-    attention[1, 11:] = 0  # a right-padded row
-    completion[1, 11:] = False
-    completion[3, :9] = False  # a longer prompt
-    return ids, attention, completion
 
 
 def test_completion_logps_match_full_log_softmax(tiny_model):

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import ROOT
 
 import dpo_lit.losses
 from dpo_lit.cli import DPOLitCLI, run
 from dpo_lit.losses import PreferenceLoss
 
-ROOT = Path(__file__).resolve().parents[1]
 FRAGMENTS = sorted((ROOT / "configs" / "loss").glob("*.yaml"))
 BASE = "configs/dpo/tiny.yaml"
 

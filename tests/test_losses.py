@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from conftest import log_sigmoid, per_element, random_pair
 from jsonargparse import ArgumentParser
 from torch.testing import assert_close
 
@@ -42,24 +43,12 @@ def pair_h(tokens=(1.0, 1.0, 1.0)) -> PairLogps:
     return PairLogps(t(-5.0, -5.0, -5.0), t(-5.0, -15.0, -25.0), ref, ref.clone(), t(*tokens), t(*tokens))
 
 
-def random_pair(b=16, seed=0) -> PairLogps:
-    g = torch.Generator().manual_seed(seed)
-    logps = [-torch.rand(b, generator=g, dtype=torch.float64) * 40 - 0.1 for _ in range(4)]
-    tokens = [torch.randint(1, 30, (b,), generator=g) for _ in range(2)]
-    return PairLogps(*logps, *tokens)
 
 
-LOGP_FIELDS = ("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected", "chosen_tokens", "rejected_tokens")
 
 
-def per_element(fn, logps: PairLogps) -> torch.Tensor:
-    """Apply ``fn(pc, pr, rc, rr, ct, rt)`` to plain floats, one example at a time."""
-    rows = zip(*(getattr(logps, name).tolist() for name in LOGP_FIELDS))
-    return torch.tensor([fn(*row) for row in rows], dtype=torch.float64)
 
 
-def log_sigmoid(x: float) -> float:
-    return -math.log1p(math.exp(-x))
 
 
 # --- hand-computed values --------------------------------------------------------------------

@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from test_losses import log_sigmoid, per_element, random_pair
+from conftest import log_sigmoid, per_element, random_pair
 from torch.testing import assert_close
 
 from dpo_lit.errors import ConfigError

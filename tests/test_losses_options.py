@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_batch, per_element, random_pair
 from lightning import Trainer
-from test_logps import make_batch
-from test_losses import per_element, random_pair
 from torch.testing import assert_close
 
 import dpo_lit

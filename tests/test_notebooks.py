@@ -1,10 +1,9 @@
 """Every notebook executes top to bottom from notebooks/ (nbclient), and is committed without outputs."""
 
-from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 

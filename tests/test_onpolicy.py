@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT
 
 from dpo_lit.cli import run
 from dpo_lit.pipelines.onpolicy import compare_on_prompts, run_pipeline
 from dpo_lit.sampling.kl import mean_se
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_predict_writes_pairs_with_sampled_ids(tmp_path, monkeypatch):

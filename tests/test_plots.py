@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 from torch.utils.tensorboard import SummaryWriter
 
 from dpo_lit.pipelines.plots import find_event_dir, main, plot_run, read_scalars
@@ -100,7 +101,7 @@ def test_a_csvlogger_run_is_plotted_like_a_tensorboard_one(tmp_path, monkeypatch
     """fit with Lightning's CSVLogger, then dpo-lit plots on its folder: the same scalars by step."""
     from dpo_lit.cli import run
 
-    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    monkeypatch.chdir(ROOT)
     run(["fit", "--config", "configs/dpo/tiny.yaml", "--trainer.logger=CSVLogger", f"--trainer.logger.save_dir={tmp_path}",
          "--trainer.max_steps=4", "--trainer.log_every_n_steps=1", "--trainer.val_check_interval=4",
          "--trainer.limit_val_batches=1", f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"])

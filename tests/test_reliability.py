@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT
 from lightning import Callback, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins import MixedPrecision
@@ -23,7 +24,6 @@ from dpo_lit.models import TINY_ALIAS
 from dpo_lit.module import PreferenceModule
 from dpo_lit.pipelines.plots import find_event_dir, read_scalars
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--config", "configs/dpo/tiny.yaml", "--trainer.enable_progress_bar=false", "--trainer.max_epochs=-1"]
 EVERY_5_STEPS = ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
                  "--trainer.callbacks.every_n_train_steps=5", "--trainer.callbacks.save_top_k=-1"]  # fmt: skip

@@ -9,14 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT
 from lightning import Callback
 
 from dpo_lit.cli import run
 from dpo_lit.pipelines.plots import read_scalars
 from dpo_lit.rlhf import KLController, gae
 from dpo_lit.rlhf.objectives import policy_loss, token_rewards, value_loss, whiten
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_gae_matches_a_hand_computation():

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ROOT
 from lightning import Trainer
 
 import dpo_lit
@@ -22,7 +23,6 @@ from dpo_lit.models import TINY_ALIAS, load_model
 from dpo_lit.policy import LoRASettings
 from dpo_lit.rlhf import SFTModule
 
-ROOT = Path(__file__).resolve().parents[1]
 ASSETS = Path(dpo_lit.__file__).parent / "assets"
 
 

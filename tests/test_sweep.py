@@ -2,16 +2,14 @@
 
 import csv
 import time
-from pathlib import Path
 
 import pytest
+from conftest import ROOT
 from torch.utils.tensorboard import SummaryWriter
 
 from dpo_lit.cli import run
 from dpo_lit.errors import ConfigError
 from dpo_lit.pipelines.sweep import Point, fit_metrics, grid_points, parse_grid
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_grid_values_are_read_as_yaml_and_multiplied_by_seeds():

@@ -1,13 +1,11 @@
 """The command line's Trainer: precision auto by the hardware (bf16 where it is fast, float32 elsewhere)."""
 
-from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
 from dpo_lit.cli import run as main
 from dpo_lit.trainer import auto_precision, cpu_bf16_flags
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(
