@@ -3,7 +3,7 @@
 The module computes; it never asks which loss it holds. Each step runs one forward pass of the
 policy over the chosen and rejected rows of the batch (:func:`dpo_lit.logps.completion_logps`),
 asks the reference strategy for the same rows' reference log-probs, lets the loss turn the rows
-into its container (``loss.gather``) and evaluates it (``loss(logps)``). Everything the loss
+into its container (``loss.logps_from_rows``) and evaluates it (``loss(logps)``). Everything the loss
 returns is logged as ``split/name``; callbacks do the rest of the monitoring.
 """
 
@@ -124,7 +124,7 @@ class PreferenceModule(LightningModule):
             self.hparams.logps_chunk, self.loss.logps_options, self.hparams.packing, self.hparams.fused_head,
         )  # (2B,) or, if the loss asks for an extra column, (2B, 2); (2B,)
         ref_rows = self.reference.logps(self.policy, batch, split)
-        logps = self.loss.gather(policy_rows, ref_rows, tokens, batch)
+        logps = self.loss.logps_from_rows(policy_rows, ref_rows, tokens, batch)
         out = self.loss(logps)
         values = {
             "loss": out.losses.detach(),

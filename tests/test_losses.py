@@ -352,21 +352,21 @@ def test_discopop_is_finite_far_below_minus_88():
 
 def test_gather_paired():
     policy, ref, tokens = torch.arange(6.0), torch.arange(6.0) + 10, torch.arange(6) + 1
-    logps = DPOLoss().gather(policy, ref, tokens, {})
+    logps = DPOLoss().logps_from_rows(policy, ref, tokens, {})
     assert_close(logps.policy_chosen, t(0.0, 1.0, 2.0))
     assert_close(logps.policy_rejected, t(3.0, 4.0, 5.0))
     assert_close(logps.ref_chosen, t(10.0, 11.0, 12.0))
     assert_close(logps.ref_rejected, t(13.0, 14.0, 15.0))
     assert logps.chosen_tokens.tolist() == [1, 2, 3] and logps.rejected_tokens.tolist() == [4, 5, 6]
-    no_ref = SimPOLoss().gather(policy, None, tokens, {})
+    no_ref = SimPOLoss().logps_from_rows(policy, None, tokens, {})
     assert no_ref.ref_chosen is None and no_ref.ref_rejected is None
     with pytest.raises(ValueError, match="even number of rows"):
-        DPOLoss().gather(torch.zeros(5), None, torch.ones(5), {})
+        DPOLoss().logps_from_rows(torch.zeros(5), None, torch.ones(5), {})
 
 
 def test_gather_unpaired():
     label = torch.tensor([True, False, True])
-    logps = KTOLoss().gather(torch.arange(6.0), torch.arange(6.0) + 10, torch.arange(6) + 1, {"label": label})
+    logps = KTOLoss().logps_from_rows(torch.arange(6.0), torch.arange(6.0) + 10, torch.arange(6) + 1, {"label": label})
     assert_close(logps.policy, t(0.0, 1.0, 2.0))
     assert_close(logps.policy_kl, t(3.0, 4.0, 5.0))
     assert_close(logps.ref, t(10.0, 11.0, 12.0))

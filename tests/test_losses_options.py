@@ -122,7 +122,7 @@ def test_wpo_hand_computed():
     """DPO, β = 0.1: ln 2 and softplus(-1), each times w_c·w_r = ½·¼ = ⅛."""
     loss = WPOLoss(DPOLoss(beta=0.1))
     policy, ref, tokens = wpo_rows()
-    logps = loss.gather(policy, ref, tokens, {})
+    logps = loss.logps_from_rows(policy, ref, tokens, {})
     assert_close(logps.policy_chosen, torch.tensor([-5.0, -5.0]))
     assert_close(logps.aligned_rejected, torch.tensor([2 * math.log(0.25)] * 2))
     out = loss(logps)
@@ -149,7 +149,7 @@ def test_wpo_weights_have_no_gradient():
     policy, ref, tokens = wpo_rows()
     policy.requires_grad_(True)
     loss = WPOLoss(DPOLoss(beta=0.1))
-    loss(loss.gather(policy, ref, tokens, {})).loss.backward()
+    loss(loss.logps_from_rows(policy, ref, tokens, {})).loss.backward()
     assert policy.grad[:, 1].abs().sum() == 0 and policy.grad[:, 0].abs().sum() > 0
 
 
@@ -179,7 +179,7 @@ def test_wrappers_nest_and_combine():
     assert WPOLoss(LDDPOLoss(DPOLoss())).logps_options == both
     assert LDDPOLoss(WPOLoss(DPOLoss())).logps_options == both
     policy, ref, tokens = wpo_rows()
-    out = LDDPOLoss(WPOLoss(DPOLoss(beta=0.1))).gather(policy, ref, tokens, {})
+    out = LDDPOLoss(WPOLoss(DPOLoss(beta=0.1))).logps_from_rows(policy, ref, tokens, {})
     assert out.aligned_chosen is not None
     assert CombinedLoss([WPOLoss(DPOLoss()), SFTLoss()]).logps_options == LogpsOptions(aligned=True)
     assert CombinedLoss([DPOLoss(), SFTLoss()]).logps_options is None
@@ -187,7 +187,7 @@ def test_wrappers_nest_and_combine():
         CombinedLoss([SFTLoss(), LDDPOLoss(DPOLoss())])
     combined = WPOLoss(CombinedLoss([DPOLoss(beta=0.1), SFTLoss()]))
     assert combined.logps_options == LogpsOptions(aligned=True)
-    assert isinstance(combined.gather(policy, ref, tokens, {}), PairLogps)
+    assert isinstance(combined.logps_from_rows(policy, ref, tokens, {}), PairLogps)
 
 
 # --- through the module ----------------------------------------------------------------------

@@ -94,7 +94,7 @@ def test_reward_model_learns_the_tiny_pairs_and_scores_as_a_reward(tmp_path, mon
     assert scalars["val/accuracy"][-1] >= 0.9 and scalars["val/margin"][-1] > 0
     assert scalars["val/loss"][-1] < scalars["val/loss"][0]
     records = [r for r, _ in read_records("dpo_lit/assets/tiny_pairs_val.jsonl")]
-    reward = RewardModel(str(run_dir / "policy"))
+    reward = RewardModel(str(run_dir / "reward_model"))
     prompts = [r["prompt"] for r in records]
     chosen = reward(prompts, [r["chosen"] for r in records], [True] * len(records))
     rejected = reward(prompts, [r["rejected"] for r in records], [True] * len(records))
@@ -199,7 +199,7 @@ def test_lora_reward_model_export_scores_as_in_training(tmp_path, monkeypatch):
     torch.testing.assert_close(reward(prompts, completions, [True, True]), expected, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(expected, torch.zeros(2))
     # the adapter export names its base as the run did (portable, not this machine's cache folder) and scores alike
-    adapter = tmp_path / "lightning_logs" / "version_0" / "policy"
+    adapter = tmp_path / "lightning_logs" / "version_0" / "reward_model"
     assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny-random-llama"
     torch.testing.assert_close(RewardModel(str(adapter))(prompts, completions, [True, True]), expected, atol=1e-4, rtol=1e-4)
 

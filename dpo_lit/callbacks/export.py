@@ -17,7 +17,8 @@ from dpo_lit.errors import UserError
 
 
 class ExportPretrained(Callback):
-    """Write ``<run>/policy`` (the full model, or the LoRA adapter) and optionally ``<run>/merged``.
+    """Write ``<run>/policy`` (a reward model: ``<run>/reward_model``; the full model, or the LoRA
+    adapter) and optionally ``<run>/merged``.
 
     ``<run>`` is the folder that holds ``checkpoints/`` (the logger's version folder). Each export
     carries the tokenizer, so ``AutoModelForCausalLM.from_pretrained(path)`` (or peft's
@@ -56,14 +57,15 @@ class ExportPretrained(Callback):
             return
         root = self.run_dir(trainer)
         tokenizer = pl_module.tokenizer
-        policy = getattr(pl_module, "reward_model", None) or pl_module.policy
-        policy.save_pretrained(root / "policy")
-        _name_base_as_configured(root / "policy", getattr(pl_module.hparams, "model_name", None))
-        tokenizer.save_pretrained(root / "policy")
+        reward_model = getattr(pl_module, "reward_model", None)
+        policy, name = (reward_model, "reward_model") if reward_model is not None else (pl_module.policy, "policy")
+        policy.save_pretrained(root / name)
+        _name_base_as_configured(root / name, getattr(pl_module.hparams, "model_name", None))
+        tokenizer.save_pretrained(root / name)
         adapter = hasattr(policy, "peft_config")
-        (root / "policy" / "README.md").write_text(model_card(trainer, pl_module, adapter=adapter))
-        rank_zero_info(f"Policy saved to {root / 'policy'}")
-        exported = root / "policy"
+        (root / name / "README.md").write_text(model_card(trainer, pl_module, adapter=adapter))
+        rank_zero_info(f"{name.replace('_', ' ').capitalize()} saved to {root / name}")
+        exported = root / name
         if self.merge and hasattr(policy, "merge_and_unload"):
             merged = copy.deepcopy(policy).merge_and_unload()
             merged.save_pretrained(root / "merged")

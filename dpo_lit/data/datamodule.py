@@ -34,7 +34,7 @@ class EpochShuffle(DistributedSampler):
 
     The order depends on nothing else (not the global RNG, not what ran before, not the number of
     processes), so a resumed run sees the batches an uninterrupted one would, the batches a run
-    will use are known before it starts (:meth:`TokenizedSplits.train_indices`), and 2 processes
+    will use are known before it starts (:meth:`TokenizedDataModule.train_indices`), and 2 processes
     with ``batch_size`` 4 train on the global batches 1 process with ``batch_size`` 8 does: the
     gradients DDP averages are those of the same 8 examples. (A last global batch that does not
     split evenly is padded with its own first examples, as ``DistributedSampler`` pads.) It is a
@@ -129,7 +129,7 @@ class ResumableLoader(DataLoader):
             yield batch
 
 
-class TokenizedSplits(LightningDataModule):
+class TokenizedDataModule(LightningDataModule):
     """What a data module of tokenized splits shares: its loaders.
 
     A subclass sets ``train_dataset`` and ``val_dataset`` in ``setup()`` and has ``collator``,
@@ -188,7 +188,7 @@ class TokenizedSplits(LightningDataModule):
         return sorted(set(indices))
 
 
-class PreferenceDataModule(TokenizedSplits):
+class PreferenceDataModule(TokenizedDataModule):
     """Preference pairs (or KTO's unpaired examples), tokenized in ``setup()``.
 
     Args:

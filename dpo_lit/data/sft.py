@@ -36,7 +36,7 @@ from transformers import PreTrainedTokenizerBase
 
 from dpo_lit.data import formats
 from dpo_lit.data.collate import pad_rows
-from dpo_lit.data.datamodule import TokenizedSplits
+from dpo_lit.data.datamodule import TokenizedDataModule
 from dpo_lit.data.errors import DataError, DataReport, OnBadRecord, describe
 from dpo_lit.data.formats import Record, UnpairedExample
 from dpo_lit.data.io import DataSource, read_records
@@ -185,7 +185,7 @@ class SFTCollator:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-class SFTDataModule(TokenizedSplits):
+class SFTDataModule(TokenizedDataModule):
     """Demonstrations for supervised fine-tuning, tokenized in ``setup()``.
 
     Args:

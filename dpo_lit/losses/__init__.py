@@ -1,7 +1,7 @@
 """Preference-optimisation losses: pure functions over log-prob tensors plus thin modules.
 
 Each loss class holds only hyper-parameters (and BCOLoss its running reward mean, a buffer);
-``loss.gather(...)`` turns the per-row log-probs of one concatenated forward pass into a
+``loss.logps_from_rows(...)`` turns the per-row log-probs of one concatenated forward pass into a
 container and ``loss(container)`` returns a :class:`LossOutput`. WPOLoss and LDDPOLoss wrap any
 pairwise loss. Choose one in YAML with ``class_path``; ``configs/loss/`` has a fragment for each.
 """

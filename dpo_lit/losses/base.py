@@ -1,7 +1,7 @@
 """Containers for log-probs and loss outputs, and the base class every loss derives from.
 
 A loss never sees a model: the LightningModule runs one concatenated forward pass, calls
-``logps = loss.gather(...)`` to split the per-row log-probs into a container, then
+``logps = loss.logps_from_rows(...)`` to split the per-row log-probs into a container, then
 ``out = loss(logps)``. The module never branches on the loss type.
 """
 
@@ -162,7 +162,7 @@ class PreferenceLoss(nn.Module, ABC):
     per_example: bool = True
     logps_options: LogpsOptions | None = None
 
-    def gather(
+    def logps_from_rows(
         self, policy_logps: Tensor, ref_logps: Tensor | None, tokens: Tensor, batch: dict[str, Any]
     ) -> PairLogps | UnpairedLogps:
         """Split per-row tensors (2B,) of a concatenated forward pass into a PairLogps.
@@ -176,7 +176,7 @@ class PreferenceLoss(nn.Module, ABC):
 
     @abstractmethod
     def forward(self, logps: PairLogps | UnpairedLogps) -> LossOutput:
-        """Compute the loss from a container made by :meth:`gather`."""
+        """Compute the loss from a container made by :meth:`logps_from_rows`."""
 
     def extra_repr(self) -> str:
         return ", ".join(

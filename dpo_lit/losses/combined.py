@@ -22,7 +22,7 @@ class CombinedLoss(PreferenceLoss):
     Rewards, margins and accuracies come from the FIRST part. ``metrics`` holds each part's
     unweighted loss as ``"<name>/loss"`` (name = class name without ``Loss``, lower case,
     e.g. ``dpo/loss``, ``sft/loss``; an index is appended on repeats) and each part's own
-    metrics as ``"<name>/<metric>"``. The first part gathers the rows for all, so only it may
+    metrics as ``"<name>/<metric>"``. The first part arranges the rows for all, so only it may
     ask for extra log-probs (``logps_options``: a :class:`WPOLoss` or :class:`LDDPOLoss`); to
     weight or desensitise the whole sum, wrap the CombinedLoss instead.
 
@@ -56,13 +56,13 @@ class CombinedLoss(PreferenceLoss):
 
     @property
     def logps_options(self) -> LogpsOptions | None:
-        """The first part's: it gathers the rows for all parts."""
+        """The first part's: it arranges the rows for all parts."""
         return self.parts[0].logps_options
 
-    def gather(
+    def logps_from_rows(
         self, policy_logps: Tensor, ref_logps: Tensor | None, tokens: Tensor, batch: dict[str, Any]
     ) -> PairLogps | UnpairedLogps:
-        return self.parts[0].gather(policy_logps, ref_logps, tokens, batch)
+        return self.parts[0].logps_from_rows(policy_logps, ref_logps, tokens, batch)
 
     def forward(self, logps: PairLogps | UnpairedLogps) -> LossOutput:
         outs = [part(logps) for part in self.parts]

@@ -78,7 +78,7 @@ class KTOLoss(PreferenceLoss):
         self.desirable_weight = desirable_weight
         self.undesirable_weight = undesirable_weight
 
-    def gather(
+    def logps_from_rows(
         self, policy_logps: Tensor, ref_logps: Tensor | None, tokens: Tensor, batch: dict[str, Any]
     ) -> UnpairedLogps:
         """Split 2B rows: 0..B-1 matched prompt+completion, B..2B-1 mismatched (for z0).

@@ -26,7 +26,7 @@ def wpo_weights(
 
 
 class _PairWrapper(PreferenceLoss):
-    """A pairwise loss with something added; gathers and computes through the wrapped loss."""
+    """A pairwise loss with something added; arranges rows and computes through the wrapped loss."""
 
     def __init__(self, loss: PreferenceLoss) -> None:
         super().__init__()
@@ -39,10 +39,10 @@ class _PairWrapper(PreferenceLoss):
         self.needs_reference = loss.needs_reference
         self.per_example = loss.per_example
 
-    def gather(
+    def logps_from_rows(
         self, policy_logps: Tensor, ref_logps: Tensor | None, tokens: Tensor, batch: dict[str, Any]
     ) -> PairLogps:
-        return self.loss.gather(policy_logps, ref_logps, tokens, batch)
+        return self.loss.logps_from_rows(policy_logps, ref_logps, tokens, batch)
 
     def forward(self, logps: PairLogps) -> LossOutput:
         return self.loss(logps)
@@ -80,17 +80,17 @@ class WPOLoss(_PairWrapper):
     def logps_options(self) -> LogpsOptions:
         return replace(self.loss.logps_options or LogpsOptions(), aligned=True)
 
-    def gather(
+    def logps_from_rows(
         self, policy_logps: Tensor, ref_logps: Tensor | None, tokens: Tensor, batch: dict[str, Any]
     ) -> PairLogps:
         """Policy rows arrive as (2B, 2): [summed log-prob, aligned sum]."""
-        logps = self.loss.gather(policy_logps[:, 0], ref_logps, tokens, batch)
+        logps = self.loss.logps_from_rows(policy_logps[:, 0], ref_logps, tokens, batch)
         logps.aligned_chosen, logps.aligned_rejected = split_halves(policy_logps[:, 1])
         return logps
 
     def forward(self, logps: PairLogps) -> LossOutput:
         if logps.aligned_chosen is None or logps.aligned_rejected is None:
-            raise ValueError("WPOLoss needs the policy's aligned log-probs (gather rows with its logps_options)")
+            raise ValueError("WPOLoss needs the policy's aligned log-probs (compute them with its logps_options)")
         out = self.loss(logps)
         weights = wpo_weights(logps.aligned_chosen, logps.aligned_rejected, logps.chosen_tokens, logps.rejected_tokens)
         losses = out.losses * weights

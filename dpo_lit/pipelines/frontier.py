@@ -362,7 +362,7 @@ def run_frontier(
                 "export.merge": True, **(reward_overrides or {}),
             }, validate=True)  # fmt: skip
             metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-            path = run_dir / "merged" if (run_dir / "merged").is_dir() else run_dir / "policy"
+            path = run_dir / "merged" if (run_dir / "merged").is_dir() else run_dir / "reward_model"
             rm = {"model": str(path), "seconds": time.time() - t, "val": metrics}
             write_json(rm, out / "points" / "reward-model.json")
             print(f"[reward model] held-out pair accuracy {metrics.get('val/accuracy', float('nan')):.3f}", flush=True)

@@ -164,7 +164,7 @@ def finished_elsewhere(folder: Path, command: str) -> bool:
     a fit exported its model at the end, a pipeline wrote its report."""
     if command == "onpolicy":
         return (folder / "report.json").is_file()
-    return any(folder.glob("lightning_logs/version_*/policy"))
+    return any(folder.glob("lightning_logs/version_*/policy")) or any(folder.glob("lightning_logs/version_*/reward_model"))
 
 
 def write_summary_csv(rows: list[dict[str, Any]], path: Path) -> Path:

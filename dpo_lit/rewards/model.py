@@ -76,7 +76,7 @@ class RewardModel(Reward):
     to its last message's text is scored as a one-message conversation.
 
     Args:
-        path: the exported model folder (``<run>/merged``, or ``<run>/policy`` after full
+        path: the exported model folder (``<run>/merged``, or ``<run>/reward_model`` after full
             fine-tuning), or a LoRA adapter folder (merged on load).
         batch_size: completions scored per forward pass.
         chat: render prompts with the chat template (None: when the tokenizer has one).

@@ -10,7 +10,7 @@ the loss per pair is (Eisenstein et al. 2023 for the centring term)::
 
     -log σ(r_c - r_r - margin) + η · (r_c + r_r)²
 
-The export (``<run>/policy``, and ``<run>/merged`` under LoRA with ``export.merge``) is read by
+The export (``<run>/reward_model``, and ``<run>/merged`` under LoRA with ``export.merge``) is read by
 :class:`dpo_lit.rewards.RewardModel` wherever a reward is used: predict, onpolicy and PPO.
 """
 
