@@ -157,7 +157,8 @@ def test_tiny_configs_fit_a_few_steps(path, tmp_path, monkeypatch):
     metrics = cli.trainer.callback_metrics
     assert cli.trainer.global_step == 3
     assert LOGGED[type(cli.model)] <= set(metrics)
-    assert (tmp_path / "lightning_logs" / "version_0" / "policy" / "config.json").is_file()
+    exported = "reward_model" if isinstance(cli.model, RewardModule) else "policy"
+    assert (tmp_path / "lightning_logs" / "version_0" / exported / "config.json").is_file()
 
 
 def test_loss_swaps_on_the_command_line(monkeypatch):
