@@ -11,10 +11,10 @@ import torch
 from dpo_lit.callbacks.reward_kl import sample_and_score
 from dpo_lit.data.prompts import encode_prompts
 from dpo_lit.models import TINY_ALIAS, load_model
-from dpo_lit.pipelines.onpolicy import score_samples
 from dpo_lit.rewards import CallableReward, ContainsReward, LengthReward, RegexReward, Reward, VaderSentiment
 from dpo_lit.rewards.rules import repeated_fraction
 from dpo_lit.rlhf.ppo import PPOModule
+from dpo_lit.sampling.measure import score_samples
 from dpo_lit.sampling.predict import GenerationModule, PromptDataModule
 from dpo_lit.sampling.sample import sample
 

@@ -23,12 +23,11 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from dpo_lit.callbacks.export import ExportPretrained
 from dpo_lit.data.io import DataSource, atomic_write, write_json
-from dpo_lit.data.prompts import Prompt, encode_prompts, read_prompts
+from dpo_lit.data.prompts import encode_prompts, read_prompts
 from dpo_lit.evaluation.evaluate import TaskData, evaluate_task, load_task_data
 from dpo_lit.models import cache_dir, load_model, load_tokenizer, model_hash
 from dpo_lit.pipelines.plots import plot_run
@@ -36,12 +35,6 @@ from dpo_lit.pipelines.report import RoundReport, format_report, write_report_js
 from dpo_lit.rewards import Reward, VaderSentiment
 from dpo_lit.sampling.measure import MeasureSpec, measure, paired_gain
 from dpo_lit.sampling.sample import Sample, sample
-
-
-def score_samples(reward: Reward, prompts: Sequence[Prompt], samples: list[Sample]) -> torch.Tensor:
-    """The reward of every sample, (N,)."""
-    whole = [prompts[s.prompt_index] for s in samples]  # a reward model reads conversations whole
-    return reward(whole, [s.text for s in samples], [s.finished for s in samples])
 
 
 def compare_on_prompts(

@@ -66,7 +66,7 @@ from dpo_lit.rlhf.objectives import (
     whiten,
 )
 from dpo_lit.rlhf.schedule import epoch_batch_sizes, planned_updates, updates_per_batch
-from dpo_lit.sampling.measure import MeasureSpec, measure, reference_model
+from dpo_lit.sampling.measure import MeasureSpec, measure, reference_model, score_samples
 from dpo_lit.sampling.sample import Sample, sample
 
 
@@ -210,9 +210,7 @@ class PPOModule(LightningModule):
             self.policy, self.tokenizer, batch["prompt_ids"], h.samples_per_prompt, h.max_new_tokens,
             temperature=h.temperature, batch_size=h.generation_batch_size, seed=seed,
         )
-        prompts = [batch["prompts"][s.prompt_index] for s in samples]  # whole: a reward model reads conversations
-        scores = self.reward(prompts, [s.text for s in samples], [s.finished for s in samples])
-        return samples, scores.to(self.device)
+        return samples, score_samples(self.reward, batch["prompts"], samples).to(self.device)
 
     def _pad(self, samples: list[Sample]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Right-padded rollouts: ids, attention mask, completion mask, response mask (B, T_resp)."""

@@ -78,6 +78,13 @@ class Measurement:
         return torch.tensor([s.reward for s in self.samples])
 
 
+def score_samples(reward: Reward, prompts: Sequence[Prompt], samples: Sequence[Sample]) -> torch.Tensor:
+    """The reward of every sample, (N,): each completion with its whole prompt (a reward model reads
+    conversations whole)."""
+    whole = [prompts[s.prompt_index] for s in samples]
+    return reward(whole, [s.text for s in samples], [s.finished for s in samples])
+
+
 def measure(
     policy: nn.Module,
     tokenizer,
@@ -109,8 +116,7 @@ def measure(
         kl = summarize([a - b for a, b in zip(ours, theirs)], [s.finished for s in samples], prompt_of)
     scores = [math.nan] * len(samples)
     if reward is not None:
-        whole = [prompts[i] for i in prompt_of]  # a reward model reads conversations whole
-        scores = reward(whole, [s.text for s in samples], [s.finished for s in samples]).tolist()
+        scores = score_samples(reward, prompts, samples).tolist()
     ratios = kl.per_sample if kl is not None else [math.nan] * len(samples)
     scored = [
         HeldoutSample(step, s.prompt_index, prompt_text(prompts[s.prompt_index]), s.text, score, ratio, s.finished)
@@ -138,4 +144,4 @@ def reference_model(pl_module: Any) -> tuple[nn.Module, Callable[[], AbstractCon
     return found
 
 
-__all__ = ["HeldoutSample", "MeasureSpec", "Measurement", "measure", "paired_gain", "reference_model"]
+__all__ = ["HeldoutSample", "MeasureSpec", "Measurement", "measure", "paired_gain", "reference_model", "score_samples"]
