@@ -72,12 +72,16 @@ def load_arc(path: Path) -> list[MCItem]:
         if not choices or not all(isinstance(c, dict) for c in choices):
             raise DataError(where, "field 'question.choices': expected a non-empty list of {label, text}")
         labels = [_get(c, "label", str, where) for c in choices]
-        texts = [f" {_get(c, 'text', str, where)}" for c in choices]
-        key = _get(record, "answerKey", str, where)
-        if key not in labels:
-            raise DataError(where, f"field 'answerKey': {key!r} is none of the labels {labels}")
-        items.append(MCItem(f"Question: {stem}\nAnswer:", texts, labels.index(key)))
+        items.append(_arc_item(record, stem, labels, [_get(c, "text", str, where) for c in choices], where))
     return items
+
+
+def _arc_item(record: dict[str, Any], stem: str, labels: list[str], texts: list[str], where: str) -> MCItem:
+    """An ARC question, in the file's layout or the Hub's: ``answerKey`` names one of ``labels``."""
+    key = _get(record, "answerKey", str, where)
+    if key not in labels:
+        raise DataError(where, f"field 'answerKey': {key!r} is none of the labels {labels}")
+    return MCItem(f"Question: {stem}\nAnswer:", [f" {text}" for text in texts], labels.index(key))
 
 
 def load_piqa(path: Path) -> list[MCItem]:
@@ -91,9 +95,14 @@ def load_piqa(path: Path) -> list[MCItem]:
     for (record, where), label in zip(rows, labels):
         if label not in ("0", "1"):
             raise DataError(where, f"label {label!r} in {labels_path} is neither 0 nor 1")
-        goal, sol1, sol2 = (_get(record, key, str, where) for key in ("goal", "sol1", "sol2"))
-        items.append(MCItem(f"Question: {goal}\nAnswer:", [f" {sol1}", f" {sol2}"], int(label)))
+        items.append(_piqa_item(record, int(label), where))
     return items
+
+
+def _piqa_item(record: dict[str, Any], label: int, where: str) -> MCItem:
+    """A PIQA goal and its two solutions, in the file's layout or the Hub's."""
+    goal, sol1, sol2 = (_get(record, key, str, where) for key in ("goal", "sol1", "sol2"))
+    return _item(f"Question: {goal}\nAnswer:", [f" {sol1}", f" {sol2}"], label, where)
 
 
 def load_boolq(path: Path) -> list[MCItem]:
@@ -159,21 +168,13 @@ def arc_from_hub(rows: Rows) -> list[MCItem]:
         texts, labels = choices.get("text"), choices.get("label")
         if not isinstance(texts, list) or not isinstance(labels, list) or len(texts) != len(labels) or not texts:
             raise DataError(where, "field 'choices': expected {text: [...], label: [...]} of one non-zero length")
-        key = _get(record, "answerKey", str, where)
-        if key not in labels:
-            raise DataError(where, f"field 'answerKey': {key!r} is none of the labels {labels}")
-        items.append(MCItem(f"Question: {stem}\nAnswer:", [f" {t}" for t in texts], labels.index(key)))
+        items.append(_arc_item(record, stem, labels, texts, where))
     return items
 
 
 def piqa_from_hub(rows: Rows) -> list[MCItem]:
     """PIQA as the Hub has it: the label (0/1) is the row's ``label``."""
-    items = []
-    for record, where in rows:
-        goal, sol1, sol2 = (_get(record, key, str, where) for key in ("goal", "sol1", "sol2"))
-        label = _get(record, "label", int, where)
-        items.append(_item(f"Question: {goal}\nAnswer:", [f" {sol1}", f" {sol2}"], label, where))
-    return items
+    return [_piqa_item(record, _get(record, "label", int, where), where) for record, where in rows]
 
 
 def hellaswag_from_hub(rows: Rows) -> list[MCItem]:
