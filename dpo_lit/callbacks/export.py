@@ -15,6 +15,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from dpo_lit.errors import UserError
 
+EXPORT_FOLDERS = ("merged", "policy", "reward_model")  # what ExportPretrained writes, the one to load first
+
 
 class ExportPretrained(Callback):
     """Write ``<run>/policy`` (a reward model: ``<run>/reward_model``; the full model, or the LoRA
@@ -50,6 +52,12 @@ class ExportPretrained(Callback):
         if ckpt is not None and getattr(ckpt, "dirpath", None):
             return Path(ckpt.dirpath).parent
         return Path(trainer.log_dir or trainer.default_root_dir)
+
+    @staticmethod
+    def exported(run_dir: Path) -> Path | None:
+        """What a run wrote to ``run_dir``, the model to load next: the merged model under LoRA with
+        ``merge``, else the policy (or reward model) folder; None when it exported nothing."""
+        return next((run_dir / name for name in EXPORT_FOLDERS if (run_dir / name).is_dir()), None)
 
     @rank_zero_only
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from dpo_lit.callbacks.export import ExportPretrained
 from dpo_lit.data.io import DataSource, write_json
 from dpo_lit.data.prompts import read_prompts
 from dpo_lit.jobs import Stage, override_args, run_stage
@@ -48,9 +49,9 @@ def newest_export(root: Path) -> Path:
     """The exported model of the newest run under ``root`` (each fit adds a ``version_N``): the
     merged one under LoRA, else the full model."""
     versions = sorted((root / "lightning_logs").glob("version_*"), key=lambda p: int(p.name.split("_")[-1]))
-    for name in ("merged", "policy"):
-        if versions and (versions[-1] / name / "config.json").is_file():
-            return versions[-1] / name
+    found = ExportPretrained.exported(versions[-1]) if versions else None
+    if found is not None and (found / "config.json").is_file():
+        return found
     raise SystemExit(f"dpo-lit compare: no full model exported under {root}/lightning_logs (with LoRA: export.merge)")
 
 

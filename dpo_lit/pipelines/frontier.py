@@ -278,7 +278,7 @@ def run_frontier(
             "model.model_name": model_name, "data.train_files": [train_file],
             "export.merge": True, **(sft_overrides or {}),
         })  # fmt: skip
-        sft_model = str(run_dir / "merged") if (run_dir / "merged").is_dir() else str(run_dir / "policy")
+        sft_model = str(ExportPretrained.exported(run_dir))
         sft = {"model": sft_model, "seconds": time.time() - t}
         write_json(sft, out / "points" / "sft.json")
     sft_model = sft["model"]
@@ -362,7 +362,7 @@ def run_frontier(
                 "export.merge": True, **(reward_overrides or {}),
             }, validate=True)  # fmt: skip
             metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-            path = run_dir / "merged" if (run_dir / "merged").is_dir() else run_dir / "reward_model"
+            path = ExportPretrained.exported(run_dir)
             rm = {"model": str(path), "seconds": time.time() - t, "val": metrics}
             write_json(rm, out / "points" / "reward-model.json")
             print(f"[reward model] held-out pair accuracy {metrics.get('val/accuracy', float('nan')):.3f}", flush=True)

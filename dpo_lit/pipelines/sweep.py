@@ -45,6 +45,7 @@ from typing import Any, Literal
 
 import yaml
 
+from dpo_lit.callbacks.export import ExportPretrained
 from dpo_lit.data.io import atomic_write, write_json
 from dpo_lit.errors import ConfigError
 from dpo_lit.jobs import run_stage
@@ -164,7 +165,7 @@ def finished_elsewhere(folder: Path, command: str) -> bool:
     a fit exported its model at the end, a pipeline wrote its report."""
     if command == "onpolicy":
         return (folder / "report.json").is_file()
-    return any(folder.glob("lightning_logs/version_*/policy")) or any(folder.glob("lightning_logs/version_*/reward_model"))
+    return any(ExportPretrained.exported(run) for run in folder.glob("lightning_logs/version_*"))
 
 
 def write_summary_csv(rows: list[dict[str, Any]], path: Path) -> Path:
