@@ -83,6 +83,24 @@ def argument_error_line(message: str) -> str:
     return f"{line} (--help lists the options)"
 
 
+def command_parser(command: str, description: str):
+    """The parser of a subcommand that is not a Lightning job (``sweep``, ``plots``): jsonargparse,
+    as under LightningCLI, so a bad option ends in the same one line (:func:`parse_command`)."""
+    from jsonargparse import ArgumentParser
+
+    return ArgumentParser(prog=f"dpo-lit {command}", description=description, exit_on_error=False, allow_abbrev=False)
+
+
+def parse_command(parser, argv: Sequence[str]):
+    """``parser``'s namespace for ``argv``; a bad or missing option is a ConfigError of one line."""
+    from jsonargparse import ArgumentError
+
+    try:
+        return parser.parse_args(list(argv))
+    except ArgumentError as error:
+        raise ConfigError(argument_error_line(str(error))) from None
+
+
 class DPOLitCLI(_ArgsFromCode):
     """``fit``/``validate``/``test`` in subclass mode: ``model.class_path`` and ``data.class_path``
     pick the module and the data module, :class:`~dpo_lit.module.PreferenceModule` and

@@ -10,7 +10,8 @@ import pytest
 from conftest import ROOT
 from torch.utils.tensorboard import SummaryWriter
 
-from dpo_lit.pipelines.plots import find_event_dir, main, plot_run, read_scalars
+from dpo_lit.cli import main, run
+from dpo_lit.pipelines.plots import find_event_dir, plot_run, read_scalars
 
 
 def write_run(folder: Path, scalars: dict[str, list[tuple[int, float]]]) -> Path:
@@ -75,7 +76,7 @@ def test_the_latest_run_below_a_folder_is_read(tmp_path):
 
 def test_command_line_prints_the_files(tmp_path, capsys):
     full_run(tmp_path)
-    main([str(tmp_path), "--out", str(tmp_path / "png")])
+    run(["plots", str(tmp_path), "--out", str(tmp_path / "png")])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == f"run: {tmp_path}"
     assert len(lines[1:]) == 6 and all(Path(p).is_file() for p in lines[1:])
@@ -90,17 +91,32 @@ def test_a_validate_run_after_fit_does_not_hide_the_fit_run(tmp_path):
     assert find_event_dir(validated) == validated
 
 
-def test_command_line_without_events_ends_in_one_line(tmp_path, capsys):
+def test_command_line_without_events_ends_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["dpo-lit", "plots", str(tmp_path)])
     with pytest.raises(SystemExit) as exit_info:
-        main([str(tmp_path)])
+        main()
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip() == f"dpo-lit plots: error: no TensorBoard event files or metrics.csv under {tmp_path}"
+    assert capsys.readouterr().err.strip() == f"dpo-lit: error: no TensorBoard event files or metrics.csv under {tmp_path}"
+
+
+def test_a_bad_option_of_plots_or_sweep_ends_in_one_line(tmp_path, monkeypatch, capsys):
+    """plots and sweep parse with jsonargparse as fit does: the same one line for a wrong option."""
+    for argv, said in (
+        (["plots", str(tmp_path), "--outt", "x"], "unrecognized arguments: --outt x"),
+        (["sweep", "--config", "c.yaml", "--grid", "a=1", "--out_dir", str(tmp_path), "--command", "predict"],
+         "command: Expected a typing.Literal['fit', 'onpolicy']. Got value: predict"),
+        (["sweep", "--config", "c.yaml", "--out_dir", str(tmp_path)], "the following arguments are required: grid"),
+    ):
+        monkeypatch.setattr("sys.argv", ["dpo-lit", *argv])
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("dpo-lit: error: ") and said in err and "\n" not in err, err
 
 
 def test_a_csvlogger_run_is_plotted_like_a_tensorboard_one(tmp_path, monkeypatch, capsys):
     """fit with Lightning's CSVLogger, then dpo-lit plots on its folder: the same scalars by step."""
-    from dpo_lit.cli import run
-
     monkeypatch.chdir(ROOT)
     run(["fit", "--config", "configs/dpo/tiny.yaml", "--trainer.logger=CSVLogger", f"--trainer.logger.save_dir={tmp_path}",
          "--trainer.max_steps=4", "--trainer.log_every_n_steps=1", "--trainer.val_check_interval=4",
@@ -110,6 +126,6 @@ def test_a_csvlogger_run_is_plotted_like_a_tensorboard_one(tmp_path, monkeypatch
     scalars = read_scalars(tmp_path)
     assert [step for step, _ in scalars["train/loss"]] == [0, 1, 2, 3] and [s for s, _ in scalars["val/loss"]] == [3]
     capsys.readouterr()
-    main([str(tmp_path)])
+    run(["plots", str(tmp_path)])
     out = capsys.readouterr().out
     assert f"run: {folder}" in out and (folder / "plots" / "loss.png").stat().st_size > 5_000

@@ -11,7 +11,6 @@ the paths. Noisy per-step training curves are drawn faint with a moving average 
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 from collections.abc import Callable, Sequence
@@ -21,6 +20,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from dpo_lit.errors import MissingFileError
+from dpo_lit.jobs import command_parser, parse_command
 
 Series = list[tuple[int, float]]
 Scalars = dict[str, Series]
@@ -255,20 +255,14 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="dpo-lit plots", description=__doc__.splitlines()[0])
+def main(argv: Sequence[str]) -> None:
+    """``dpo-lit plots`` with the command line's ``argv`` (after ``plots``)."""
+    parser = command_parser("plots", __doc__.splitlines()[0])
     parser.add_argument("run_dir", help="a TensorBoard log folder (lightning_logs/version_N) or a folder above one")
     parser.add_argument("--out", default=None, help="where to write the PNGs (default: <event dir>/plots)")
-    args = parser.parse_args(argv)
-    try:
-        event_dir = find_event_dir(args.run_dir)  # chosen once: with several runs, it reads their scalars
-        paths = plot_run(event_dir, args.out)
-    except FileNotFoundError as error:
-        parser.exit(2, f"dpo-lit plots: error: {error}\n")
+    args = parse_command(parser, argv)
+    event_dir = find_event_dir(args.run_dir)  # chosen once: with several runs, it reads their scalars
+    paths = plot_run(event_dir, args.out)
     print(f"run: {event_dir}")
     for path in paths:
         print(path)
-
-
-if __name__ == "__main__":
-    main()

@@ -30,14 +30,12 @@ later ``dpo-lit sweep`` call only gathers them. Points run one after another her
 
 from __future__ import annotations
 
-import argparse
 import csv
 import itertools
 import json
 import math
 import re
 import shlex
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +46,7 @@ import yaml
 from dpo_lit.callbacks.export import ExportPretrained
 from dpo_lit.data.io import atomic_write, write_json
 from dpo_lit.errors import ConfigError
-from dpo_lit.jobs import run_stage
+from dpo_lit.jobs import command_parser, parse_command, run_stage
 from dpo_lit.metrics import better
 
 
@@ -258,16 +256,17 @@ def run_sweep(
     return rows
 
 
-def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    parser = argparse.ArgumentParser(prog="dpo-lit sweep", description=__doc__.split("\n")[0])
+def main(argv: Sequence[str]) -> list[dict[str, Any]]:
+    """``dpo-lit sweep`` with the command line's ``argv`` (after ``sweep``)."""
+    parser = command_parser("sweep", __doc__.split("\n")[0])
     parser.add_argument("--config", action="append", required=True, help="config file(s), stacked as by fit")
     parser.add_argument("--grid", action="append", required=True, help="KEY=v1,v2,... (repeat for more keys)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="an override every point shares, not part of the folder names (repeat for more)")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     parser.add_argument("--out_dir", required=True, help="one folder per point, commands.txt, summary.csv/png")
-    parser.add_argument("--command", default="fit", choices=["fit", "onpolicy"], help="what each point runs")
-    args = parser.parse_args(sys.argv[2:] if argv is None else argv)
+    parser.add_argument("--command", type=Literal["fit", "onpolicy"], default="fit", help="what each point runs")
+    args = parse_command(parser, argv)
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
