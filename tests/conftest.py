@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from transformers import PreTrainedTokenizerBase
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,3 +131,25 @@ def fit_steps(module, data, tmp_path, steps: int = 1, **kwargs):
 
 def adam(lr: float = 1e-3):
     return lambda params: torch.optim.AdamW(params, lr=lr)
+
+
+# ---- configs ---------------------------------------------------------------------------------------
+
+CONFIGS = yaml.safe_load((ROOT / "configs" / "index.yaml").read_text())  # every shipped config, by kind
+
+
+def configs(kind: str) -> list[Path]:
+    """The shipped configs of ``kind`` (a command, or ``fragments/loss`` etc.), as configs/index.yaml lists them."""
+    group, _, part = kind.partition("/")
+    return [ROOT / path for path in (CONFIGS[group][part] if part else CONFIGS[group])]
+
+
+def parse_config(args: list[str]):
+    """``dpo-lit fit``'s parsed and type-checked configuration for ``args``, without loading any model or data."""
+    from dpo_lit.jobs import DPOLitCLI
+
+    class ParseOnlyCLI(DPOLitCLI):
+        def instantiate_classes(self) -> None:
+            pass
+
+    return ParseOnlyCLI(run=False, args=args).config

@@ -230,15 +230,16 @@ EXPECTED = [
         "loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
         "logps/chosen", "logps/rejected",
     )),
-    "val/kl", "val/kl_stderr", "val/kl_finished", "train/kl", "train/grad_norm", "train/lr", "train/margin_trend",
-    "cap/wikitext/ppl", "cap/wikitext/ppl_delta", "cap/arc_easy/acc", "cap/arc_easy/acc_delta",
+    "val/kl", "val/kl_stderr", "val/kl_finished", "train/grad_norm", "train/lr", "train/margin_trend",
+    "cap/wikitext/ppl", "cap/wikitext/ppl_delta", "cap/arc_easy/acc", "cap/arc_easy/acc_delta", "cap/piqa/acc",
+    "cap/piqa/acc_delta",
 ]  # fmt: skip
 
 
 def test_monitored_config_logs_every_metric_and_plots(tmp_path, monkeypatch, shared_data):
     monkeypatch.chdir(ROOT)
     cli = run([
-        "fit", "--config", "configs/dpo/tiny_monitored.yaml", "--trainer.max_steps=4", "--trainer.val_check_interval=2",
+        "fit", "--config", "configs/dpo/tiny.yaml", "--config", "configs/callbacks/monitoring.yaml", "--trainer.max_steps=4", "--trainer.val_check_interval=2",
         "--trainer.limit_val_batches=1", f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false",
     ])  # fmt: skip
     scalars = read_scalars(tmp_path)

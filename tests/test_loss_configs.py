@@ -11,21 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT
+from conftest import ROOT, configs, parse_config
 
 import dpo_lit.losses
-from dpo_lit.cli import DPOLitCLI, run
+from dpo_lit.cli import run
 from dpo_lit.losses import PreferenceLoss
 
-FRAGMENTS = sorted((ROOT / "configs" / "loss").glob("*.yaml"))
+FRAGMENTS = configs("fragments/loss")
 BASE = "configs/dpo/tiny.yaml"
-
-
-class ParseOnlyCLI(DPOLitCLI):
-    """Parses and type-checks a configuration without loading any model or data."""
-
-    def instantiate_classes(self) -> None:
-        pass
 
 
 def class_path(path: Path) -> str:
@@ -55,7 +48,7 @@ def test_fragment_parses_over_the_tiny_config(path, monkeypatch):
     monkeypatch.chdir(ROOT)
     header = path.read_text().splitlines()
     assert header[0].startswith("# ") and f"--config configs/loss/{path.name}" in "\n".join(header[:4])
-    config = ParseOnlyCLI(run=False, args=["--config", BASE, "--config", str(path)]).config
+    config = parse_config(["--config", BASE, "--config", str(path)])
     assert config.model.init_args.loss.class_path == class_path(path)
     assert config.model.init_args.model_name == "tiny-random-llama"  # the rest of the base config is kept
     assert config.data.init_args.mode == ("unpaired" if path.stem == "kto" else "paired")
@@ -65,9 +58,9 @@ def test_fragment_parses_over_the_tiny_config(path, monkeypatch):
 def test_every_fragment_stacks_on_the_smollm2_runs(base, monkeypatch):
     """The per-method SmolLM2 runs are a DPO base plus a loss fragment: the loss changes, nothing else."""
     monkeypatch.chdir(ROOT)
-    plain = ParseOnlyCLI(run=False, args=["--config", base]).config
+    plain = parse_config(["--config", base])
     for path in FRAGMENTS:
-        config = ParseOnlyCLI(run=False, args=["--config", base, "--config", str(path)]).config
+        config = parse_config(["--config", base, "--config", str(path)])
         assert config.model.init_args.loss.class_path == class_path(path), path.name
         model, base_model = config.model.init_args, plain.model.init_args
         assert model.lora == base_model.lora and model.optimizer == base_model.optimizer
