@@ -9,27 +9,23 @@ returns is logged as ``split/name``; callbacks do the rest of the monitoring.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Literal
 
 import torch
 from jsonargparse import lazy_instance
-from lightning import LightningModule
-from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torchmetrics import MeanMetric
 
 from dpo_lit.errors import ConfigError
 from dpo_lit.logps import completion_logps, reference_options
 from dpo_lit.losses import DPOLoss, LossOutput, PreferenceLoss
-from dpo_lit.models import load_model, load_tokenizer
-from dpo_lit.policy import LoRASettings, optimizer_and_schedule, trainable
+from dpo_lit.policy import PolicyModule
 from dpo_lit.reference import SHORTCUTS, NoReference, Reference
 
 
-class PreferenceModule(LightningModule):
+class PreferenceModule(PolicyModule):
     """Preference optimisation of a causal LM.
 
     Args:
@@ -41,16 +37,6 @@ class PreferenceModule(LightningModule):
             PrecomputedReference, NoReference, SyncedReference) or a shortcut: ``copy`` (frozen
             copy), ``adapter`` (the policy with LoRA disabled), ``precomputed`` (once before training, cached on disk),
             ``none``. Reference-free losses always use none.
-        lora: train a LoRA adapter instead of all weights (None: full fine-tuning).
-        optimizer: optimizer class and its arguments (``lr`` among them).
-        scheduler: learning-rate schedule by its ``transformers`` name (``linear``, ``cosine``,
-            ``constant_with_warmup``, ``cosine_with_restarts``, ``polynomial``, ``inverse_sqrt``,
-            ...; ``transformers.get_scheduler``), stepped every optimizer step.
-        warmup_ratio: fraction of the optimizer steps spent warming up linearly from 0.
-        scheduler_kwargs: further arguments of that schedule (e.g. ``num_cycles``).
-        dtype: dtype of the loaded weights (use ``trainer.precision`` for mixed precision).
-        trust_remote_code: allow the Hub model's own Python code to run (off unless asked).
-        gradient_checkpointing: recompute activations in the backward pass to save memory.
         logps_chunk: rows of completion logits computed at once (memory vs speed; None: as many as
             make 2**25 logits, 261 rows of a 128k vocabulary).
         fused_head: compute the policy's LM head and log-softmax chunk by chunk in the forward and
@@ -61,29 +47,25 @@ class PreferenceModule(LightningModule):
             packs their real tokens into one sequence without padding and computes the prompt a
             chosen and a rejected row share once; ``rows`` packs without sharing; ``none`` runs
             the padded rows. The log-probs are the same up to floating-point rounding.
+        **kwargs: the trained model's settings, shared by every module (:class:`~dpo_lit.policy.PolicyModule`:
+            ``lora``, ``optimizer``, ``scheduler``, ``warmup_ratio``, ``scheduler_kwargs``, ``dtype``,
+            ``trust_remote_code``, ``gradient_checkpointing``).
     """
+
+    hparams_ignore = ("loss", "reference")  # objects: rebuilt from the config, their state in the checkpoint
 
     def __init__(
         self,
         model_name: str,
         loss: PreferenceLoss = lazy_instance(DPOLoss, beta=0.1),
         reference: Reference | Literal["copy", "adapter", "precomputed", "none"] = "copy",
-        lora: LoRASettings | None = None,
-        optimizer: OptimizerCallable = torch.optim.AdamW,
-        scheduler: str = "linear",
-        warmup_ratio: float = 0.1,
-        scheduler_kwargs: dict[str, Any] | None = None,
-        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
-        trust_remote_code: bool = False,
-        gradient_checkpointing: bool = False,
         logps_chunk: int | None = None,
         fused_head: bool = True,
         packing: Literal["prefix", "rows", "none"] = "prefix",
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters(ignore=["loss", "optimizer", "reference"])
+        super().__init__(model_name, **kwargs)
         self.loss = loss
-        self.optimizer_factory = optimizer
         if isinstance(reference, str):
             if reference not in SHORTCUTS:
                 raise ConfigError(f"model.reference: unknown shortcut {reference!r}; expected one of {sorted(SHORTCUTS)}")
@@ -96,24 +78,15 @@ class PreferenceModule(LightningModule):
         if not self.loss.needs_reference and type(reference) is not NoReference:
             rank_zero_info(f"{type(self.loss).__name__} is reference-free: no reference model is used")
             reference = NoReference()
-        self.policy = load_model(model_name, dtype=dtype, trust_remote_code=trust_remote_code)
+        self.policy = self.load_model()
         self.reference = reference
         # Before the adapter: a copy is of the weights as loaded.
         reference.setup(
-            self.policy, lora=lora is not None, paired=loss.data_mode == "paired", chunk=logps_chunk,
-            options=reference_options(loss.logps_options), packing=packing,
-            initial=functools.partial(load_model, model_name, dtype=dtype, trust_remote_code=trust_remote_code),
+            self.policy, lora=self.lora is not None, paired=loss.data_mode == "paired", chunk=logps_chunk,
+            options=reference_options(loss.logps_options), packing=packing, initial=self.load_model,
         )
-        self.policy = trainable(self.policy, lora, gradient_checkpointing)
+        self.policy = self.trainable(self.policy)
         self.val_metrics = torch.nn.ModuleDict()
-        self._tokenizer = None
-
-    @property
-    def tokenizer(self):
-        """The policy's tokenizer, loaded once and shared by the callbacks."""
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.hparams.model_name)
-        return self._tokenizer
 
     # ---- the computation -------------------------------------------------------------------
 
@@ -213,18 +186,9 @@ class PreferenceModule(LightningModule):
         self.reference.after_step(self.policy, self.trainer.global_step)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["reference"] = self.reference.state_dict()
-        checkpoint["schedule_steps"] = int(self.trainer.estimated_stepping_batches)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         self.reference.load_state_dict(checkpoint.get("reference", {}))
-        self._checkpoint_schedule_steps = checkpoint.get("schedule_steps")
-
-    def configure_optimizers(self):
-        steps, before = int(self.trainer.estimated_stepping_batches), getattr(self, "_checkpoint_schedule_steps", None)
-        if before is not None and before != steps and not self.hparams.scheduler.startswith("constant"):
-            rank_zero_warn(
-                f"model.scheduler: the checkpoint's {self.hparams.scheduler} schedule was sized for {before} steps and "
-                f"this run's for {steps}: from here the LR follows the new length, unlike an uninterrupted run"
-            )
-        return optimizer_and_schedule(self, [p for p in self.policy.parameters() if p.requires_grad])

@@ -1,16 +1,22 @@
-"""What every trained module does to its policy, whatever it trains it for (DPO, SFT, a reward model,
-PPO): a LoRA adapter or not (:class:`LoRASettings`), train mode and activation checkpointing
-(:func:`trainable`), the optimizer and LR schedule by name (:func:`optimizer_and_schedule`)."""
+"""What every trained module does to its model, whatever it trains it for (DPO, SFT, a reward model,
+PPO): :class:`PolicyModule` holds the settings they share (the model's name and dtype, a LoRA adapter
+or not, activation checkpointing, the optimizer and LR schedule), loads the model, makes it
+trainable (:func:`trainable`) and builds the optimizer and schedule (:func:`optimizer_and_schedule`).
+"""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 from lightning import LightningModule
+from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 
 from dpo_lit.errors import ConfigError
+from dpo_lit.models import load_model, load_tokenizer
 
 
 @dataclass
@@ -94,3 +100,90 @@ def optimizer_and_schedule(module: LightningModule, params: list, total: int | N
     except ValueError as error:  # an unknown name: transformers lists the valid ones
         raise ConfigError(f"model.scheduler: {error}") from None
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"}}
+
+
+class PolicyModule(LightningModule):
+    """The base of every trained module (:class:`~dpo_lit.module.PreferenceModule`,
+    :class:`~dpo_lit.rlhf.SFTModule`, :class:`~dpo_lit.rlhf.RewardModule`,
+    :class:`~dpo_lit.rlhf.PPOModule`): the settings of the model it trains, taken once here. A
+    subclass names the model first, takes its own arguments and passes the rest on as ``**kwargs``
+    (the CLI and ``--help`` list them as its own). Every argument of the subclass and of this class
+    is saved as a hyperparameter, but the objects it names in ``hparams_ignore`` (kept in the state
+    dict, or rebuilt from the config) and the optimizer.
+
+    Args:
+        model_name: the model trained: Hub name, local safetensors folder, ``.gguf`` file or alias
+            (``smollm2-135m-instruct``, ``tiny-random-llama``); the tokenizer is linked to it.
+        lora: train a LoRA adapter instead of all weights (None: full fine-tuning).
+        optimizer: optimizer class and its arguments (``lr`` among them).
+        scheduler: learning-rate schedule by its ``transformers`` name (``linear``, ``cosine``,
+            ``constant``, ``constant_with_warmup``, ``cosine_with_restarts``, ``polynomial``,
+            ``inverse_sqrt``, ...; ``transformers.get_scheduler``), stepped every optimizer step and
+            named ``train/lr`` for ``LearningRateMonitor``.
+        warmup_ratio: fraction of the optimizer steps spent warming up linearly from 0.
+        scheduler_kwargs: further arguments of that schedule (e.g. ``num_cycles``).
+        dtype: dtype of the loaded weights (use ``trainer.precision`` for mixed precision).
+        trust_remote_code: allow the Hub model's own Python code to run (off unless asked).
+        gradient_checkpointing: recompute activations in the backward pass to save memory.
+    """
+
+    hparams_ignore: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        model_name: str,
+        lora: LoRASettings | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: str = "linear",
+        warmup_ratio: float = 0.1,
+        scheduler_kwargs: dict[str, Any] | None = None,
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        trust_remote_code: bool = False,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", *self.hparams_ignore])  # the subclass's arguments too
+        self.model_name, self.lora, self.dtype_name = model_name, lora, dtype
+        self.trust_remote_code, self.gradient_checkpointing = trust_remote_code, gradient_checkpointing
+        self.optimizer_factory = optimizer
+        self._tokenizer = None
+        self._checkpoint_schedule_steps = None
+
+    def load_model(self, **kwargs):
+        """The model as ``model_name`` names it, in ``dtype`` (:func:`dpo_lit.models.load_model`)."""
+        return load_model(self.model_name, dtype=self.dtype_name, trust_remote_code=self.trust_remote_code, **kwargs)
+
+    def trainable(self, model, task_type: str = "CAUSAL_LM"):
+        """``model`` ready to train with this module's LoRA and checkpointing settings (:func:`trainable`)."""
+        return trainable(model, self.lora, self.gradient_checkpointing, task_type)
+
+    @property
+    def tokenizer(self):
+        """The model's tokenizer, loaded once and shared by the callbacks."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.model_name)
+        return self._tokenizer
+
+    def trained_parameters(self) -> list[torch.nn.Parameter]:
+        """What the optimizer updates: the policy's parameters that take gradients."""
+        return [p for p in self.policy.parameters() if p.requires_grad]
+
+    def configure_optimizers(self, total: int | None = None) -> dict:
+        """The optimizer over :meth:`trained_parameters` and the schedule over ``total`` optimizer
+        steps (None: one per batch, Lightning's estimate). A resumed run whose checkpoint planned a
+        schedule of another length is warned about: the LR then follows the new length."""
+        steps = int(self.trainer.estimated_stepping_batches if total is None else total)
+        before, scheduler = self._checkpoint_schedule_steps, self.hparams.scheduler
+        if before is not None and before != steps and not scheduler.startswith("constant"):
+            rank_zero_warn(
+                f"model.scheduler: the checkpoint's {scheduler} schedule was sized for {before} steps and "
+                f"this run's for {steps}: from here the LR follows the new length, unlike an uninterrupted run"
+            )
+        self._schedule_steps = steps
+        return optimizer_and_schedule(self, self.trained_parameters(), steps)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["schedule_steps"] = getattr(self, "_schedule_steps", None)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._checkpoint_schedule_steps = checkpoint.get("schedule_steps")

@@ -41,19 +41,17 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from jsonargparse import lazy_instance
-from lightning import LightningModule
-from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
 from dpo_lit.data.collate import pad_rows
 from dpo_lit.errors import ConfigError
 from dpo_lit.logps import completion_states, head_outputs
-from dpo_lit.models import evaluating, load_model, load_tokenizer
-from dpo_lit.policy import LoRASettings, optimizer_and_schedule, trainable
+from dpo_lit.models import evaluating
+from dpo_lit.policy import PolicyModule
 from dpo_lit.reference import SHORTCUTS
 from dpo_lit.rewards import Reward, VaderSentiment
 from dpo_lit.rlhf.objectives import (
@@ -108,14 +106,13 @@ def token_outputs(
     return TokenOutputs(logps, values, entropies)
 
 
-class PPOModule(LightningModule):
+class PPOModule(PolicyModule):
     """RLHF's last stage: PPO on a reward, with a per-token KL penalty to the initial policy.
 
     Args:
         model_name: the policy (usually the SFT model): Hub name, local folder, ``.gguf`` or alias;
             the reference is the same weights, frozen.
         reward: scores the rollouts (``class_path``: VaderSentiment, RewardModel, LengthReward, ...).
-        lora: train a LoRA adapter (the reference is then the policy with it off).
         samples_per_prompt: rollouts per prompt of a batch.
         max_new_tokens: bound on a rollout's tokens (a cut rollout keeps no EOS).
         temperature: sampling temperature of the rollouts (1: the policy itself); the policy's
@@ -133,23 +130,21 @@ class PPOModule(LightningModule):
         lam: GAE's λ.
         whiten_advantages: normalise advantages over each batch of rollouts.
         max_grad_norm: clip the gradient's norm (None: no clipping).
-        optimizer: optimizer class and its arguments.
         scheduler: learning-rate schedule by its ``transformers`` name, sized in the optimizer
             updates of the run and stepped after each.
         warmup_ratio: fraction of the schedule spent warming up.
-        scheduler_kwargs: further arguments of that schedule.
-        dtype: dtype of the loaded weights.
-        trust_remote_code: allow the Hub model's own Python code to run.
-        gradient_checkpointing: recompute activations in the backward pass to save memory.
         generation_batch_size: rows per ``generate`` call.
         seed: seed of the rollouts' sampling (each batch adds the optimizer step count).
+        **kwargs: the trained model's settings (:class:`~dpo_lit.policy.PolicyModule`: ``lora``, with
+            which the reference is the policy with the adapter off, ``optimizer``, ``dtype``, ...).
     """
+
+    hparams_ignore = ("reward",)  # objects: rebuilt from the config, their state in the checkpoint
 
     def __init__(
         self,
         model_name: str,
         reward: Reward = lazy_instance(VaderSentiment),
-        lora: LoRASettings | None = None,
         samples_per_prompt: int = 2,
         max_new_tokens: int = 48,
         temperature: float = 1.0,
@@ -166,17 +161,13 @@ class PPOModule(LightningModule):
         lam: float = 0.95,
         whiten_advantages: bool = True,
         max_grad_norm: float | None = 1.0,
-        optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: str = "constant",
         warmup_ratio: float = 0.0,
-        scheduler_kwargs: dict[str, Any] | None = None,
-        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
-        trust_remote_code: bool = False,
-        gradient_checkpointing: bool = False,
         generation_batch_size: int = 16,
         seed: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
+        super().__init__(model_name, scheduler=scheduler, warmup_ratio=warmup_ratio, **kwargs)
         if temperature <= 0:
             raise ConfigError(f"model.temperature: PPO samples its rollouts, so it must be > 0, got {temperature}")
         for key, value in (("kl_coef", kl_coef), ("samples_per_prompt", samples_per_prompt),
@@ -185,22 +176,16 @@ class PPOModule(LightningModule):
                 raise ConfigError(f"model.{key}: must be {'>= 0' if key == 'kl_coef' else '> 0'}, got {value}")
         if target_kl is not None and target_kl <= 0:
             raise ConfigError(f"model.target_kl: must be > 0, got {target_kl}")
-        self.save_hyperparameters(ignore=["reward", "optimizer"])
         self.automatic_optimization = False
         self.reward = reward
-        self.optimizer_factory = optimizer
         self.kl = KLController(kl_coef, target_kl, kl_horizon)
-        self.policy = load_model(model_name, dtype=dtype, trust_remote_code=trust_remote_code)
-        self.reference = SHORTCUTS["copy" if lora is None else "adapter"]()
-        self.reference.setup(self.policy, lora=lora is not None, paired=True, chunk=None)
-        self.policy = trainable(self.policy, lora, gradient_checkpointing)
+        self.policy = self.load_model()
+        self.reference = SHORTCUTS["copy" if self.lora is None else "adapter"]()
+        self.reference.setup(self.policy, lora=self.lora is not None, paired=True, chunk=None)
+        self.policy = self.trainable(self.policy)
         self.value_head = nn.Linear(self.policy.config.hidden_size, 1)
         nn.init.zeros_(self.value_head.weight)  # values start at 0: the first advantages are the rewards
         nn.init.zeros_(self.value_head.bias)
-
-    @property
-    def tokenizer(self):
-        return load_tokenizer(self.hparams.model_name)
 
     # ---- rollouts ----------------------------------------------------------------------------
 
@@ -317,22 +302,27 @@ class PPOModule(LightningModule):
         self.on_fit_start()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["kl_coef"] = self.kl.coef
         checkpoint["reference"] = self.reference.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         self.kl.coef = checkpoint.get("kl_coef", self.kl.coef)
         self.reference.load_state_dict(checkpoint.get("reference", {}))
+
+    def trained_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.policy.parameters() if p.requires_grad] + list(self.value_head.parameters())
 
     def configure_optimizers(self) -> dict:
         """The optimizer and the schedule, sized in the updates the run makes (:mod:`~dpo_lit.rlhf.schedule`)."""
         h, trainer = self.hparams, self.trainer
-        params = [p for p in self.policy.parameters() if p.requires_grad] + list(self.value_head.parameters())
         updates = partial(
             updates_per_batch, samples_per_prompt=h.samples_per_prompt, minibatch_size=h.minibatch_size,
             ppo_epochs=h.ppo_epochs,
         )
         sizes = epoch_batch_sizes(trainer)
         # None (an iterable dataset or an unbounded run): Lightning's estimate (max_steps)
-        total = None if sizes is None else planned_updates(sizes, updates, trainer.max_epochs, trainer.max_steps)
-        return optimizer_and_schedule(self, params, total)
+        return super().configure_optimizers(
+            None if sizes is None else planned_updates(sizes, updates, trainer.max_epochs, trainer.max_steps)
+        )

@@ -16,17 +16,15 @@ The export (``<run>/reward_model``, and ``<run>/merged`` under LoRA with ``expor
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning import LightningModule
-from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
 from dpo_lit.errors import ConfigError
 from dpo_lit.models import load_tokenizer, resolve
-from dpo_lit.policy import LoRASettings, optimizer_and_schedule, trainable
+from dpo_lit.policy import PolicyModule
 
 
 def load_reward_model(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> nn.Module:
@@ -63,7 +61,7 @@ def bradley_terry_loss(chosen: Tensor, rejected: Tensor, margin: float = 0.0, ce
     return -F.logsigmoid(chosen - rejected - margin) + center_coef * (chosen + rejected) ** 2
 
 
-class RewardModule(LightningModule):
+class RewardModule(PolicyModule):
     """Train a scalar reward model on preference pairs.
 
     Args:
@@ -72,41 +70,19 @@ class RewardModule(LightningModule):
         margin: required reward difference (the loss is ``-log σ(r_c - r_r - margin)``).
         center_coef: η of the centring term ``η·(r_c + r_r)²`` that keeps rewards near 0 (0: off;
             Eisenstein et al. 2023 use 0.01).
-        lora: train a LoRA adapter (and the head) instead of all weights (None: full fine-tuning).
-        optimizer: optimizer class and its arguments.
-        scheduler: learning-rate schedule by its ``transformers`` name.
-        warmup_ratio: fraction of the optimizer steps spent warming up linearly from 0.
-        scheduler_kwargs: further arguments of that schedule.
-        dtype: dtype of the loaded weights.
-        trust_remote_code: allow the Hub model's own Python code to run.
-        gradient_checkpointing: recompute activations in the backward pass to save memory.
+        **kwargs: the trained model's settings (:class:`~dpo_lit.policy.PolicyModule`: ``lora``,
+            which also trains the head, ``optimizer``, ``scheduler``, ``warmup_ratio``, ...).
     """
 
-    def __init__(
-        self,
-        model_name: str,
-        margin: float = 0.0,
-        center_coef: float = 0.0,
-        lora: LoRASettings | None = None,
-        optimizer: OptimizerCallable = torch.optim.AdamW,
-        scheduler: str = "linear",
-        warmup_ratio: float = 0.1,
-        scheduler_kwargs: dict | None = None,
-        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
-        trust_remote_code: bool = False,
-        gradient_checkpointing: bool = False,
-    ) -> None:
-        super().__init__()
+    def __init__(self, model_name: str, margin: float = 0.0, center_coef: float = 0.0, **kwargs: Any) -> None:
+        super().__init__(model_name, **kwargs)
         if center_coef < 0:
             raise ConfigError(f"model.center_coef: must be >= 0, got {center_coef}")
-        self.save_hyperparameters(ignore=["optimizer"])
-        self.optimizer_factory = optimizer
-        self.reward_model = load_reward_model(model_name, getattr(torch, dtype), trust_remote_code)
-        self.reward_model = trainable(self.reward_model, lora, gradient_checkpointing, task_type="SEQ_CLS")
+        model = load_reward_model(model_name, getattr(torch, self.dtype_name), self.trust_remote_code)
+        self.reward_model = self.trainable(model, task_type="SEQ_CLS")
 
-    @property
-    def tokenizer(self):
-        return load_tokenizer(self.hparams.model_name)
+    def trained_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.reward_model.parameters() if p.requires_grad]
 
     def _step(self, batch: dict, split: str) -> Tensor:
         if "label" in batch:
@@ -127,5 +103,3 @@ class RewardModule(LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._step(batch, "val")
 
-    def configure_optimizers(self):
-        return optimizer_and_schedule(self, [p for p in self.reward_model.parameters() if p.requires_grad])
