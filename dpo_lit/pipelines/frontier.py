@@ -108,6 +108,8 @@ class Frontier:
         self.out, self.seed, self.evaluation = out, seed, evaluation
         self.rows: list[dict[str, Any]] = []
         self.seconds: dict[str, float] = {}
+        self.heldout: Path | None = None  # the held-out prefixes, once written
+        self.reward: dict[str, Any] | None = None  # the classifier as a class_path reward, once trained
 
     def done(self, name: str) -> dict | None:
         path = self.out / "points" / f"{name}.json"
@@ -149,13 +151,86 @@ class Frontier:
             cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
         return cli.trainer, run_dir
 
-    def evaluation_callback(self, prompts_file: Path, reward: dict[str, Any], every: int) -> HeldoutRewardKL:
+    def evaluation_callback(self, every: int) -> HeldoutRewardKL:
         e = self.evaluation
         return HeldoutRewardKL(
-            str(prompts_file), SentimentClassifier(reward["init_args"]["path"]), num_prompts=None,
+            str(self.heldout), SentimentClassifier(self.reward["init_args"]["path"]), num_prompts=None,
             num_samples=e["samples"], max_new_tokens=e["max_new_tokens"], chat=False, batch_size=e["batch_size"],
             seed=e["seed"], every_n_steps=every,
         )  # fmt: skip
+
+    def measured_run(self, name: str, method: str, setting: str, config: str, overrides: dict, every: int) -> None:
+        """A point of the frontier: fit ``config`` with ``overrides``, measured on the held-out
+        prefixes every ``every`` steps and at its end (skipped when a finished one is on disk)."""
+        label = f"{method} {setting}".strip()
+        record = self.done(name)
+        if record is not None:
+            self.add(record)
+            print(f"[{label}] done before: {len(record['points'])} points", flush=True)
+            return
+        print(f"[{label}] {config}", flush=True)
+        t = time.time()
+        callback = self.evaluation_callback(every)
+        self.fit(name, config, {"export.enabled": False, **overrides}, callback)
+        self.keep(name, method, setting, callback.points, callback.samples, time.time() - t)
+        last = callback.points[-1]
+        print(f"[{label}] step {last.step}: reward {last.reward:.3f} ± {last.reward_se:.3f}, "
+              f"KL {last.kl:.2f} ± {last.kl_se:.2f} nats ({time.time() - t:.0f} s)", flush=True)  # fmt: skip
+
+    def trained_model(self, name: str, config: str, overrides: dict[str, Any], validate: bool = False) -> dict:
+        """A stage whose product is a model (the SFT model, the reward model): its exported folder,
+        seconds and validation metrics, from disk when a finished one is there."""
+        record = self.done(name)
+        if record is None:
+            t = time.time()
+            trainer, run_dir = self.fit(name, config, {"export.merge": True, **overrides}, validate=validate)
+            metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+            record = {"model": str(ExportPretrained.exported(run_dir)), "seconds": time.time() - t, "val": metrics}
+            write_json(record, self.out / "points" / f"{name}.json")
+        return record
+
+    def start_point(self, model: str) -> None:
+        """The starting point, the SFT model itself (KL 0 by definition; measured like every other point)."""
+        record = self.done("sft-point")
+        if record is not None:
+            self.add(record)
+            return
+        t = time.time()
+        policy, tokenizer, e = load_model(model), load_tokenizer(model), self.evaluation
+        prompts = read_prompts(self.heldout)
+        samples = sample_and_score(
+            policy, policy, contextlib.nullcontext, tokenizer, prompts, encode_prompts(tokenizer, prompts, chat=False),
+            SentimentClassifier(self.reward["init_args"]["path"]), e["samples"], e["max_new_tokens"],
+            e["batch_size"], e["seed"],
+        )  # fmt: skip
+        self.keep("sft-point", "sft", "", [summarize_samples(samples)], samples, time.time() - t)
+
+
+def ground_truth(out: Path, train_file: str, test_file: str, max_examples: int | None) -> dict[str, Any]:
+    """The sentiment classifier (``out/classifier.pkl``) and its measurement (``classifier.json``),
+    trained unless a finished one is there."""
+    info_path = out / "classifier.json"
+    if info_path.is_file() and (out / "classifier.pkl").is_file():
+        info = json.loads(info_path.read_text())
+    else:
+        print(f"[classifier] TF-IDF + logistic regression on {train_file}, measured on {test_file}", flush=True)
+        info = train_sentiment_classifier(train_file, test_file, out, max_examples)
+    print(f"[classifier] test accuracy {info['test_accuracy']:.4f} on {info['test_examples']} reviews", flush=True)
+    return info
+
+
+def write_pairs(config: str, model: str, reward: dict[str, Any], samples: int, max_new_tokens: int, seed: int,
+                prompts: Path, pairs: Path) -> None:  # fmt: skip
+    """``dpo-lit predict --config CONFIG``: ``samples`` completions of each prompt by ``model``,
+    scored by ``reward``, every ordered pair of distinct scores written to ``pairs``."""
+    from dpo_lit.jobs import build_cli
+
+    cli = build_cli("predict", [config], {
+        "model.model_name": model, "model.reward": reward, "model.num_samples": samples,
+        "model.max_new_tokens": max_new_tokens, "model.seed": seed, "data.prompts_file": str(prompts),
+        "data.chat": False, "output.path": str(pairs),
+    })  # fmt: skip
+    cli.trainer.predict(cli.model, datamodule=cli.datamodule, return_predictions=False)
 
 
 def run_frontier(
@@ -233,8 +308,6 @@ def run_frontier(
         ppo_overrides: the same for PPO.
         seed: the seed of prefixes, sampling and training.
     """
-    from dpo_lit.jobs import build_cli
-
     if not 1 <= prefix_tokens[0] <= prefix_tokens[1]:  # before a minute of classifier training
         raise ConfigError(f"prefix_tokens: expected 1 <= min <= max, got {prefix_tokens[0]}, {prefix_tokens[1]}")
     start = time.time()
@@ -247,71 +320,38 @@ def run_frontier(
 
     # 1. the ground-truth reward
     t = time.time()
-    info_path = out / "classifier.json"
-    if info_path.is_file() and (out / "classifier.pkl").is_file():
-        info = json.loads(info_path.read_text())
-    else:
-        print(f"[classifier] TF-IDF + logistic regression on {train_file}, measured on {test_file}", flush=True)
-        info = train_sentiment_classifier(train_file, test_file, out, classifier_max_examples)
-    print(f"[classifier] test accuracy {info['test_accuracy']:.4f} on {info['test_examples']} reviews", flush=True)
-    reward = classifier_reward(out / "classifier.pkl")
+    info = ground_truth(out, train_file, test_file, classifier_max_examples)
+    frontier.reward = classifier_reward(out / "classifier.pkl")
     stages["classifier"] = time.time() - t
 
     # 2. prefixes
     tokenizer = load_tokenizer(model_name)
-    prefix_files = {}
+    prefixes = {}
     for offset, (split, source, count) in enumerate((("train", train_file, train_prefixes),
                                                       ("heldout", test_file, heldout_prefixes))):  # fmt: skip
-        path = out / f"prefixes_{split}.jsonl"
-        if not path.is_file():
-            write_jsonl(make_prefixes(source, tokenizer, count, *prefix_tokens, seed=seed + offset), path)
-        prefix_files[split] = path
+        prefixes[split] = out / f"prefixes_{split}.jsonl"
+        if not prefixes[split].is_file():
+            write_jsonl(make_prefixes(source, tokenizer, count, *prefix_tokens, seed=seed + offset), prefixes[split])
+    frontier.heldout = prefixes["heldout"]
     print(f"[prompts] {train_prefixes} training and {heldout_prefixes} held-out prefixes of {prefix_tokens[0]}-"
-          f"{prefix_tokens[1]} tokens: {prefix_files['train']}, {prefix_files['heldout']}", flush=True)  # fmt: skip
+          f"{prefix_tokens[1]} tokens: {prefixes['train']}, {prefixes['heldout']}", flush=True)  # fmt: skip
 
-    # 3. SFT
-    t = time.time()
-    sft = frontier.done("sft")
-    if sft is None:
-        print(f"[sft] {sft_config}", flush=True)
-        _, run_dir = frontier.fit("sft", sft_config, {
-            "model.model_name": model_name, "data.train_files": [train_file],
-            "export.merge": True, **(sft_overrides or {}),
-        })  # fmt: skip
-        sft_model = str(ExportPretrained.exported(run_dir))
-        sft = {"model": sft_model, "seconds": time.time() - t}
-        write_json(sft, out / "points" / "sft.json")
+    # 3. SFT, and the starting point of every run
+    print(f"[sft] {sft_config}", flush=True)
+    sft = frontier.trained_model("sft", sft_config, {
+        "model.model_name": model_name, "data.train_files": [train_file], **(sft_overrides or {}),
+    })  # fmt: skip
     sft_model = sft["model"]
     stages["sft training"] = sft["seconds"]
-
-    # the starting point: the SFT model itself (KL 0 by definition; measured like every other point)
-    start_point = frontier.done("sft-point")
-    if start_point is None:
-        t = time.time()
-        policy = load_model(sft_model)
-        prompts = read_prompts(prefix_files["heldout"])
-        sft_tokenizer = load_tokenizer(sft_model)
-        samples = sample_and_score(
-            policy, policy, contextlib.nullcontext, sft_tokenizer, prompts,
-            encode_prompts(sft_tokenizer, prompts, chat=False), SentimentClassifier(reward["init_args"]["path"]),
-            eval_samples, max_new_tokens, eval_batch_size, eval_seed,
-        )  # fmt: skip
-        del policy
-        frontier.keep("sft-point", "sft", "", [summarize_samples(samples)], samples, time.time() - t)
-    else:
-        frontier.add(start_point)
+    frontier.start_point(sft_model)
 
     # 4. pairs
     t = time.time()
     pairs = out / "pairs.jsonl"
     if not pairs.is_file():
         print(f"[pairs] {samples_per_prefix} samples of each training prefix, scored by the classifier", flush=True)
-        cli = build_cli("predict", [generate_config], {
-            "model.model_name": sft_model, "model.reward": reward, "model.num_samples": samples_per_prefix,
-            "model.max_new_tokens": max_new_tokens, "model.seed": seed, "data.prompts_file": str(prefix_files["train"]),
-            "data.chat": False, "output.path": str(pairs),
-        })  # fmt: skip
-        cli.trainer.predict(cli.model, datamodule=cli.datamodule, return_predictions=False)
+        write_pairs(generate_config, sft_model, frontier.reward, samples_per_prefix, max_new_tokens, seed,
+                    prefixes["train"], pairs)  # fmt: skip
         stages["pairs"] = time.time() - t
     count = sum(1 for _ in pairs.open())
     if count == 0:
@@ -319,58 +359,33 @@ def run_frontier(
     print(f"[pairs] {count} pairs: {pairs}", flush=True)
     trained_on = {"model.model_name": sft_model, "data.train_files": [str(pairs)]}
 
-    def run(name: str, method: str, setting: str, config: str, overrides: dict, every: int) -> None:
-        label = f"{method} {setting}".strip()
-        record = frontier.done(name)
-        if record is not None:
-            frontier.add(record)
-            print(f"[{label}] done before: {len(record['points'])} points", flush=True)
-            return
-        print(f"[{label}] {config}", flush=True)
-        t = time.time()
-        callback = frontier.evaluation_callback(prefix_files["heldout"], reward, every)
-        frontier.fit(name, config, {"export.enabled": False, **overrides}, callback)
-        frontier.keep(name, method, setting, callback.points, callback.samples, time.time() - t)
-        last = callback.points[-1]
-        print(f"[{label}] step {last.step}: reward {last.reward:.3f} ± {last.reward_se:.3f}, "
-              f"KL {last.kl:.2f} ± {last.kl_se:.2f} nats ({time.time() - t:.0f} s)", flush=True)  # fmt: skip
-
     # 5. DPO at each beta, Preferred-FT
     dpo = {**trained_on, "trainer.max_steps": dpo_steps, **(dpo_overrides or {})}
     for beta in betas:
-        run(f"dpo-beta={beta:g}", "dpo", f"beta={beta:g}", dpo_config,
-            {**dpo, "model.loss.init_args.beta": beta}, dpo_eval_every)  # fmt: skip
+        frontier.measured_run(f"dpo-beta={beta:g}", "dpo", f"beta={beta:g}", dpo_config,
+                              {**dpo, "model.loss.init_args.beta": beta}, dpo_eval_every)  # fmt: skip
     if preferred_ft:
-        run("preferred-ft", "preferred-ft", "", dpo_config,
-            {**dpo, "model.loss": {"class_path": "dpo_lit.losses.SFTLoss"}},
-            dpo_eval_every if preferred_ft_eval_every is None else preferred_ft_eval_every)  # fmt: skip
+        frontier.measured_run("preferred-ft", "preferred-ft", "", dpo_config,
+                              {**dpo, "model.loss": {"class_path": "dpo_lit.losses.SFTLoss"}},
+                              dpo_eval_every if preferred_ft_eval_every is None else preferred_ft_eval_every)  # fmt: skip
 
     # 6. PPO on the classifier; the reward model on the pairs, then PPO on it
-    ppo = {"model.model_name": sft_model, "data.prompts_file": str(prefix_files["train"]),
+    ppo = {"model.model_name": sft_model, "data.prompts_file": str(prefixes["train"]),
            "model.max_new_tokens": max_new_tokens, "trainer.max_steps": ppo_steps,
            **(ppo_overrides or {})}  # fmt: skip
     for coef in ppo_gt_kl_coefs:
-        run(f"ppo-gt-kl_coef={coef:g}", "ppo-gt", f"kl_coef={coef:g}", ppo_config,
-            {**ppo, "model.reward": reward, "model.kl_coef": coef}, ppo_eval_every)  # fmt: skip
+        frontier.measured_run(f"ppo-gt-kl_coef={coef:g}", "ppo-gt", f"kl_coef={coef:g}", ppo_config,
+                              {**ppo, "model.reward": frontier.reward, "model.kl_coef": coef}, ppo_eval_every)  # fmt: skip
     if ppo_rm_kl_coefs:
-        t = time.time()
-        rm = frontier.done("reward-model")
-        if rm is None:
-            print(f"[reward model] Bradley-Terry on the {count} pairs ({reward_config})", flush=True)
-            trainer, run_dir = frontier.fit("reward-model", reward_config, {
-                "model.model_name": sft_model, "data.train_files": [str(pairs)],
-                "export.merge": True, **(reward_overrides or {}),
-            }, validate=True)  # fmt: skip
-            metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-            path = ExportPretrained.exported(run_dir)
-            rm = {"model": str(path), "seconds": time.time() - t, "val": metrics}
-            write_json(rm, out / "points" / "reward-model.json")
-            print(f"[reward model] held-out pair accuracy {metrics.get('val/accuracy', float('nan')):.3f}", flush=True)
+        print(f"[reward model] Bradley-Terry on the {count} pairs ({reward_config})", flush=True)
+        rm = frontier.trained_model("reward-model", reward_config, {**trained_on, **(reward_overrides or {})},
+                                    validate=True)  # fmt: skip
+        print(f"[reward model] held-out pair accuracy {rm['val'].get('val/accuracy', float('nan')):.3f}", flush=True)
         stages["reward model"] = rm["seconds"]
         learned = {"class_path": "dpo_lit.rewards.RewardModel", "init_args": {"path": rm["model"], "chat": False}}
         for coef in ppo_rm_kl_coefs:
-            run(f"ppo-rm-kl_coef={coef:g}", "ppo-rm", f"kl_coef={coef:g}", ppo_config,
-                {**ppo, "model.reward": learned, "model.kl_coef": coef}, ppo_eval_every)  # fmt: skip
+            frontier.measured_run(f"ppo-rm-kl_coef={coef:g}", "ppo-rm", f"kl_coef={coef:g}", ppo_config,
+                                  {**ppo, "model.reward": learned, "model.kl_coef": coef}, ppo_eval_every)  # fmt: skip
 
     write_frontier_png(frontier.rows, out / "frontier.png", f"IMDb sentiment, {Path(model_name).name}: reward vs KL")
     judged = judge_samples(out / "samples")  # the paired gains and the second judge
@@ -381,12 +396,12 @@ def run_frontier(
         "classifier": info, "second_judge": vader_accuracy(test_file), "pairs": count, "sft_model": sft_model,
     }  # fmt: skip
     if ppo_rm_kl_coefs:
-        summary["reward_model"] = rm
+        summary["reward_model"] = {"model": rm["model"], "seconds": rm["seconds"], "val": rm["val"]}
     write_json(summary, out / "runs.json")
     print(format_table(frontier.rows), flush=True)
     if judged:
         print("\nPaired by prompt against the SFT model (classifier reward; VADER compound, the second judge)")
         print(format_table(judged), flush=True)
-    print(f"\n{out / 'frontier.csv'}, {out / 'frontier.png'}, {info_path} ({(time.time() - start) / 60:.1f} min)",
+    print(f"\n{out / 'frontier.csv'}, {out / 'frontier.png'}, {out / 'classifier.json'} ({(time.time() - start) / 60:.1f} min)",
           flush=True)  # fmt: skip
     return frontier.rows
