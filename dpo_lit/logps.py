@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from dpo_lit.errors import ConfigError
 from dpo_lit.models import evaluating
 from dpo_lit.packing import PACKING, Unpackable, check_packable, layout, packed_hidden
+from dpo_lit.sharding import in_forward
 
 # What a family's forward does to its LM head's input or output (transformers 5.23's modeling code),
 # keyed by the model type of the (text) config: ``(config attribute, operation)`` steps, in order.
@@ -523,6 +524,14 @@ def completion_logps(
         ``(logps, tokens)``: float32 tensors of shape (N,); ``logps`` is (N, 2) with
         ``options.aligned`` (column 1: the aligned sums).
     """
+    return in_forward(model, _completion_logps, input_ids, attention_mask, completion_mask, chunk, options, packing,
+                      fused, temperature)  # fmt: skip
+
+
+def _completion_logps(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor, chunk: int | None,
+    options: LogpsOptions | None, packing: str, fused: bool, temperature: float,
+) -> tuple[Tensor, Tensor]:
     states, targets, rows = completion_states(model, input_ids, attention_mask, completion_mask, packing)
     aligned = options is not None and options.aligned
     stats = ("log_sum_sq",) if aligned else ()

@@ -23,6 +23,7 @@ from dpo_lit.logps import completion_logps, reference_options
 from dpo_lit.losses import DPOLoss, LossOutput, PreferenceLoss
 from dpo_lit.policy import PolicyModule
 from dpo_lit.reference import SHORTCUTS, NoReference, Reference
+from dpo_lit.sharding import shard
 
 
 class PreferenceModule(PolicyModule):
@@ -184,6 +185,10 @@ class PreferenceModule(PolicyModule):
 
     def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
         self.reference.after_step(self.policy, self.trainer.global_step)
+
+    def shard_models(self, mesh) -> None:
+        super().shard_models(mesh)
+        self.reference.shard(lambda model: shard(model, mesh))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)

@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from dpo_lit.errors import ConfigError
 from dpo_lit.models import load_model, load_tokenizer
+from dpo_lit.sharding import full_state_dict, is_sharded, shard
 
 
 @dataclass
@@ -165,8 +166,8 @@ class PolicyModule(LightningModule):
         return self._tokenizer
 
     def trained_parameters(self) -> list[torch.nn.Parameter]:
-        """What the optimizer updates: the policy's parameters that take gradients."""
-        return [p for p in self.policy.parameters() if p.requires_grad]
+        """What the optimizer updates: the trained model's parameters that take gradients."""
+        return [p for p in self.trained_model.parameters() if p.requires_grad]
 
     def configure_optimizers(self, total: int | None = None) -> dict:
         """The optimizer over :meth:`trained_parameters` and the schedule over ``total`` optimizer
@@ -181,6 +182,42 @@ class PolicyModule(LightningModule):
             )
         self._schedule_steps = steps
         return optimizer_and_schedule(self, self.trained_parameters(), steps)
+
+    def configure_model(self) -> None:
+        """Under a sharding strategy (:class:`~dpo_lit.sharding.FSDP2Strategy`, which sets the device
+        mesh), shard the trained model and every model kept beside it (:meth:`shard_models`);
+        otherwise, and when they are sharded already (a validate after fit), nothing."""
+        mesh = self._device_mesh
+        if mesh is not None and not is_sharded(self.trained_model):
+            self.shard_models(mesh["data_parallel"])
+
+    @property
+    def trained_model(self) -> torch.nn.Module:
+        """The model this module trains and exports: the policy (a reward model's own, its backbone and head)."""
+        return self.policy
+
+    def shard_models(self, mesh) -> None:
+        """Shard the trained model over ``mesh`` (:func:`~dpo_lit.sharding.shard`); a module that keeps
+        other models (a reference copy, a value head) shards them too."""
+        shard(self.trained_model, mesh)
+
+    def fresh_model(self) -> torch.nn.Module:
+        """A new, unsharded copy of the trained model's architecture (weights as loaded, adapter
+        included), to load a gathered state dict into."""
+        return self.trainable(self.load_model())
+
+    def exportable_model(self) -> torch.nn.Module | None:
+        """The trained model as one process can save it: itself, or under sharding its full weights
+        gathered into :meth:`fresh_model` on rank 0 (None on the other ranks; every rank must call it)."""
+        model = self.trained_model
+        if not is_sharded(model):
+            return model
+        state = full_state_dict(model)
+        if self.global_rank != 0:
+            return None
+        fresh = self.fresh_model()
+        fresh.load_state_dict(state)
+        return fresh
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["schedule_steps"] = getattr(self, "_schedule_steps", None)

@@ -130,6 +130,10 @@ class Reference:
         model as the precision casts the policy (``bf16-true`` makes its weights bfloat16; None:
         leave it), for models the reference keeps outside the module's tree."""
 
+    def shard(self, shard: Callable[[nn.Module], nn.Module]) -> None:
+        """Under a sharding strategy, after the policy is sharded: shard any model the reference keeps
+        beside it with ``shard`` (every rank then holds a shard of it, not a full copy)."""
+
     def logps(self, policy: nn.Module, batch: dict, split: str) -> Tensor | None:
         """Reference log-probs of the batch's rows, (2B,), or None."""
         return None
@@ -174,6 +178,9 @@ class CopyReference(Reference):
         # Outside the module's tree, the copy is cast by nobody else: under bf16-true it would
         # run in float32 against a bfloat16 policy, and the loss at step 0 would not be ln 2.
         self.frozen = (convert or _unchanged)(self.frozen).to(device)
+
+    def shard(self, shard: Callable[[nn.Module], nn.Module]) -> None:
+        self.frozen = shard(self.frozen)
 
     @torch.no_grad()
     def logps(self, policy: nn.Module, batch: dict, split: str) -> Tensor:

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from lightning import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info
 
 from dpo_lit.errors import UserError
 
@@ -59,14 +59,18 @@ class ExportPretrained(Callback):
         ``merge``, else the policy (or reward model) folder; None when it exported nothing."""
         return next((run_dir / name for name in EXPORT_FOLDERS if (run_dir / name).is_dir()), None)
 
-    @rank_zero_only
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.enabled or trainer.fast_dev_run:
             return
+        # Every rank: under sharding the full weights are gathered onto rank 0 (a copy that one
+        # process can save); otherwise the trained model itself.
+        exportable = getattr(pl_module, "exportable_model", None)
+        policy = exportable() if exportable is not None else pl_module.policy
+        if trainer.global_rank != 0:
+            return
         root = self.run_dir(trainer)
         tokenizer = pl_module.tokenizer
-        reward_model = getattr(pl_module, "reward_model", None)
-        policy, name = (reward_model, "reward_model") if reward_model is not None else (pl_module.policy, "policy")
+        name = "reward_model" if getattr(pl_module, "reward_model", None) is not None else "policy"
         policy.save_pretrained(root / name)
         _name_base_as_configured(root / name, getattr(pl_module.hparams, "model_name", None))
         tokenizer.save_pretrained(root / name)

@@ -78,11 +78,15 @@ class RewardModule(PolicyModule):
         super().__init__(model_name, **kwargs)
         if center_coef < 0:
             raise ConfigError(f"model.center_coef: must be >= 0, got {center_coef}")
-        model = load_reward_model(model_name, getattr(torch, self.dtype_name), self.trust_remote_code)
-        self.reward_model = self.trainable(model, task_type="SEQ_CLS")
+        self.reward_model = self.fresh_model()
 
-    def trained_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.reward_model.parameters() if p.requires_grad]
+    @property
+    def trained_model(self) -> nn.Module:
+        return self.reward_model
+
+    def fresh_model(self) -> nn.Module:
+        model = load_reward_model(self.model_name, getattr(torch, self.dtype_name), self.trust_remote_code)
+        return self.trainable(model, task_type="SEQ_CLS")
 
     def _step(self, batch: dict, split: str) -> Tensor:
         if "label" in batch:
