@@ -44,6 +44,7 @@ from dpo_lit.data.io import atomic_write
 from dpo_lit.errors import ConfigError
 from dpo_lit.logps import LogpsOptions, completion_logps
 from dpo_lit.models import cache_dir, evaluating, model_hash
+from dpo_lit.sharding import full_state_dict, load_full_state_dict, release
 
 ModelAndContext = tuple[nn.Module, Callable[[], ContextManager]]
 
@@ -184,7 +185,9 @@ class CopyReference(Reference):
 
     @torch.no_grad()
     def logps(self, policy: nn.Module, batch: dict, split: str) -> Tensor:
-        return row_logps(self.frozen, batch, self.chunk, self.options, self.packing)
+        logps = row_logps(self.frozen, batch, self.chunk, self.options, self.packing)
+        release(self.frozen)  # sharded: no backward will free its gathered root weights
+        return logps
 
     def model(self, policy: nn.Module) -> ModelAndContext:
         return self.frozen, contextlib.nullcontext
@@ -386,7 +389,10 @@ class SyncedReference(CopyReference):
 
     @torch.no_grad()
     def sync(self, policy: nn.Module) -> None:
-        """``θ_ref ← α·θ_policy + (1 − α)·θ_ref``, parameter by parameter (matched by name)."""
+        """``θ_ref ← α·θ_policy + (1 − α)·θ_ref``, parameter by parameter (matched by name); under
+        sharding each rank updates its own shards."""
+        release(policy)  # sharded: both as shards, each rank updating its own
+        release(self.frozen)
         params = dict(policy.named_parameters())
         for name, ref in self.frozen.named_parameters():
             ref.lerp_(params[name].detach().to(ref.dtype), self.mixup_alpha)
@@ -397,11 +403,12 @@ class SyncedReference(CopyReference):
         self.last_step = max(self.last_step, step)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"weights": self.frozen.state_dict(), "last_step": self.last_step}
+        """The copy's full weights (under sharding gathered onto rank 0, which writes the checkpoint)."""
+        return {"weights": full_state_dict(self.frozen), "last_step": self.last_step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "weights" in state:
-            self.frozen.load_state_dict(state["weights"])
+            load_full_state_dict(self.frozen, state["weights"])
             self.last_step = state["last_step"]
 
 

@@ -98,6 +98,8 @@ def shard(model: nn.Module, mesh) -> nn.Module:
     fully_shard(model, mesh=mesh)  # the root: torch keeps it gathered between forward and backward
     model.sharded_call = types.MethodType(_call, model)
     register_fsdp_forward_method(model, "sharded_call")
+    if hasattr(model, "generate"):  # a peft wrapper's generate runs the inner model's forward, not its own
+        register_fsdp_forward_method(model, "generate")
     return model
 
 
@@ -109,6 +111,13 @@ def in_forward(model: nn.Module, fn: Callable[..., Any], *args: Any, **kwargs: A
     return fn(model, *args, **kwargs) if call is None else call(fn, *args, **kwargs)
 
 
+def release(model: nn.Module) -> None:
+    """Free the gathered weights of a sharded model's root unit (torch keeps them after a forward,
+    for the backward that a frozen model never runs); nothing for an unsharded model."""
+    if is_sharded(model):
+        model.reshard()
+
+
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """A sharded model's full state dict on CPU, on rank 0 (empty on the others; every rank must call
     it); an unsharded model's own state dict."""
@@ -117,3 +126,14 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a full state dict (every rank holds it, as read from a checkpoint file) into ``model``,
+    sharded or not."""
+    if not is_sharded(model):
+        model.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from lightning import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import grad_norm, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
@@ -75,8 +75,7 @@ class TrainingHealth(Callback):
         self._stepped = False  # the optimizer steps after this batch (the last of an accumulation)
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
-        norms = grad_norm(pl_module, norm_type=2)
-        self.last_grad_norm = float(norms.get("grad_2.0_norm_total", 0.0))
+        self.last_grad_norm = total_grad_norm(pl_module)
         pl_module.log("train/grad_norm", self.last_grad_norm)
         self._stepped = True
 
@@ -123,3 +122,14 @@ class TrainingHealth(Callback):
                 "the policy is not moving away from the reference — check beta > 0, the learning rate, "
                 "that parameters require grad (LoRA targets), and that the reference is not the policy itself"
             )
+
+
+def total_grad_norm(module: torch.nn.Module) -> float:
+    """The 2-norm of all of ``module``'s gradients together; under FSDP each rank holds a shard of
+    a gradient (a DTensor), whose norm is reduced over the ranks (every rank must call this)."""
+    norms = []
+    for param in module.parameters():
+        if param.grad is not None:
+            norm = torch.linalg.vector_norm(param.grad.detach(), 2.0)
+            norms.append((norm.full_tensor() if hasattr(norm, "full_tensor") else norm).float())
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0

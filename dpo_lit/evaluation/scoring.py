@@ -16,13 +16,14 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from dpo_lit.data.collate import pad_rows
 from dpo_lit.data.tokenize import added_prefix
 from dpo_lit.logps import completion_states, head_outputs
 from dpo_lit.models import evaluating
+from dpo_lit.sharding import in_forward
 
 __all__ = ["Row", "RowScore", "added_prefix", "evaluating", "max_positions", "pad_id", "score_rows", "start_token"]
 
@@ -67,6 +68,11 @@ def max_positions(model: nn.Module) -> int | None:
     return getattr(getattr(model, "config", None), "max_position_embeddings", None)
 
 
+def _scored_tokens(model: nn.Module, ids: Tensor, attention: Tensor, scored: Tensor):
+    states, targets, owner = completion_states(model, ids, attention, scored)  # (M, H), (M,), (M,)
+    return head_outputs(model, states, targets, stats=("is_argmax",)), owner
+
+
 def score_rows(model: nn.Module, rows: Sequence[Row], pad_id: int, batch_size: int) -> list[RowScore]:
     """Summed log-probability, number of scored tokens and greedy match of each row, in the order given.
 
@@ -85,10 +91,8 @@ def score_rows(model: nn.Module, rows: Sequence[Row], pad_id: int, batch_size: i
         ids, attention, scored = pad_rows(
             [rows[i].ids for i in batch], pad_id, first_scored=[rows[i].first_scored for i in batch]
         )  # (n, T) each
-        states, targets, owner = completion_states(
-            model, ids.to(device), attention.to(device), scored.to(device)
-        )  # (M, H), (M,), (M,): M scored tokens in all, each with its row in the batch
-        head = head_outputs(model, states, targets, stats=("is_argmax",))
+        # (M,) log-probs and greedy matches of the M scored tokens in all, each with its row in the batch
+        head, owner = in_forward(model, _scored_tokens, ids.to(device), attention.to(device), scored.to(device))
         logps = head.logps.new_zeros(len(batch)).index_add(0, owner, head.logps)  # (n,)
         tokens = torch.bincount(owner, minlength=len(batch))  # (n,)
         misses = torch.bincount(owner[~head.is_argmax], minlength=len(batch))  # (n,)

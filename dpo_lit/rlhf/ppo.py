@@ -66,6 +66,7 @@ from dpo_lit.rlhf.objectives import (
 from dpo_lit.rlhf.schedule import epoch_batch_sizes, planned_updates, updates_per_batch
 from dpo_lit.sampling.measure import MeasureSpec, measure, reference_model, score_samples
 from dpo_lit.sampling.sample import Sample, sample
+from dpo_lit.sharding import in_forward, shard
 
 
 @dataclass
@@ -84,6 +85,11 @@ def to_grid(values: Tensor, rows: Tensor, cols: Tensor, shape: tuple[int, int]) 
     return grid
 
 
+def _head(model: nn.Module, ids: Tensor, mask: Tensor, completion_mask: Tensor, temperature: float, entropy: bool):
+    states, targets, rows = completion_states(model, ids, mask, completion_mask)  # (M, H), (M,), (M,)
+    return states, head_outputs(model, states, targets, temperature=temperature, stats=("entropy",) if entropy else ()), rows
+
+
 def token_outputs(
     model: nn.Module, ids: Tensor, mask: Tensor, completion_mask: Tensor, width: int,
     value_head: nn.Module | None = None, entropy: bool = False, temperature: float = 1.0,
@@ -93,8 +99,7 @@ def token_outputs(
     distribution it was drawn from (no gradient), laid out (B, width); log-probs and entropy are
     those of softmax(logits / ``temperature``), the distribution rollouts at that temperature
     are drawn from."""
-    states, targets, rows = completion_states(model, ids, mask, completion_mask)  # (M, H), (M,), (M,)
-    head = head_outputs(model, states, targets, temperature=temperature, stats=("entropy",) if entropy else ())
+    states, head, rows = in_forward(model, _head, ids, mask, completion_mask, temperature, entropy)
     target_mask = completion_mask[:, 1:]
     cols = target_mask.cumsum(-1)[target_mask] - 1  # (M,) position within the response
     shape = (len(ids), width)
@@ -310,6 +315,13 @@ class PPOModule(PolicyModule):
         super().on_load_checkpoint(checkpoint)
         self.kl.coef = checkpoint.get("kl_coef", self.kl.coef)
         self.reference.load_state_dict(checkpoint.get("reference", {}))
+
+    def shard_models(self, mesh) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        super().shard_models(mesh)
+        fully_shard(self.value_head, mesh=mesh)
+        self.reference.shard(lambda model: shard(model, mesh))
 
     def trained_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.policy.parameters() if p.requires_grad] + list(self.value_head.parameters())

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from dpo_lit.errors import ConfigError
 from dpo_lit.models import load_tokenizer, resolve
 from dpo_lit.policy import PolicyModule
+from dpo_lit.sharding import in_forward
 
 
 def load_reward_model(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> nn.Module:
@@ -48,6 +49,10 @@ def load_reward_model(name: str, dtype: torch.dtype = torch.float32, trust_remot
 
 def sequence_rewards(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     """One scalar per row, (N,): the head applied to the last attended position of each row."""
+    return in_forward(model, _last_position_scores, input_ids, attention_mask)
+
+
+def _last_position_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: adapters stay on
     hidden = inner.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (N, T, H)
     positions = torch.arange(input_ids.shape[1], device=input_ids.device)

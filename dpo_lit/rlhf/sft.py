@@ -13,13 +13,19 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from dpo_lit.data.sft import IGNORE_INDEX
 from dpo_lit.logps import completion_states, head_outputs
 from dpo_lit.policy import PolicyModule
 from dpo_lit.reference import NoReference
+from dpo_lit.sharding import in_forward
+
+
+def _scored_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, scored: Tensor, packing: str) -> Tensor:
+    states, targets, _ = completion_states(model, input_ids, attention_mask, scored, packing)
+    return head_outputs(model, states, targets).logps
 
 
 class SFTModule(PolicyModule):
@@ -59,10 +65,8 @@ class SFTModule(PolicyModule):
             out = self.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels)
             return out.loss, (labels[:, 1:] != IGNORE_INDEX).sum()
         scored = labels != IGNORE_INDEX  # (B, T); the labels are the input ids there
-        states, targets, _ = completion_states(
-            self.policy, batch["input_ids"], batch["attention_mask"], scored, self.hparams.packing
-        )
-        logps = head_outputs(self.policy, states, targets).logps  # (M,)
+        logps = in_forward(self.policy, _scored_logps, batch["input_ids"], batch["attention_mask"], scored,
+                           self.hparams.packing)  # (M,)  # fmt: skip
         return -logps.mean(), torch.tensor(len(logps), device=logps.device)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:

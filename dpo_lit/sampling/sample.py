@@ -41,6 +41,7 @@ from transformers.generation.logits_process import (
 from dpo_lit.data.collate import pad_rows
 from dpo_lit.logps import selective_log_softmax
 from dpo_lit.models import evaluating
+from dpo_lit.sharding import is_sharded
 
 # Values that disable every logits processor generate() may pick up from a model's generation_config.
 _NEUTRAL: dict[str, Any] = {
@@ -264,6 +265,8 @@ def sample(
     device = next(model.parameters()).device
     rows = [i for i in range(len(prompts)) for _ in range(num_samples)]
     kwargs = generate_kwargs(max_new_tokens, temperature, top_p, top_k, eos, pad)
+    if is_sharded(model):  # every rank runs a forward per step until all its peers' rows are done
+        kwargs["synced_gpus"] = True
     if prompt_seeds is not None and len(prompt_seeds) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(prompt_seeds)} prompt seeds")
     samples: list[Sample] = []
