@@ -69,6 +69,7 @@ bench: venv $(TRL_STAMP)
 	$(PY) benchmarks/dpo_step.py --model smollm2-135m-instruct --variant lora --impl both --steps 8 --threads $(DPO_LIT_THREADS) --best-precision --out runs/bench/dpo_step_lora_best_precision.json
 	$(PY) benchmarks/dpo_step.py --big-vocab --variant full --full-reference copy --length 1024 --batch-size 4 --steps 2 --warmup 1 --lr 1e-3 --impl both --threads $(DPO_LIT_THREADS) --no-bf16 --out runs/bench/big_vocab.json
 	$(PY) benchmarks/generation.py --model big-vocab --rows 16 --new-tokens 512 --threads $(DPO_LIT_THREADS)
+	$(PY) benchmarks/fsdp_memory.py --out runs/bench/fsdp_memory.json
 
 # make compare — DPO (the quickstart's recipe) and PPO (configs/ppo/smollm2_everyday_vader.yaml) from
 # SmolLM2-135M-Instruct on the same prompts and reward, measured on the same held-out prompts and seeds.

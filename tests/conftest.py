@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -153,3 +155,41 @@ def parse_config(args: list[str]):
             pass
 
     return ParseOnlyCLI(run=False, args=args).config
+
+
+# ---- runs of the console script in a fresh process ------------------------------------------------
+
+KILLER = '''
+import os, signal
+from lightning import Callback
+
+class KillAt(Callback):
+    """SIGKILL this process (no cleanup, no final checkpoint) once training reaches ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+'''
+
+
+def dpo_lit(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``dpo-lit`` in a fresh process, offline, one thread per process."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DPO_LIT_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "dpo_lit", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env=env)  # fmt: skip
+
+
+def policy_weights(root: Path) -> dict[str, torch.Tensor]:
+    checkpoint = torch.load(root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt",
+                            weights_only=True)  # fmt: skip
+    return {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("policy.")} | {
+        "global_step": torch.tensor(checkpoint["global_step"])
+    }
+
+
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)

@@ -52,3 +52,21 @@ def test_big_vocabulary_benchmark_runs_with_and_without_the_fused_head(tmp_path)
     assert fused["losses"][0] == pytest.approx(0.693147, abs=1e-5)
     assert abs(fused["losses"][-1] - fused["losses"][0]) > 1e-3  # training moved the policy
     assert fused["losses"] == pytest.approx(plain["losses"], abs=1e-4)
+
+
+def test_fsdp_memory_benchmark_reports_each_process_and_the_shards_halve(tmp_path, shared_data):
+    """benchmarks/fsdp_memory.py on the tiny model: a row per process, and under FSDP2 x 2 each
+    process holds half of the policy, its gradients, the optimizer state and the reference copy."""
+    out = tmp_path / "memory.json"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/fsdp_memory.py", "--model", "tiny-random-llama", "--steps", "2",
+         "--max-examples", "16", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "FSDP2 x 2" in proc.stdout
+    one, *two = json.loads(out.read_text())
+    assert one["mode"] == "one" and [row["rank"] for row in two] == [0, 1]
+    for key in ("policy_gb", "gradients_gb", "optimizer_gb", "reference_gb"):
+        assert one[key] > 0 and all(row[key] == pytest.approx(one[key] / 2, rel=0.02) for row in two), key
+    assert all(row["peak_rss_gb"] >= row["rss_after_setup_gb"] > 0 for row in [one, *two])

@@ -119,7 +119,7 @@ def test_data_fragments_parse(path, monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name, strategy", [("cpu", "auto"), ("ddp", "ddp"), ("fsdp", "FSDP2Strategy"), ("deepspeed", "deepspeed_stage_2")]
+    "name, strategy", [("cpu", "auto"), ("ddp", "ddp"), ("fsdp", "FSDP2Strategy")]
 )
 def test_trainer_fragments_parse(name, strategy, monkeypatch):
     monkeypatch.chdir(ROOT)

@@ -2,16 +2,13 @@
 one, 2 DDP processes train as 1 at the same global batch, a checkpoint is whole or not written, a
 non-finite loss skips its step instead of poisoning the weights."""
 
-import os
 import signal
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import KILLER, ROOT, dpo_lit, max_difference, policy_weights
 from lightning import Callback, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins import MixedPrecision
@@ -27,42 +24,6 @@ from dpo_lit.pipelines.plots import find_event_dir, read_scalars
 TINY = ["--config", "configs/dpo/tiny.yaml", "--trainer.enable_progress_bar=false", "--trainer.max_epochs=-1"]
 EVERY_5_STEPS = ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
                  "--trainer.callbacks.every_n_train_steps=5", "--trainer.callbacks.save_top_k=-1"]  # fmt: skip
-KILLER = '''
-import os, signal
-from lightning import Callback
-
-class KillAt(Callback):
-    """SIGKILL this process (no cleanup, no final checkpoint) once training reaches ``step``."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
-'''
-
-
-def dpo_lit(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """``dpo-lit`` in a fresh process, offline, one thread per process."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DPO_LIT_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "dpo_lit", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, env=env)  # fmt: skip
-
-
-def policy_weights(root: Path) -> dict[str, torch.Tensor]:
-    checkpoint = torch.load(root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt",
-                            weights_only=True)  # fmt: skip
-    return {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("policy.")} | {
-        "global_step": torch.tensor(checkpoint["global_step"])
-    }
-
-
-def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
-
-
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory) -> dict[str, torch.Tensor]:
     """The tiny config's 48 steps (8 epochs of 6 batches) without interruption: its final weights."""
