@@ -32,8 +32,8 @@ def build(spec: Spec, clock: StepClock):
     from dpo_lit.data import PreferenceDataModule
     from dpo_lit.losses import DPOLoss
     from dpo_lit.module import PreferenceModule
-    from dpo_lit.policy import LoRASettings
     from dpo_lit.packing import layout
+    from dpo_lit.policy import LoRASettings
 
     class Data(InOrder, PreferenceDataModule):
         pass
