@@ -18,8 +18,10 @@ PIPELINES = configs("onpolicy")
 COMPARES = configs("compare")
 FRONTIERS = configs("frontier")
 FRAGMENTS = configs("fragments/data")
-# PPO counts optimizer updates (4 per batch of prompts) and has its own tests (tests/test_rlhf.py).
-TINY = [p for p in RUN_CONFIGS if p.name == "tiny.yaml" and p.parent.name != "ppo"]
+# The online methods count optimizer updates (several per batch of prompts) and have their own
+# tests (tests/test_rlhf.py, tests/test_online.py).
+ONLINE = {"ppo", "rloo", "grpo", "online_dpo"}
+TINY = [p for p in RUN_CONFIGS if p.name == "tiny.yaml" and p.parent.name not in ONLINE]
 LOGGED = {  # what each module's tiny run logs, at least
     PreferenceModule: {"train/loss", "val/loss", "val/rewards/chosen", "val/logps/chosen"},
     SFTModule: {"train/loss", "val/loss", "val/ppl"},

@@ -196,6 +196,6 @@ def test_predict_and_ppo_rollouts_hand_a_reward_the_whole_conversation(tmp_path)
     generation = GenerationModule(TINY_ALIAS, reward=ConversationLength(), num_samples=2, max_new_tokens=4)
     assert [r.scores for r in generation.predict_step(batch, 0)["prompts"]] == [[3.0, 3.0], [0.0, 0.0]]
     ppo = PPOModule(TINY_ALIAS, reward=ConversationLength(), samples_per_prompt=2, max_new_tokens=4)
-    samples, scores = ppo._rollouts(batch, seed=0)
-    by_prompt = [(s.prompt_index, score) for s, score in zip(samples, scores.tolist())]
+    rollouts = ppo.rollouts(batch, seed=0)
+    by_prompt = [(s.prompt_index, score) for s, score in zip(rollouts.samples, rollouts.scores.tolist())]
     assert by_prompt == [(0, 3.0), (0, 3.0), (1, 0.0), (1, 0.0)]

@@ -8,6 +8,7 @@ from dpo_lit.callbacks.health import TrainingHealth
 from dpo_lit.callbacks.kl import SampledKL
 from dpo_lit.callbacks.reward_kl import HeldoutRewardKL
 from dpo_lit.callbacks.samples import SampleTable
+from dpo_lit.callbacks.win_rate import WinRate
 
 __all__ = [
     "CapabilityEval",
@@ -20,4 +21,5 @@ __all__ = [
     "SampleTable",
     "SampledKL",
     "TrainingHealth",
+    "WinRate",
 ]

@@ -1,9 +1,19 @@
-"""PPO's arithmetic on (B, T) tensors of response tokens, each piece a small function.
+"""The online methods' arithmetic on (B, T) tensors of response tokens, each piece a small function.
 
 ``mask`` is 1 on a rollout's response tokens and 0 after its last one (rows are right-padded).
-Conventions follow Ziegler et al. (2019) and Huang et al. (2024, "The N+ Implementation Details of
-RLHF with PPO"): the score is added at the last response token, a per-token KL penalty
-``-kl_coef · (log π - log π_ref)`` everywhere, advantages by GAE and whitened over the batch.
+
+- PPO follows Ziegler et al. (2019) and Huang et al. (2024, "The N+ Implementation Details of RLHF
+  with PPO"): the score is added at the last response token, a per-token KL penalty
+  ``-kl_coef · (log π - log π_ref)`` everywhere, advantages by GAE and whitened over the batch.
+- RLOO (Ahmadian et al. 2024, "Back to Basics"): k samples per prompt, each sample's advantage its
+  score minus the mean of the other k - 1 (:func:`rloo_advantages`), a sequence-level REINFORCE
+  loss (:func:`reinforce_loss`).
+- GRPO (Shao et al. 2024, DeepSeekMath): advantages normalised within each prompt's group
+  (:func:`group_advantages`), PPO's clipped ratio per token and the KL to the reference as a loss
+  term (:func:`k3_kl`, :func:`grpo_loss`); Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-Like
+  Training") drops the division by the group's standard deviation and by each completion's length.
+
+Rollouts are in prompt-major order: the k samples of a prompt are consecutive.
 """
 
 from __future__ import annotations
@@ -109,3 +119,83 @@ class KLController:
             return
         error = min(max(kl / self.target - 1.0, -0.2), 0.2)
         self.coef *= 1.0 + error * n / self.horizon
+
+
+# ---- RLOO and GRPO: advantages within each prompt's group of k samples ------------------------------
+
+
+def rloo_advantages(scores: Tensor, k: int) -> Tensor:
+    """Each sample's score minus the mean score of the other ``k - 1`` samples of its prompt, (N,)
+    for N = prompts · k scores in prompt-major order (the leave-one-out baseline of RLOO)."""
+    if k < 2:
+        raise ValueError(f"RLOO needs at least 2 samples per prompt, got {k}")
+    groups = scores.view(-1, k)
+    baseline = (groups.sum(-1, keepdim=True) - groups) / (k - 1)
+    return (groups - baseline).reshape(-1)
+
+
+def group_advantages(scores: Tensor, k: int, scale: bool = True, eps: float = 1e-4) -> Tensor:
+    """GRPO's advantages, (N,): each score minus its group's mean, divided by the group's standard
+    deviation (the unbiased one, plus ``eps``) when ``scale``; Dr. GRPO leaves ``scale`` off."""
+    if k < 2:
+        raise ValueError(f"GRPO needs at least 2 samples per prompt, got {k}")
+    groups = scores.view(-1, k)
+    centred = groups - groups.mean(-1, keepdim=True)
+    if scale:
+        centred = centred / (groups.std(-1, keepdim=True) + eps)
+    return centred.reshape(-1)
+
+
+def k3_kl(logps: Tensor, ref_logps: Tensor) -> Tensor:
+    """Per-token estimate of KL(π‖π_ref) from tokens sampled from π (Schulman's k3):
+    ``exp(r) - r - 1`` with ``r = log π_ref - log π``; never negative, unbiased."""
+    r = ref_logps - logps
+    return torch.exp(r) - r - 1
+
+
+@dataclass
+class GroupLoss:
+    loss: Tensor
+    clipfrac: Tensor
+    kl: Tensor
+
+
+def grpo_loss(
+    logps: Tensor, old_logps: Tensor, ref_logps: Tensor | None, advantages: Tensor, mask: Tensor, clip_range: float,
+    beta: float, normalization: str = "sequence", max_tokens: int | None = None,
+) -> GroupLoss:
+    """GRPO's loss over (B, T) response tokens with one advantage per rollout (B,).
+
+    Per token: ``-min(ρ·A, clip(ρ, 1-ε, 1+ε)·A) + β·k3``, ``ρ = π/π_old``. Summed over a rollout's
+    tokens and divided by its length, then averaged over rollouts (``normalization="sequence"``,
+    GRPO's); divided by all the batch's tokens (``"token"``); or by rollouts × ``max_tokens``, a
+    constant (``"constant"``, Dr. GRPO's: no length bias). The KL term needs ``ref_logps`` when
+    ``beta > 0``. Returns the loss, the share of clipped tokens and the mean per-token KL.
+    """
+    ratio = torch.exp(logps - old_logps)
+    a = advantages[:, None]
+    unclipped, clipped = ratio * a, torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range) * a
+    per_token = -torch.minimum(unclipped, clipped)
+    kl = torch.zeros_like(logps) if ref_logps is None else k3_kl(logps, ref_logps)
+    if beta:
+        if ref_logps is None:
+            raise ValueError("grpo_loss: beta > 0 needs the reference's log-probs")
+        per_token = per_token + beta * kl
+    per_token = per_token * mask
+    if normalization == "sequence":
+        loss = (per_token.sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    elif normalization == "token":
+        loss = per_token.sum() / mask.sum().clamp(min=1)
+    elif normalization == "constant":
+        if not max_tokens:
+            raise ValueError("grpo_loss: normalization 'constant' needs max_tokens")
+        loss = per_token.sum() / (len(per_token) * max_tokens)
+    else:
+        raise ValueError(f"grpo_loss: normalization must be sequence, token or constant, got {normalization!r}")
+    return GroupLoss(loss, masked_mean((clipped < unclipped).float(), mask), masked_mean(kl.detach(), mask))
+
+
+def reinforce_loss(logps: Tensor, advantages: Tensor, mask: Tensor) -> Tensor:
+    """Sequence-level REINFORCE: ``-mean_i A_i · Σ_t log π(y_it)`` over rollouts, (B, T) log-probs
+    and one (detached) advantage per rollout (B,)."""
+    return -(advantages.detach() * (logps * mask).sum(-1)).mean()

@@ -6,7 +6,7 @@ top-k/top-p, a fixed seed, so two measurements with the same prompts and seed ar
 sample), scores them with a reward when one is given, and scores the same token ids under the
 reference when one is given: the unbiased sequence-level KL(π‖π_ref) of
 :mod:`dpo_lit.sampling.kl`. Every mean comes with its standard error over prompts (a prompt's
-samples are averaged first). :func:`paired_gain` compares two measurements prompt by prompt.
+samples are averaged first). :func:`paired_gain` compares two measurements prompt by prompt, :func:`win_rate` by a judge's verdicts.
 :func:`reference_model` is the one way a module's reference is found for it.
 """
 
@@ -26,6 +26,7 @@ from dpo_lit.sampling.kl import KLEstimate, kl_from_samples, mean_se, sequence_l
 from dpo_lit.sampling.sample import Sample, sample
 
 if TYPE_CHECKING:
+    from dpo_lit.judges import Judge
     from dpo_lit.rewards import Reward
 
 
@@ -134,6 +135,17 @@ def paired_gain(policy: Measurement, reference: Measurement) -> tuple[float, flo
     return mean_se(policy.rewards - reference.rewards, [s.prompt_index for s in policy.samples])
 
 
+def win_rate(policy: Measurement, reference: Measurement, judge: Judge, prompts: Sequence[Prompt]) -> tuple[float, float]:
+    """How often ``judge`` prefers the policy's sample to the reference's drawn for the same prompt
+    with the same seed (ties count half): the mean over prompts ± its standard error over prompts."""
+    if [s.prompt_index for s in policy.samples] != [s.prompt_index for s in reference.samples]:
+        raise ValueError("win_rate: the two measurements did not sample the same prompts in the same order")
+    whole = [prompts[s.prompt_index] for s in policy.samples]
+    verdicts = judge(whole, [s.completion for s in policy.samples], [s.completion for s in reference.samples],
+                     [s.finished for s in policy.samples], [s.finished for s in reference.samples])  # fmt: skip
+    return mean_se(verdicts, [s.prompt_index for s in policy.samples])
+
+
 def reference_model(pl_module: Any) -> tuple[nn.Module, Callable[[], AbstractContextManager]] | None:
     """``(model, context)`` of the module's reference; when it keeps none in memory (a reference-free
     loss, SFT, precomputed log-probs) and the policy is a LoRA model, the policy with its adapter
@@ -144,4 +156,5 @@ def reference_model(pl_module: Any) -> tuple[nn.Module, Callable[[], AbstractCon
     return found
 
 
-__all__ = ["HeldoutSample", "MeasureSpec", "Measurement", "measure", "paired_gain", "reference_model", "score_samples"]
+__all__ = ["HeldoutSample", "MeasureSpec", "Measurement", "measure", "paired_gain", "reference_model", "score_samples",
+           "win_rate"]
