@@ -71,7 +71,7 @@ bench: venv $(TRL_STAMP)
 	$(PY) benchmarks/generation.py --model big-vocab --rows 16 --new-tokens 512 --threads $(DPO_LIT_THREADS)
 	$(PY) benchmarks/fsdp_memory.py --out runs/bench/fsdp_memory.json
 
-# make compare — DPO (the quickstart's recipe) and PPO (configs/ppo/smollm2_everyday_vader.yaml) from
+# make compare — DPO (the quickstart's recipe) and PPO (configs/ppo/smollm2_everyday_vader.yaml) at the same budget of sampled completions, from
 # SmolLM2-135M-Instruct on the same prompts and reward, measured on the same held-out prompts and seeds.
 # Writes runs/compare/{report.json,report.png}; about 35 minutes on 2 CPU cores.
 .PHONY: compare

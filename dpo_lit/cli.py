@@ -7,7 +7,7 @@
     dpo-lit predict --config configs/generate/everyday_vader.yaml --model.model_name runs/.../merged
     dpo-lit onpolicy --config configs/quickstart/pipeline.yaml                 # generate → fit → measure
     dpo-lit fit --config configs/ppo/tiny.yaml                                 # PPO (model.class_path)
-    dpo-lit compare --config configs/compare/everyday_vader.yaml               # DPO vs PPO, measured
+    dpo-lit compare --config configs/compare/tiny.yaml                         # every method, one budget, measured
     dpo-lit frontier --config configs/frontier/imdb_quick.yaml                 # IMDb reward-KL frontier
     dpo-lit sweep --config configs/dpo/tiny.yaml --grid model.loss.init_args.beta=0.05,0.1,0.5 --out_dir D
     dpo-lit plots runs/.../lightning_logs/version_0                            # PNGs of a run

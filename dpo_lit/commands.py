@@ -7,7 +7,7 @@ USAGE = """usage: dpo-lit {fit,validate,predict,onpolicy,compare,frontier,sweep,
   validate   held-out preference metrics, sampled KL, capability table (--data.val_files: any split)
   predict    sample k completions per prompt, score them, write preference pairs
   onpolicy   generate -> fit -> paired evaluation, for one or more rounds
-  compare    DPO and PPO from the same model on the same task, measured side by side
+  compare    every method (DPO, IPO, KTO, online DPO, PPO, RLOO, GRPO) from one model, same budget, measured
   frontier   the DPO paper's IMDb reward-KL frontier: DPO, PPO and baselines, measured along training
   sweep      a grid of overrides (e.g. beta), each point a run, summary.csv/png at the end
   plots      PNGs of a run's TensorBoard scalars

@@ -93,10 +93,14 @@ def test_compare_configs_parse(path, monkeypatch, tmp_path):
 
     monkeypatch.chdir(tmp_path)
     config = parse_function_config(run_compare, path)
-    for key in ("generate_config", "dpo_config", "ppo_config", "heldout_prompts"):
+    for key in ("generate_config", "train_prompts", "heldout_prompts"):
         assert Path(config[key]).is_file(), f"{path.name}: {key} {config[key]} not found"
-    ppo = parse(["--config", config.ppo_config]).model
-    assert ppo.class_path == "dpo_lit.rlhf.PPOModule" and ppo.init_args.model_name == config.model_name
+    assert config.reward["class_path"].startswith("dpo_lit.rewards.")
+    for method in config.methods:  # each a fit config of the start model, with its overrides
+        assert Path(method.config).is_file(), f"{path.name}: {method.name}: {method.config} not found"
+        args = [f"--{k}={v}" for k, v in method.overrides.items()]
+        model = parse(["--config", method.config, f"--model.model_name={config.model_name}", *args]).model
+        assert (model.init_args.model_name if "init_args" in model else model.model_name) == config.model_name
 
 
 @pytest.mark.parametrize("path", FRONTIERS, ids=lambda p: str(p.relative_to(ROOT)))

@@ -193,3 +193,26 @@ def test_online_dpo_wins_against_its_reference_by_the_judge_of_its_reward(tmp_pa
     scalars = _fit("configs/online_dpo/tiny.yaml", tmp_path, "--config", str(tmp_path / "win_rate.yaml"))
     rate, se = scalars["val/win_rate"][-1], scalars["val/win_rate_stderr"][-1]
     assert rate > 0.5 + 2 * se, (rate, se)
+
+
+def test_compare_measures_every_method_at_the_same_budget_on_the_tiny_model(tmp_path, monkeypatch):
+    """configs/compare/tiny.yaml end to end, each fit in its own process: a row per method (and the
+    start model) with reward, paired gain, KL and win rate, each ± SE; every method sampled the budget
+    (68 training prompts x 4); the online methods, which train on their own rollouts of the reward,
+    beat the start model by the judge."""
+    import json
+
+    monkeypatch.chdir(ROOT)
+    run(["compare", "--config", "configs/compare/tiny.yaml", f"--out_dir={tmp_path}"])
+    report = json.loads((tmp_path / "report.json").read_text())
+    rows = {r["method"]: r for r in report["rows"]}
+    assert list(rows) == ["reference", "dpo", "ipo", "kto", "online_dpo", "ppo", "rloo", "grpo"]
+    assert report["budget"] == 272 and (tmp_path / "report.png").stat().st_size > 10_000
+    keys = ("reward", "reward_se", "paired_gain", "paired_gain_se", "kl", "kl_se", "win_rate", "win_rate_se", "seconds")
+    for name, row in rows.items():
+        assert all(math.isfinite(row[k]) for k in keys), name
+        if name != "reference":
+            assert 272 <= row["completions"] < 272 + 32, name  # the budget, passed by less than one batch
+    for name in ("online_dpo", "ppo", "rloo", "grpo"):
+        assert rows[name]["win_rate"] > 0.5 + 2 * rows[name]["win_rate_se"], name
+    assert [s["method"] for s in report["summary"]] == list(rows)

@@ -1,5 +1,6 @@
 """Lightning callbacks: export, checkpoints, monitoring and evaluation. The module computes; these log and save."""
 
+from dpo_lit.callbacks.budget import RolloutBudget
 from dpo_lit.callbacks.capability import CapabilityEval
 from dpo_lit.callbacks.checkpoint import EpochsFromSteps, LastCheckpoint, StepFromCheckpoint
 from dpo_lit.callbacks.export import ExportPretrained
@@ -18,6 +19,7 @@ __all__ = [
     "LastCheckpoint",
     "StepFromCheckpoint",
     "NonFiniteGuard",
+    "RolloutBudget",
     "SampleTable",
     "SampledKL",
     "TrainingHealth",

@@ -7,7 +7,7 @@ trained on pairs, PPO, RLOO, GRPO and online DPO.
     dpo-lit fit --config configs/rloo/tiny.yaml        # RLOOModule: leave-one-out REINFORCE
     dpo-lit fit --config configs/grpo/tiny.yaml        # GRPOModule: group-normalised, clipped, KL term
     dpo-lit fit --config configs/online_dpo/tiny.yaml  # OnlineDPOModule: judged pairs of rollouts, any loss
-    dpo-lit compare --config configs/compare/everyday_vader.yaml   # DPO vs PPO, measured
+    dpo-lit compare --config configs/compare/tiny.yaml   # every method at one budget, measured
 
 The online methods share one base (:class:`~dpo_lit.rlhf.online.OnlineModule`: rollouts, scoring,
 the reference, the update and the held-out measurement) and differ only in their training step.

@@ -158,6 +158,7 @@ class OnlineModule(PolicyModule):
         self.reference = SHORTCUTS["copy" if self.lora is None else "adapter"]()
         self.reference.setup(self.policy, lora=self.lora is not None, paired=True, chunk=None)
         self.policy = self.trainable(self.policy)
+        self.sampled = 0  # completions sampled by the training rollouts (checkpointed)
 
     @staticmethod
     def check(positive: dict[str, float | None] = {}, non_negative: dict[str, float | None] = {}) -> None:  # noqa: B006
@@ -181,6 +182,7 @@ class OnlineModule(PolicyModule):
             temperature=h.temperature, batch_size=h.generation_batch_size,
             seed=h.seed + self.trainer.global_step if seed is None else seed,
         )
+        self.sampled += len(samples)
         scores = score_samples(self.reward, batch["prompts"], samples).to(self.device)
         finished = torch.tensor([s.finished for s in samples], device=self.device)
         penalised = scores - (h.missing_eos_penalty or 0.0) * (~finished).float()
@@ -238,7 +240,8 @@ class OnlineModule(PolicyModule):
         return 1
 
     def log_train(self, values: dict[str, Any], size: int, prog_bar: tuple[str, ...] = ("reward", "kl")) -> None:
-        for name, value in values.items():
+        """``train/NAME`` of each value, and ``train/sampled``: the completions sampled so far."""
+        for name, value in {**values, "sampled": float(self.sampled)}.items():
             self.log(f"train/{name}", value, batch_size=size, prog_bar=name in prog_bar)
 
     # ---- validation: the policy's rollouts on held-out prompts ---------------------------------
@@ -269,10 +272,12 @@ class OnlineModule(PolicyModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["reference"] = self.reference.state_dict()
+        checkpoint["sampled"] = self.sampled
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
         self.reference.load_state_dict(checkpoint.get("reference", {}))
+        self.sampled = checkpoint.get("sampled", 0)
 
     def shard_models(self, mesh) -> None:
         super().shard_models(mesh)
