@@ -3,6 +3,8 @@ sampled KL cost.
 
     python benchmarks/generation.py --model big-vocab --rows 16 --new-tokens 512 --threads 2
     python benchmarks/generation.py --model smollm2-135m-instruct --rows 16 --new-tokens 128 --threads 2
+    python benchmarks/generation.py --model smollm2-135m-instruct --rows 4 --samples 4 --prompt-tokens 256 \
+        --new-tokens 32 --no-share-prompts         # k samples of a prompt: the prompt encoded k times, or once
 
 Run it in a fresh process per measurement (peak RSS is the process's). ``big-vocab`` is a 2-layer
 Llama of width 64 with Llama-3's 128,256-token vocabulary and random weights, where the logits of
@@ -36,7 +38,10 @@ def model_and_eos(name: str, seed: int):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="big-vocab", help="big-vocab, or an alias / folder / .gguf of dpo-lit's load_model")
-    p.add_argument("--rows", type=int, default=16, help="prompts, one sample each, in one generate call")
+    p.add_argument("--rows", type=int, default=16, help="prompts, --samples each, in one generate call")
+    p.add_argument("--samples", type=int, default=1, help="completions per prompt")
+    p.add_argument("--share-prompts", action=argparse.BooleanOptionalAction, default=True,
+                   help="encode a prompt once and share its KV cache among its samples (sample's share_prompts)")
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=512)
     p.add_argument("--temperature", type=float, default=1.0)
@@ -55,15 +60,17 @@ def main() -> None:
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
     start = time.perf_counter()
     samples = sample(
-        model, None, prompts, 1, args.new_tokens, temperature=args.temperature, batch_size=args.rows,
-        seed=args.seed, eos_token_id=eos, pad_token_id=0,
+        model, None, prompts, args.samples, args.new_tokens, temperature=args.temperature,
+        batch_size=args.rows * args.samples, seed=args.seed, eos_token_id=eos, pad_token_id=0,
+        share_prompts=args.share_prompts,
     )
     seconds = time.perf_counter() - start
     generated = sum(len(s.completion_ids) for s in samples)
     source = Path(__import__("dpo_lit").__file__).parent  # the checkout measured (PYTHONPATH may name another)
     commit = subprocess.run(["git", "-C", str(source), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     print(json.dumps({
-        "model": args.model, "vocab": vocab, "rows": args.rows, "new_tokens": args.new_tokens, "threads": args.threads,
+        "model": args.model, "vocab": vocab, "rows": args.rows, "samples": args.samples, "share_prompts": args.share_prompts,
+        "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "threads": args.threads,
         "generated_tokens": generated, "seconds": round(seconds, 2), "tokens_per_s": round(generated / seconds, 1),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 2),
         "rss_before_generate_gb": round(before, 2), "mean_logp": round(sum(s.logp for s in samples) / len(samples), 4),

@@ -56,6 +56,34 @@ def test_prompt_seeds_make_a_prompts_samples_independent_of_its_batch(small_voca
     assert len({tuple(s.completion_ids) for s in together}) > 3  # the draws differ between rows
 
 
+@pytest.mark.parametrize("batch_size, seeded", [(16, False), (4, False), (4, True)])
+def test_a_prompts_samples_share_its_encoding_and_are_the_samples_without_sharing(
+    small_vocab_model: PreTrainedModel, batch_size, seeded
+) -> None:
+    """share_prompts: each prompt of a batch is encoded once (one forward over its tokens but the
+    last) and its samples start from that KV cache; the samples and their log-probs are those of
+    encoding it once per sample, whether a prompt's samples share a batch or are split over two."""
+    prompts = [[2, 3, 4, 5, 6, 7], [5, 6], [7, 2, 3, 4, 5]]
+    kwargs = dict(num_samples=3, max_new_tokens=8, batch_size=batch_size, seed=5, eos_token_id=EOS, pad_token_id=PAD,
+                  prompt_seeds=[11, 22, 33] if seeded else None)  # fmt: skip
+    seen = []
+    hook = small_vocab_model.get_input_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].numel()))
+    try:
+        shared = sample(small_vocab_model, None, prompts, share_prompts=True, **kwargs)
+        shared_positions, seen[:] = sum(seen), []
+        apart = sample(small_vocab_model, None, prompts, share_prompts=False, **kwargs)
+        apart_positions = sum(seen)
+    finally:
+        hook.remove()
+    assert [s.completion_ids for s in shared] == [s.completion_ids for s in apart]
+    assert [s.logp for s in shared] == pytest.approx([s.logp for s in apart], abs=1e-5)
+    # each batch's rows are left-padded to its longest prompt, L; sharing encodes L - 1 positions once
+    # per distinct prompt of a batch instead of once per row (then the last prompt token per row)
+    batches = [list(range(9))[i : i + batch_size] for i in range(0, 9, batch_size)]
+    saved = sum((len(b) - len({r // 3 for r in b})) * (max(len(prompts[r // 3]) for r in b) - 1) for b in batches)
+    assert apart_positions - shared_positions == saved > 0
+
+
 def test_completions_stop_at_the_eos_inclusive_and_cut_ones_keep_none(
     small_vocab_model: PreTrainedModel,
 ) -> None:

@@ -221,6 +221,26 @@ def _completions(new: Tensor, token_logps: Tensor, eos: int) -> list[tuple[list[
     return [(new[i, : length[i]].tolist(), bool(finished[i]), float(logps[i])) for i in range(len(new))]
 
 
+def shared_prompt_cache(model: nn.Module, ids: Tensor, mask: Tensor, rows: Sequence[int]):
+    """The KV cache of the left-padded rows ``ids`` (N, P) but their last token, computed once per
+    distinct prompt and repeated for each of its rows (``rows[i]`` is the prompt of row i; a
+    prompt's rows are consecutive). ``generate`` then starts from it and runs only the last prompt
+    token per row before sampling: a prompt is encoded once, not once per sample."""
+    from transformers import DynamicCache
+
+    starts = torch.tensor([i == 0 or rows[i] != rows[i - 1] for i in range(len(rows))])  # a prompt's first row
+    owner = starts.long().cumsum(0) - 1  # (N,) the distinct prompt of each row
+    firsts = starts.nonzero().squeeze(-1)
+    unique_ids, unique_mask = ids[firsts, :-1], mask[firsts, :-1]
+    positions = (unique_mask.long().cumsum(-1) - 1).clamp(min=0)  # as generate numbers left-padded rows
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(input_ids=unique_ids, attention_mask=unique_mask, position_ids=positions, past_key_values=cache,
+              use_cache=True)  # fmt: skip
+    cache.batch_select_indices(owner.to(ids.device))
+    return cache
+
+
 def sample(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase | None,
@@ -235,6 +255,7 @@ def sample(
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
     prompt_seeds: Sequence[int] | None = None,
+    share_prompts: bool = True,
 ) -> list[Sample]:
     """``num_samples`` completions of every prompt, in prompt order.
 
@@ -256,6 +277,9 @@ def sample(
         prompt_seeds: A seed per prompt: each of a prompt's samples then draws its tokens from a
             generator of its own (:class:`RowDraws`), so a prompt's samples do not depend on the
             other prompts of its batch, the batch size or the process it runs in.
+        share_prompts: with several samples of a prompt, encode each prompt of a batch once and
+            share its KV cache among its samples (:func:`shared_prompt_cache`), instead of encoding
+            it once per sample; the samples are the same either way, up to floating-point rounding.
     """
     if not prompts or num_samples < 1:
         return []
@@ -279,7 +303,9 @@ def sample(
             if prompt_seeds is not None and temperature > 0:
                 draws = [(prompt_seeds[i], (start + k) % num_samples) for k, i in enumerate(batch)]
                 processors.append(RowDraws(draws, temperature, top_p, top_k, device))
-            out = model.generate(input_ids=ids, attention_mask=mask, logits_processor=processors, **kwargs)
+            cache = shared_prompt_cache(model, ids, mask, batch) if share_prompts and num_samples > 1 else None
+            out = model.generate(input_ids=ids, attention_mask=mask, logits_processor=processors,
+                                 past_key_values=cache, **kwargs)  # fmt: skip
             new = out.sequences[:, ids.shape[1] :]  # (N, T)
             for i, (completion, finished, logp) in zip(batch, _completions(new, step_logps.finish(new), eos)):
                 text = tokenizer.decode(completion, skip_special_tokens=True) if tokenizer is not None else ""
