@@ -109,10 +109,11 @@ def test_frontier_configs_parse(path, monkeypatch):
 
     monkeypatch.chdir(ROOT)
     config = parse_function_config(run_frontier, path)
-    for key in ("sft_config", "generate_config", "dpo_config", "reward_config", "ppo_config"):
+    for key in ("sft_config", "generate_config", "dpo_config", "reward_config", "ppo_config", "rloo_config", "grpo_config"):
         assert Path(config[key]).is_file(), f"{path.name}: {key} {config[key]} not found"
-    for key in ("sft_config", "dpo_config", "reward_config", "ppo_config"):  # and each override applies
-        overrides = config[key.replace("_config", "_overrides")] or {}
+    for key in ("sft_config", "dpo_config", "reward_config", "ppo_config", "rloo_config", "grpo_config"):  # and overrides
+        stage = "ppo" if key in ("rloo_config", "grpo_config") else key.removesuffix("_config")  # PPO's overrides apply
+        overrides = config[f"{stage}_overrides"] or {}
         parse(["--config", config[key], *[f"--{k}={v}" for k, v in overrides.items()]])
 
 

@@ -190,6 +190,8 @@ def test_frontier_pipeline_end_to_end_on_the_tiny_model(tmp_path):
         ("sft", ""): [0],
         ("dpo", "beta=0.1"): [2, 4], ("dpo", "beta=1"): [2, 4], ("preferred-ft", ""): [2, 4],
         ("ppo-gt", "kl_coef=0.05"): [2, 4], ("ppo-rm", "kl_coef=0.05"): [2, 4],
+        ("rloo", "kl_coef=0.05"): [2, 4],
+        ("grpo", "kl_coef=0.04"): [4],  # 2 epochs x 2 minibatches: one batch of prefixes makes all 4 updates
     }  # fmt: skip
     assert all(math.isfinite(r[k]) for r in rows for k in COLUMNS[3:])
     assert all(0 <= r["reward"] <= 1 and r["reward_se"] > 0 and r["kl_se"] >= 0 for r in rows)
@@ -238,7 +240,7 @@ def test_frontier_pipeline_end_to_end_on_the_tiny_model(tmp_path):
     # a second call finds every run done: nothing trains again, the same table comes out
     second = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert second.stdout.count("done before") == 5
+    assert second.stdout.count("done before") == 7
     assert read_frontier_csv(out / "frontier.csv") == rows
 
 

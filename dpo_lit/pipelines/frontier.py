@@ -13,8 +13,9 @@ The stages, each a normal ``dpo-lit`` job built from its own config (``configs/f
 4. **pairs**: the SFT model samples 4 completions per training prefix, the classifier scores
    them, and every ordered pair of distinct scores becomes a preference pair (6 per prefix);
 5. **DPO** at each β, and **Preferred-FT** (SFT on the pairs' chosen completions), on those pairs;
-6. **PPO-GT** (the classifier as reward) at each KL coefficient, and **PPO** with a reward model
-   trained on the same pairs (Bradley–Terry, :class:`~dpo_lit.rlhf.RewardModule`) at each.
+6. **PPO-GT** (the classifier as reward) at each KL coefficient, **RLOO** and **GRPO** on the
+   classifier's reward at theirs, and **PPO** with a reward model trained on the same pairs
+   (Bradley–Terry, :class:`~dpo_lit.rlhf.RewardModule`) at each.
 
 Every run starts from the SFT model, which is also the reference of every KL. Along each run
 (every ``eval_every`` optimizer steps, and at its end) :class:`~dpo_lit.callbacks.HeldoutRewardKL`
@@ -244,6 +245,8 @@ def run_frontier(
     dpo_config: DataSource = "configs/frontier/stages/dpo.yaml",
     reward_config: DataSource = "configs/frontier/stages/reward.yaml",
     ppo_config: DataSource = "configs/frontier/stages/ppo.yaml",
+    rloo_config: DataSource = "configs/frontier/stages/rloo.yaml",
+    grpo_config: DataSource = "configs/frontier/stages/grpo.yaml",
     train_prefixes: int = 128,
     heldout_prefixes: int = 64,
     prefix_tokens: tuple[int, int] = (2, 8),
@@ -256,6 +259,8 @@ def run_frontier(
     preferred_ft_eval_every: int | None = None,
     ppo_gt_kl_coefs: Sequence[float] = (0.02, 0.05, 0.2),
     ppo_rm_kl_coefs: Sequence[float] = (0.05, 0.2),
+    rloo_kl_coefs: Sequence[float] = (0.05,),
+    grpo_kl_coefs: Sequence[float] = (0.04,),
     ppo_steps: int = 48,
     ppo_eval_every: int = 12,
     eval_samples: int = 4,
@@ -282,6 +287,8 @@ def run_frontier(
             for SFTLoss).
         reward_config: ``fit`` config of the reward model (a RewardModule on the pairs).
         ppo_config: ``fit`` config of PPO (its reward and ``kl_coef`` are set per run).
+        rloo_config: ``fit`` config of RLOO (the classifier its reward, ``kl_coef`` set per run).
+        grpo_config: ``fit`` config of GRPO (the classifier its reward, ``kl_coef`` set per run).
         train_prefixes: prefixes the pairs and PPO's rollouts are drawn for.
         heldout_prefixes: prefixes of the evaluation.
         prefix_tokens: the shortest and longest prefix, in tokens (drawn uniformly).
@@ -297,7 +304,9 @@ def run_frontier(
             paper set a target KL for an adaptive coefficient; in runs this short the controller
             cannot move it far, so the coefficient itself is the setting).
         ppo_rm_kl_coefs: the same for PPO on the learned reward model.
-        ppo_steps: optimizer steps (updates) of each PPO run.
+        rloo_kl_coefs: the KL coefficient of each RLOO run on the classifier's reward (in the reward).
+        grpo_kl_coefs: β of each GRPO run on the classifier's reward (the k3 KL loss term).
+        ppo_steps: optimizer steps (updates) of each PPO, RLOO and GRPO run.
         ppo_eval_every: updates between their held-out evaluations.
         eval_samples: completions per held-out prefix at each evaluation.
         eval_seed: the evaluation's sampling seed (the same for every run and step).
@@ -305,7 +314,7 @@ def run_frontier(
         sft_overrides: dotted-key overrides of the SFT config (e.g. ``trainer.max_steps``).
         dpo_overrides: the same for DPO and Preferred-FT.
         reward_overrides: the same for the reward model.
-        ppo_overrides: the same for PPO.
+        ppo_overrides: the same for PPO, RLOO and GRPO.
         seed: the seed of prefixes, sampling and training.
     """
     if not 1 <= prefix_tokens[0] <= prefix_tokens[1]:  # before a minute of classifier training
@@ -376,6 +385,10 @@ def run_frontier(
     for coef in ppo_gt_kl_coefs:
         frontier.measured_run(f"ppo-gt-kl_coef={coef:g}", "ppo-gt", f"kl_coef={coef:g}", ppo_config,
                               {**ppo, "model.reward": frontier.reward, "model.kl_coef": coef}, ppo_eval_every)  # fmt: skip
+    for method, config, coefs in (("rloo", rloo_config, rloo_kl_coefs), ("grpo", grpo_config, grpo_kl_coefs)):
+        for coef in coefs:  # the online family on the same prefixes, reward and budget of updates
+            frontier.measured_run(f"{method}-kl_coef={coef:g}", method, f"kl_coef={coef:g}", config,
+                                  {**ppo, "model.reward": frontier.reward, "model.kl_coef": coef}, ppo_eval_every)  # fmt: skip
     if ppo_rm_kl_coefs:
         print(f"[reward model] Bradley-Terry on the {count} pairs ({reward_config})", flush=True)
         rm = frontier.trained_model("reward-model", reward_config, {**trained_on, **(reward_overrides or {})},

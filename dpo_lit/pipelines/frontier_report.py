@@ -47,7 +47,8 @@ def read_frontier_csv(path: str | Path) -> list[dict[str, Any]]:
         ]
 
 
-METHOD_COLORS = {"dpo": "Blues", "ppo-gt": "Reds", "ppo-rm": "Oranges", "preferred-ft": "Greens", "sft": "Greys"}
+METHOD_COLORS = {"dpo": "Blues", "ppo-gt": "Reds", "ppo-rm": "Oranges", "preferred-ft": "Greens", "sft": "Greys",
+                 "rloo": "Purples", "grpo": "YlOrBr"}  # fmt: skip
 
 
 def write_frontier_png(rows: Sequence[dict[str, Any]], path: Path, title: str = "") -> Path:
