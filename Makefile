@@ -78,6 +78,13 @@ bench: venv $(TRL_STAMP)
 compare: venv
 	$(VENV)/bin/dpo-lit compare --config configs/compare/everyday_vader.yaml
 
+# make online-vs-offline — DPO, online DPO, RLOO, GRPO and PPO from SmolLM2-135M-Instruct on the quickstart's
+# task at the same budget of sampled completions, 3 seeds each (experiments/online_vs_offline/NOTES.md).
+# Writes runs/online_vs_offline/{report.json,report.png}.
+.PHONY: online-vs-offline
+online-vs-offline: venv
+	$(VENV)/bin/dpo-lit compare --config experiments/online_vs_offline/compare.yaml
+
 # make beta-ablation — the quickstart's on-policy task at five betas (experiments/beta_ablation/NOTES.md):
 # held-out reward, paired gain, sampled KL and capability deltas per beta, in runs/beta_ablation/summary.{csv,png}.
 # Resumable (finished points are skipped). About an hour on 2 CPU cores.
