@@ -105,8 +105,8 @@ def optimizer_and_schedule(module: LightningModule, params: list, total: int | N
 
 class PolicyModule(LightningModule):
     """The base of every trained module (:class:`~dpo_lit.module.PreferenceModule`,
-    :class:`~dpo_lit.rlhf.SFTModule`, :class:`~dpo_lit.rlhf.RewardModule`,
-    :class:`~dpo_lit.rlhf.PPOModule`): the settings of the model it trains, taken once here. A
+    :class:`~dpo_lit.rlhf.SFTModule`, :class:`~dpo_lit.rlhf.RewardModule` and the online methods'
+    :class:`~dpo_lit.rlhf.online.OnlineModule`): the settings of the model it trains, taken once here. A
     subclass names the model first, takes its own arguments and passes the rest on as ``**kwargs``
     (the CLI and ``--help`` list them as its own). Every argument of the subclass and of this class
     is saved as a hyperparameter, but the objects it names in ``hparams_ignore`` (kept in the state

@@ -303,7 +303,8 @@ def sample(
             if prompt_seeds is not None and temperature > 0:
                 draws = [(prompt_seeds[i], (start + k) % num_samples) for k, i in enumerate(batch)]
                 processors.append(RowDraws(draws, temperature, top_p, top_k, device))
-            cache = shared_prompt_cache(model, ids, mask, batch) if share_prompts and num_samples > 1 else None
+            shared = share_prompts and num_samples > 1 and ids.shape[1] > 1  # one-token prompts: nothing to share
+            cache = shared_prompt_cache(model, ids, mask, batch) if shared else None
             out = model.generate(input_ids=ids, attention_mask=mask, logits_processor=processors,
                                  past_key_values=cache, **kwargs)  # fmt: skip
             new = out.sequences[:, ids.shape[1] :]  # (N, T)
