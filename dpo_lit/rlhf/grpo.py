@@ -12,7 +12,6 @@ Rollouts, scoring, the reference and validation are :class:`~dpo_lit.rlhf.online
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from typing import Any, Literal
 
@@ -88,8 +87,3 @@ class GRPOModule(OnlineModule):
         if ref_logps is not None:
             logged["kl"] = ((old.logps - ref_logps) * r.response).sum(-1).mean()
         self.log_train(logged, len(r.samples))
-
-    def updates_per_batch(self, prompts: int) -> int:
-        h = self.hparams
-        rollouts = prompts * h.samples_per_prompt
-        return h.epochs * math.ceil(rollouts / (h.minibatch_size or rollouts))

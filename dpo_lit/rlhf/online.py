@@ -26,6 +26,7 @@ policy's rollouts on held-out prompts with :func:`~dpo_lit.sampling.measure.meas
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -236,8 +237,11 @@ class OnlineModule(PolicyModule):
                 yield order[start : start + size]
 
     def updates_per_batch(self, prompts: int) -> int:
-        """Optimizer updates of one batch of ``prompts`` (sizes the schedule); one by default."""
-        return 1
+        """Optimizer updates of one batch of ``prompts`` (sizes the schedule): ``epochs`` passes over its
+        rollouts in minibatches of ``minibatch_size`` (None: all of them), when the method has them; else one."""
+        h = self.hparams
+        rollouts = prompts * h.samples_per_prompt
+        return h.get("epochs", 1) * math.ceil(rollouts / (h.get("minibatch_size") or rollouts))
 
     def log_train(self, values: dict[str, Any], size: int, prog_bar: tuple[str, ...] = ("reward", "kl")) -> None:
         """``train/NAME`` of each value, and ``train/sampled``: the completions sampled so far."""

@@ -14,7 +14,6 @@ are :class:`~dpo_lit.rlhf.online.OnlineModule`'s.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from dpo_lit.errors import ConfigError
@@ -76,8 +75,3 @@ class RLOOModule(OnlineModule):
             "advantage_abs": advantages.abs().mean(), "response_length": r.response.sum(-1).mean(),
             "finished": r.finished.float().mean(), "lr": lr,
         }, len(r.samples))  # fmt: skip
-
-    def updates_per_batch(self, prompts: int) -> int:
-        h = self.hparams
-        rollouts = prompts * h.samples_per_prompt
-        return h.epochs * math.ceil(rollouts / (h.minibatch_size or rollouts))
